@@ -1,0 +1,206 @@
+"""Validated job descriptions shared by the CLI and YAML recipes.
+
+One schema per job kind, so that a CLI flag and a recipe key never drift
+apart: the CLI builds these models from its options, recipes build them from
+YAML. Imported lazily (pydantic costs start-up time).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_SIDE = 16384
+
+
+def _multiple_of_64(name: str, v: Optional[int]) -> Optional[int]:
+    if v is None:
+        return v
+    if v <= 0 or v % 64:
+        raise ValueError(f"{name} must be a positive multiple of 64 (got {v})")
+    if v > MAX_SIDE:
+        raise ValueError(f"{name} must be at most {MAX_SIDE} (got {v})")
+    return v
+
+
+class ModelOptions(BaseModel):
+    """Which model, where its weights are, and how it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None
+    weights_dir: Optional[str] = None
+    transparent_decoder: Optional[str] = None
+    transparent_encoder: Optional[str] = None
+    layer_weights: Optional[str] = None
+    lora: list[str] = Field(default_factory=list)
+    lora_scale: float = 1.0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+
+
+class GenRequest(ModelOptions):
+    """One `layerctl gen` job (every mode)."""
+
+    prompt: Optional[str] = None
+    negative: str = "bad, ugly"
+    out: Optional[str] = None
+    out_dir: Optional[str] = None
+    width: Optional[int] = None
+    height: Optional[int] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None
+    batch: int = 1
+    tta: bool = True
+    preview: bool = False
+    psd: Optional[str] = None
+    overwrite: bool = False
+
+    # layer modes
+    fg: Optional[str] = None
+    bg: Optional[str] = None
+    fg_prompt: Optional[str] = None
+    bg_prompt: Optional[str] = None
+    joint: bool = False
+    resize: Literal["crop", "fit", "stretch"] = "crop"
+    stop_at: float = 1.0
+    weight: float = 1.0
+    fg_name: str = "fg.png"
+    bg_name: str = "bg.png"
+    blended_name: str = "blended.png"
+
+    # img2img / inpainting / hires / controlnet
+    init: Optional[str] = None
+    strength: float = 0.75
+    mask: Optional[str] = None
+    hires: Optional[float] = None
+    hires_strength: float = 0.5
+    controlnet: list[str] = Field(default_factory=list)
+    control_image: list[str] = Field(default_factory=list)
+    control_scale: list[float] = Field(default_factory=list)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, v, info):
+        return _multiple_of_64(info.field_name, v)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError(f"steps must be > 0 (got {v})")
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, v):
+        if v <= 0:
+            raise ValueError(f"batch must be > 0 (got {v})")
+        return v
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"cfg must be >= 0 (got {v})")
+        return v
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"strength must be in (0, 1] (got {v})")
+        return v
+
+    @field_validator("stop_at")
+    @classmethod
+    def _stop_at(cls, v):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"stop_at must be in [0, 1] (got {v})")
+        return v
+
+    @field_validator("hires")
+    @classmethod
+    def _hires(cls, v):
+        if v is not None and v <= 1.0:
+            raise ValueError(f"hires factor must be > 1 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_flags(self):
+        # Which mode is asked for is decided in layerctl.pipeline.gen_mode();
+        # here only what no mode can accept.
+        if self.fg and self.bg:
+            raise ValueError("--fg and --bg cannot both be given to gen (decompose takes one known layer)")
+        return self
+
+    def mode(self) -> str:
+        """'rgba', 'bg2fg', 'fg2bg' or 'joint' (raises ValueError on mixed-up flags)."""
+        if self.joint:
+            if self.fg or self.bg:
+                raise ValueError("--joint generates every layer; it takes no --fg/--bg")
+            if not (self.fg_prompt or self.bg_prompt or self.prompt):
+                raise ValueError("--joint needs --fg-prompt, --bg-prompt or a prompt")
+            return "joint"
+        if self.bg:
+            if self.bg_prompt:
+                raise ValueError("--bg-prompt makes no sense with --bg (the background is given)")
+            if not (self.fg_prompt or self.prompt):
+                raise ValueError("--bg needs --fg-prompt (what to draw in front of it)")
+            return "bg2fg"
+        if self.fg:
+            if self.fg_prompt:
+                raise ValueError("--fg-prompt makes no sense with --fg (the foreground is given)")
+            if not (self.bg_prompt or self.prompt):
+                raise ValueError("--fg needs --bg-prompt (what to draw behind it)")
+            return "fg2bg"
+        if self.fg_prompt:
+            raise ValueError("--fg-prompt needs --bg (a given background) or --joint")
+        if self.bg_prompt:
+            raise ValueError("--bg-prompt needs --fg (a given foreground) or --joint")
+        if not self.prompt:
+            raise ValueError("a prompt is required")
+        return "rgba"
+
+
+class DecomposeRequest(ModelOptions):
+    """One `layerctl decompose` job."""
+
+    image: str
+    fg: Optional[str] = None
+    bg: Optional[str] = None
+    prompt: Optional[str] = None
+    fg_prompt: Optional[str] = None
+    bg_prompt: Optional[str] = None
+    negative: str = "bad, ugly"
+    out_dir: str = "."
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None
+    tta: bool = True
+    resize: Literal["crop", "fit", "stretch"] = "crop"
+    width: Optional[int] = None
+    height: Optional[int] = None
+    psd: Optional[str] = None
+    overwrite: bool = False
+    fg_name: str = "fg.png"
+    bg_name: str = "bg.png"
+    blended_name: str = "blended.png"
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, v, info):
+        return _multiple_of_64(info.field_name, v)
+
+
+def validation_message(exc) -> str:
+    """One line from a pydantic ValidationError."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Training loops: train-vae, train-lora, datasets and losses."""
