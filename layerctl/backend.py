@@ -69,6 +69,8 @@ class LoadedModel:
     official: dict = field(default_factory=dict)  # role -> official file name
     modes: tuple = ("rgba",)  # layer modes this backend can run
     notes: str = ""  # e.g. "tiny: random weights, pictures are noise"
+    attention: str = "sdpa"  # what the UNet's attention runs on
+    tiny: bool = False  # a built-in test model (random weights; layer weights made in memory)
 
     @property
     def unet(self):
@@ -151,3 +153,212 @@ def get_backend(name: str) -> Backend:
     if name not in backends:
         raise LayerctlError(f"unknown backend '{name}' (known: {', '.join(sorted(backends))})")
     return _resolve(backends[name])()
+
+
+class SD15Model(LoadedModel):
+    """An SD1.5-shaped model: one CLIP text encoder, latent scale 0.18215 by default."""
+
+    def encode_prompt(self, prompts, negatives, cfg, width, height):
+        import torch
+
+        with torch.no_grad():
+            pos, neg = self.pipe.encode_prompt(
+                list(prompts), self.device, 1, cfg, negative_prompt=list(negatives) if cfg else None
+            )
+        hidden = torch.cat([neg, pos]) if cfg else pos
+        return PromptEmbeds(hidden=hidden.to(self.dtype))
+
+
+class SDXLModel(LoadedModel):
+    """An SDXL-shaped model: two text encoders, pooled embeddings and time ids."""
+
+    def encode_prompt(self, prompts, negatives, cfg, width, height):
+        import torch
+
+        pipe = self.pipe
+        with torch.no_grad():
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                list(prompts),
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=list(negatives) if cfg else None,
+            )
+        proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=pos.dtype, text_encoder_projection_dim=proj_dim
+        ).to(self.device)
+        n = len(prompts)
+        if cfg:
+            hidden = torch.cat([neg, pos])
+            text_embeds = torch.cat([neg_pooled, pooled])
+            time_ids = time_ids.repeat(2 * n, 1)
+        else:
+            hidden, text_embeds = pos, pooled
+            time_ids = time_ids.repeat(n, 1)
+        extra = {"added_cond_kwargs": {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}}
+        return PromptEmbeds(hidden=hidden.to(self.dtype), extra=extra)
+
+
+def default_scheduler(config: dict | None = None):
+    """DPM++ 2M Karras (the official demos' sampler) from a model's scheduler config."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    base = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+    if config:
+        base.update({k: v for k, v in dict(config).items() if k in base or k in ("timestep_spacing",)})
+    return DPMSolverMultistepScheduler(
+        **base, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+    )
+
+
+def resolve_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LayerctlError("--device cuda asked for, but no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LayerctlError("--device mps asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if device.type == "cpu" and dt == torch.float16:
+        raise LayerctlError("--dtype fp16 is not supported on the CPU (use fp32 or bf16)")
+    return dt
+
+
+def setup_attention(unet, attention: str, device) -> str:
+    """Choose SDPA or xformers for the UNet; returns the name of what is used."""
+    import importlib.util
+
+    has_x = importlib.util.find_spec("xformers") is not None
+    if attention == "xformers":
+        if not has_x:
+            raise LayerctlError("--attention xformers: xformers is not installed (pip install 'layerctl[xformers]')")
+        if device.type != "cuda":
+            raise LayerctlError("--attention xformers needs a CUDA device (its kernels do not run on the CPU)")
+    use_x = attention == "xformers" or (attention == "auto" and has_x and device.type == "cuda")
+    if use_x:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as exc:  # noqa: BLE001
+            if attention == "xformers":
+                raise LayerctlError(f"--attention xformers cannot run here: {exc}") from None
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def resolve_model_ref(ref: str | None) -> tuple[str, str]:
+    """Model reference -> (backend name, reference for that backend).
+
+    `tiny`, `tiny-xl` and any registered backend name stand for themselves;
+    `NAME:REF` picks a backend explicitly; a diffusers folder or a single-file
+    checkpoint is recognised from its contents; anything else is a hub id.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    backends = available_backends()
+    if ref in backends:
+        return ref, ref
+    if ref and ":" in ref and ref.split(":", 1)[0] in backends and not os.path.exists(ref):
+        name, rest = ref.split(":", 1)
+        return name, rest
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        index = p / "model_index.json"
+        if not index.exists():
+            raise LayerctlError(f"unknown model reference '{ref}': a folder without model_index.json (not a diffusers model)")
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        return ("sdxl" if "XL" in cls else "sd15"), str(p)
+    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise LayerctlError(
+            f"refusing to unpickle {ref}: pickle checkpoints can run code. Convert it to .safetensors first"
+        )
+    if p.suffix == ".safetensors":
+        if not p.exists():
+            raise LayerctlError(f"model file not found: {ref}")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:  # noqa: BLE001
+            raise LayerctlError(f"cannot read checkpoint {ref}: {exc}") from None
+        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+        return ("sdxl" if is_xl else "sd15"), str(p)
+    if p.exists():
+        raise LayerctlError(f"unknown model reference '{ref}': not a diffusers folder or a .safetensors checkpoint")
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ("sdxl" if "xl" in ref.lower() else "sd15"), ref
+    raise LayerctlError(
+        f"unknown model reference '{ref}' (give a diffusers folder, a .safetensors file, a hub id like "
+        f"'owner/name', or one of: {', '.join(sorted(backends))})"
+    )
+
+
+def load_model(ref: str, device="auto", dtype="auto", attention="auto") -> LoadedModel:
+    from layerctl.quiet import quiet_libraries
+
+    quiet_libraries()
+    name, inner = resolve_model_ref(ref)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model = get_backend(name).load(inner, dev, dt, attention=attention)
+    model.attention = setup_attention(model.unet, attention, dev)
+    return model
+
+
+def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str):
+    """A diffusers pipeline from a folder, a single-file .safetensors, or a hub id (cache first)."""
+    import os
+    from pathlib import Path
+
+    kwargs = dict(torch_dtype=dtype)
+    if "XL" not in pipeline_cls.__name__:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    p = Path(ref)
+    try:
+        if p.suffix == ".safetensors":
+            return pipeline_cls.from_single_file(str(p), **kwargs)
+        if p.is_dir():
+            return pipeline_cls.from_pretrained(str(p), **kwargs)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        try:
+            return pipeline_cls.from_pretrained(ref, local_files_only=True, **kwargs)
+        except Exception:  # noqa: BLE001 - not cached: try the network unless offline
+            if offline:
+                raise
+            return pipeline_cls.from_pretrained(ref, **kwargs)
+    except LayerctlError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LayerctlError(
+            f"cannot load {what} model '{ref}': {first}. Offline? Download it once with network access "
+            f"(it is then taken from the Hugging Face cache), or give a local diffusers folder or a "
+            f".safetensors checkpoint with --model"
+        ) from None
