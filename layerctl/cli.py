@@ -79,26 +79,38 @@ def _error(msg: str) -> None:
     sys.stderr.write(f"layerctl: error: {msg}\n")
 
 
+def _click_exceptions():
+    """The click exception module Typer uses (newer Typer vendors its own copy of click)."""
+    try:
+        from typer._click import exceptions as cx  # Typer >= 0.26
+    except ImportError:  # pragma: no cover - older Typer on real click
+        from click import exceptions as cx
+    return cx
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to exit codes (2 usage/input, 1 job failed, 130 Ctrl-C)."""
-    import click
-
+    cx = _click_exceptions()
     if argv is None:
         argv = sys.argv[1:]
-    if "--debug" in argv:
+    if "--debug" in argv:  # accepted anywhere on the line
         _state["debug"] = True
+        argv = [a for a in argv if a != "--debug"]
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="layerctl", standalone_mode=False)
         code = rc if isinstance(rc, int) else 0
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.exceptions.Abort:
+    except tuple({getattr(cx, "Exit", typer.Exit), typer.Exit}) as exc:
+        code = getattr(exc, "exit_code", 0)
+    except tuple({getattr(cx, "Abort", typer.Abort), typer.Abort, KeyboardInterrupt}):
         sys.stderr.write("layerctl: interrupted\n")
         code = 130
-    except click.ClickException as exc:
+    except cx.ClickException as exc:
         exc.show()
-        code = 2 if isinstance(exc, click.UsageError) else exc.exit_code
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            code = 0
+        else:
+            code = 2 if isinstance(exc, cx.UsageError) else exc.exit_code
     except LayerctlError as exc:
         if _state["debug"]:
             import traceback
@@ -106,9 +118,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _error(str(exc))
         code = exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("layerctl: interrupted\n")
-        code = 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence
         if _state["debug"]:
             raise

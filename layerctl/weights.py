@@ -1,0 +1,139 @@
+"""Finding LayerDiffuse weight files, and the in-memory stand-ins the tiny backends use.
+
+Official files are looked up by their released names in --weights-dir /
+LAYERCTL_WEIGHTS_DIR, then in the Hugging Face cache, then downloaded when
+online. Offline and missing: one error naming the files and where they go.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from layerctl.backend import OFFICIAL_REPO, LoadedModel
+from layerctl.errors import LayerctlError
+
+
+def weights_dir(explicit: Optional[str]) -> Optional[Path]:
+    d = explicit or os.environ.get("LAYERCTL_WEIGHTS_DIR")
+    return Path(d).expanduser() if d else None
+
+
+def check_file(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LayerctlError(f"{what} not found: {p}")
+    if not os.access(p, os.R_OK):
+        raise LayerctlError(f"{what} is not readable: {p}")
+    return p
+
+
+def find_official(filenames: list[str], wdir: Optional[str]) -> list[Path]:
+    """Paths of official files by released name: weights dir, HF cache, then download (when online)."""
+    d = weights_dir(wdir)
+    found: dict[str, Path] = {}
+    for name in filenames:
+        if d is not None and (d / name).is_file():
+            found[name] = d / name
+    missing = [n for n in filenames if n not in found]
+    if missing:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:  # pragma: no cover - a dependency
+            hf_hub_download = None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        for name in list(missing):
+            if hf_hub_download is None:
+                break
+            for local_only in (True, False):
+                if not local_only and offline:
+                    break
+                try:
+                    found[name] = Path(hf_hub_download(OFFICIAL_REPO, name, local_files_only=local_only))
+                    missing.remove(name)
+                    break
+                except Exception:  # noqa: BLE001 - not cached / no network
+                    continue
+    if missing:
+        where = f"--weights-dir {d}" if d else "a folder given by --weights-dir or LAYERCTL_WEIGHTS_DIR"
+        raise LayerctlError(
+            f"missing LayerDiffuse weights: {', '.join(missing)}. Download them from the Hugging Face repo "
+            f"{OFFICIAL_REPO} into {where} (or run once online to fill the Hugging Face cache)"
+        )
+    return [found[n] for n in filenames]
+
+
+# ---------------------------------------------------------------- tiny stand-ins
+
+
+def _seeded_(module, seed: int, std: float = 0.05) -> None:
+    """Fill every parameter deterministically (random weights so every code path matters)."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            elif "temporal_n.weight" in name or p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = max(1, p[0].numel())
+                p.copy_(torch.randn(p.shape, generator=g) * (std if "lora" in name else fan_in**-0.5))
+
+
+def tiny_decoder():
+    """A narrow transparent decoder with seeded random weights for the tiny backends."""
+    from layerctl.transparent_vae import new_decoder
+
+    dec = new_decoder(seed=7, block_out_channels=(8, 8, 16, 16, 32, 32, 32))
+    _seeded_(dec, 7)
+    return dec.eval()
+
+
+def tiny_encoder():
+    from layerctl.transparent_vae import new_encoder
+
+    enc = new_encoder(seed=8)
+    _seeded_(enc, 8)
+    return enc.eval()
+
+
+def tiny_attention_sharing(model: LoadedModel, frames: int, use_control: bool, seed: int):
+    from layerctl.layers import AttentionSharingPatcher
+
+    patcher = AttentionSharingPatcher(model.unet, frames, use_control, rank=4)
+    _seeded_(patcher, seed, std=0.05)
+    return patcher.to(model.device, model.dtype if not use_control else model.dtype)
+
+
+def tiny_patch(model: LoadedModel, role: str):
+    """In-memory stand-ins for the SDXL patch files on the tiny-xl UNet (same shapes rules)."""
+    import torch
+
+    from layerctl.patches import Patch, diff_to_patch_entries, lora_to_patch_entries
+
+    unet = model.unet
+    g = torch.Generator("cpu").manual_seed(sum(map(ord, role)))
+    if role == "rgba":
+        pairs = {}
+        for name, mod in sorted(unet.named_modules()):
+            if name.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v")) or name.endswith(
+                ("attn1.to_out.0", "attn2.to_out.0")
+            ):
+                w = mod.weight
+                pairs[name] = (
+                    torch.randn((w.shape[0], 4), generator=g) * 0.05,
+                    torch.randn((4, w.shape[1]), generator=g) * 0.05,
+                )
+        return Patch(lora_to_patch_entries(pairs), source=f"tiny-{role}")
+    extra = {"fg2ble": 4, "bg2ble": 4, "fgble2bg": 8, "bgble2fg": 8}[role]
+    w = unet.conv_in.weight
+    deltas = {"conv_in.weight": torch.cat(
+        [torch.zeros_like(w, dtype=torch.float32), torch.randn((w.shape[0], extra, *w.shape[2:]), generator=g) * 0.05], dim=1
+    )}
+    for name, p in sorted(unet.named_parameters()):
+        if name.startswith(("down_blocks.0.resnets", "mid_block.resnets")) and name.endswith("weight") and p.ndim > 1:
+            deltas[name] = torch.randn(p.shape, generator=g) * 0.01
+    return Patch(diff_to_patch_entries(deltas), source=f"tiny-{role}")
