@@ -99,27 +99,127 @@ def read_metadata(path) -> dict:
     return json.loads(raw) if raw else {}
 
 
+def is_psd(path) -> bool:
+    """True when the file starts with the PSD/PSB signature (whatever its extension)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"8BPS"
+    except OSError:
+        return False
+
+
+def check_pixel_limit(path, width: int, height: int) -> None:
+    """Pillow's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), for readers that bypass Pillow."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > 2 * limit:
+        raise LayerctlError(
+            f"{path}: {width}x{height} is {width * height} pixels, over Pillow's decompression-bomb limit "
+            f"of {2 * limit}; refusing to open it (could be a decompression bomb)"
+        )
+
+
+def _icc_to_srgb(im):
+    """Convert with the embedded ICC profile to sRGB when it matters (CMYK, or a non-sRGB profile)."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return im
+    try:
+        import io
+
+        from PIL import ImageCms
+
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        desc = (ImageCms.getProfileDescription(src) or "").lower()
+        if im.mode != "CMYK" and "srgb" in desc:
+            return im
+        if im.mode not in ("CMYK", "RGB", "RGBA", "L", "LA"):
+            return im
+        alpha = im.getchannel("A") if im.mode in ("RGBA", "LA") else None
+        base = im.convert("L" if im.mode == "LA" else "RGB") if im.mode in ("RGBA", "LA") else im
+        out_mode = "L" if base.mode == "L" else "RGB"
+        dst = ImageCms.createProfile("sRGB") if out_mode == "RGB" else None
+        if dst is None:
+            return im  # grey with a grey profile: leave it
+        out = ImageCms.profileToProfile(base, src, dst, outputMode=out_mode)
+        if alpha is not None:
+            out.putalpha(alpha)
+        return out
+    except Exception:  # noqa: BLE001 - a broken profile: fall back to the plain conversion
+        return im
+
+
+def _normalize_mode(im):
+    """Bring Pillow's many modes to L/LA/RGB/RGBA (8-bit) without losing transparency or range."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    trns = im.info.get("transparency")
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        if mode == "I" and arr.size and arr.max() <= 255 and im.format not in ("PNG",):
+            scale = 1.0  # 32-bit integer data that holds 8-bit values
+        else:
+            scale = 255.0 / 65535.0
+        grey = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+        if isinstance(trns, int):
+            a = np.where(np.asarray(im) == trns, 0, 255).astype(np.uint8)
+            grey = Image.merge("LA", (grey, Image.fromarray(a, "L")))
+        return grey
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8), "L")
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("P", "PA"):
+        return im.convert("RGBA") if (mode == "PA" or trns is not None) else im.convert("RGB")
+    if mode in ("L", "RGB") and trns is not None:
+        return im.convert("LA" if mode == "L" else "RGBA")
+    if mode == "CMYK":
+        return _icc_to_srgb(im).convert("RGB")
+    if mode in ("RGB", "RGBA", "L", "LA"):
+        return _icc_to_srgb(im)
+    if mode == "RGBa":
+        return im.convert("RGBA")
+    if mode == "La":
+        return im.convert("LA")
+    return im.convert("RGBA" if "A" in im.getbands() else "RGB")
+
+
 def load_image(path, mode: str = "RGBA"):
-    """Open any image Pillow reads, apply EXIF orientation, convert to `mode`. Clear errors."""
+    """Open any image Pillow reads (or a PSD, via psd-tools), apply EXIF orientation, convert to `mode`.
+
+    Palette transparency, LA, 16-bit, float, CMYK (through its ICC profile when it has one) are
+    converted with their transparency and range kept. Errors are one clear LayerctlError line:
+    missing file, not an image, truncated or damaged, over Pillow's decompression-bomb limit.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.exists():
         raise LayerctlError(f"image not found: {p}")
+    if not p.is_file():
+        raise LayerctlError(f"not a file: {p}")
+    if is_psd(p):
+        from layerctl.psd import read_composite
+
+        im = read_composite(p)
+        return im.convert(mode) if im.mode != mode else im
     try:
         with Image.open(p) as im:
+            im.load()  # decode now, so a truncated file fails here
             im = ImageOps.exif_transpose(im)
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                import numpy as np
-
-                arr = np.asarray(im).astype("float64")
-                im = Image.fromarray((arr / (65535.0 if arr.max() > 255 else 255.0) * 255).round().astype("uint8"), "L")
-            return im.convert(mode)
+            im = _normalize_mode(im)
+            return im.convert(mode) if im.mode != mode else im.copy()
     except UnidentifiedImageError:
         raise LayerctlError(f"not an image (or a format Pillow cannot read): {p}") from None
     except Image.DecompressionBombError as exc:
-        raise LayerctlError(f"{p}: image too large ({exc})") from None
-    except (OSError, SyntaxError) as exc:
-        raise LayerctlError(f"cannot read image {p}: {exc}") from None
+        raise LayerctlError(f"{p}: image too large, over Pillow's decompression-bomb limit ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncat" in msg.lower() or isinstance(exc, EOFError):
+            raise LayerctlError(f"cannot read image {p}: the file is truncated ({msg})") from None
+        raise LayerctlError(f"cannot read image {p}: damaged or unsupported ({msg})") from None

@@ -1,0 +1,170 @@
+"""`layerctl compose`: stack layers into a PNG or a layered PSD; list / extract / flatten PSDs."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+OUT_SUFFIXES = (".png", ".psd")
+
+
+def _warn(msg: str) -> None:
+    sys.stderr.write(f"layerctl: warning: {msg}\n")
+
+
+def _safe_filename(name: str) -> str:
+    s = re.sub(r"[^\w.\- ]+", "_", name, flags=re.UNICODE).strip(" .")
+    return s[:80] or "layer"
+
+
+def compose(
+    inputs: List[str] = typer.Argument(
+        ...,
+        metavar="LAYER...",
+        help="Layers bottom -> top: image files (PNG/WebP/JPEG/TIFF/PSD; a PSD adds its layers) "
+        "or a YAML layer stack.",
+        show_default=False,
+    ),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file: .png (flattened) or .psd (layered)."),
+    at: List[str] = typer.Option([], "--at", metavar="NAME=X,Y", help="Put layer NAME's top-left corner at X,Y."),
+    scale: List[str] = typer.Option([], "--scale", metavar="NAME=F", help="Resize layer NAME by factor F."),
+    opacity: List[str] = typer.Option([], "--opacity", metavar="NAME=F", help="Layer NAME's opacity, 0..1."),
+    name: List[str] = typer.Option(
+        [], "--name", metavar="OLD=NEW", help="Rename a layer (default names: file stems; PSD layer names)."
+    ),
+    size: Optional[str] = typer.Option(None, "--size", metavar="WxH", help="Canvas size (default: the bottom layer's)."),
+    list_layers: bool = typer.Option(False, "--list", help="Print the layers (name, kind, size, offset, opacity)."),
+    extract: Optional[str] = typer.Option(
+        None, "--extract", metavar="DIR", help="Write each layer as an RGBA PNG into DIR (opacity not applied)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of plain text."),
+    force: bool = typer.Option(False, "--force", help=f"Allow canvases over 16384 pixels a side."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Stack layers into one picture (PNG) or a layered PSD; list, extract or flatten a PSD.
+
+    Example: layerctl compose bg.png fg.png --at fg=120,40 --opacity fg=0.9 --out scene.psd
+    """
+    from layerctl.compose import (
+        LayerSpec,
+        apply_options,
+        check_side,
+        flatten,
+        is_yaml,
+        load_stack,
+        parse_size,
+        read_stack_yaml,
+    )
+    from layerctl.errors import LayerctlError
+    from layerctl.imageio import check_writable
+
+    # 1. Everything that can be checked before reading a pixel.
+    if out is None and not list_layers and extract is None:
+        raise LayerctlError("say where to write: --out OUT.png or OUT.psd (or --list / --extract DIR)")
+    canvas = parse_size(size) if size is not None else None
+    if canvas is not None:
+        check_side("--size", canvas[0], canvas[1], force)
+
+    specs: list = []
+    yaml_size = None
+    yaml_out = None
+    for arg in inputs:
+        p = Path(arg)
+        if is_yaml(p):
+            s, ysize, yout = read_stack_yaml(p)
+            specs.extend(s)
+            if ysize is not None and yaml_size is None:
+                yaml_size = ysize
+            if yout is not None and yaml_out is None:
+                yaml_out = yout
+        else:
+            if not p.exists():
+                raise LayerctlError(f"image not found: {p}")
+            specs.append(LayerSpec(path=p, source=arg))
+    if out is None and yaml_out is not None and not list_layers and extract is None:
+        out = str(yaml_out)
+    out_path = None
+    if out is not None:
+        out_path = Path(out)
+        if out_path.suffix.lower() not in OUT_SUFFIXES:
+            raise LayerctlError(
+                f"cannot write {out_path.suffix or 'files without an extension'!s}: --out must end in .png or .psd"
+            )
+        check_writable(out_path, overwrite)
+    if canvas is None and yaml_size is not None:
+        canvas = (int(yaml_size[0]), int(yaml_size[1]))
+        check_side("canvas size", canvas[0], canvas[1], force)
+
+    # 2. Load, apply options, settle the canvas.
+    layers, psd_canvas, warnings = load_stack(specs, force=force)
+    if not layers:
+        raise LayerctlError("no layers to compose (the inputs hold no drawable layers)")
+    apply_options(layers, at=at, scale=scale, opacity=opacity, rename=name, force=force)
+    if canvas is None:
+        canvas = psd_canvas or layers[0].size
+        check_side("canvas (the bottom layer's size)", canvas[0], canvas[1], force)
+    for w in warnings:
+        _warn(w)
+
+    # 3. Every output path is checked before anything is written.
+    extract_paths = []
+    if extract is not None:
+        folder = Path(extract)
+        if folder.exists() and not folder.is_dir():
+            raise LayerctlError(f"--extract {folder}: exists and is not a folder")
+        for i, layer in enumerate(layers, 1):
+            target = folder / f"{i:02d}-{_safe_filename(layer.name)}.png"
+            check_writable(target, overwrite)
+            extract_paths.append(target)
+
+    if list_layers:
+        for i, layer in enumerate(layers, 1):
+            w, h = layer.size
+            row = {
+                "index": i,
+                "name": layer.name,
+                "kind": layer.kind,
+                "width": w,
+                "height": h,
+                "x": layer.offset[0],
+                "y": layer.offset[1],
+                "opacity": round(layer.opacity, 4),
+                "visible": layer.visible,
+            }
+            if as_json:
+                typer.echo(json.dumps(row, ensure_ascii=False))
+            else:
+                flags = "" if layer.visible else "  hidden"
+                typer.echo(
+                    f"{i:3d}  {layer.name}\t{layer.kind}  {w}x{h}  at {layer.offset[0]},{layer.offset[1]}"
+                    f"  opacity {layer.opacity:.3g}{flags}"
+                )
+
+    if extract_paths:
+        from layerctl.imageio import save_png
+        from layerctl.imagemath import to_uint8
+
+        for layer, target in zip(layers, extract_paths):
+            px = layer.pixels if layer.pixels.dtype.name == "uint8" else to_uint8(layer.pixels)
+            written = save_png(target, px, overwrite=overwrite)
+            typer.echo(json.dumps({"layer": layer.name, "path": str(written)}) if as_json else str(written))
+
+    if out_path is not None:
+        if out_path.suffix.lower() == ".psd":
+            from layerctl.psd import write_psd
+
+            written = write_psd(out_path, layers, size=canvas, overwrite=overwrite)
+        else:
+            from layerctl.imageio import save_png
+
+            written = save_png(out_path, flatten(layers, canvas), overwrite=overwrite)
+        typer.echo(json.dumps({"path": str(written), "size": list(canvas), "layers": len(layers)}) if as_json else str(written))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compose")(compose)

@@ -1,0 +1,295 @@
+"""PSD files through psd-tools: write a layered document, read one back as layers.
+
+    from layerctl.psd import write_psd, read_psd, flatten
+    write_psd("out.psd", [("background", bg, (0, 0)), ("foreground", fg, (32, 16))])
+    layers = read_psd("out.psd")          # list[layerctl.compose.Layer], bottom -> top
+    rgba = flatten("out.psd")             # HxWx4 uint8 of the visible layers
+
+What the writer produces (checked by tests/test_psd.py, with psd-tools and ImageMagick):
+- an 8-bit RGB document with one transparency channel (made as psd-tools mode
+  "RGBA"): each layer's alpha goes into the layer's own transparency channel,
+  not into a layer mask (an "RGB" document would put it into a user mask);
+- one pixel layer per input, named (Unicode names kept), at its offset, with
+  its opacity;
+- a flattened composite in the merged image section, computed here (straight
+  "over" in float, rounded once), stored the way Photoshop stores it: colour
+  matted on white, the first extra channel being the composite's transparency
+  (the layer count is written negative to say so). Viewers that read only the
+  composite show the right picture.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from layerctl.compose import Layer, as_float, check_side, composite_layers
+from layerctl.errors import LayerctlError
+from layerctl.imagemath import to_uint8
+
+__all__ = ["Layer", "PsdDocument", "write_psd", "read_psd", "open_psd", "flatten"]
+
+LayerInput = Union[Layer, tuple]
+
+# Kinds whose pixels psd-tools gives us exactly.
+_PIXEL_KINDS = {"pixel"}
+# Kinds with stored or drawable pixels that may not match what an editor renders.
+_APPROX_KINDS = {"type", "smartobject", "shape", "solidcolorfill", "gradientfill", "patternfill"}
+_GROUP_KINDS = {"group", "artboard"}
+_NORMAL_BLENDS = {"normal", "pass_through", "passthrough", "pass through"}
+
+
+@dataclass
+class PsdDocument:
+    """A PSD read as layers: canvas size (w, h), leaf layers bottom -> top, and warnings."""
+
+    size: tuple[int, int]
+    layers: list[Layer]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _as_layer(item: LayerInput) -> Layer:
+    if isinstance(item, Layer):
+        return item
+    if not isinstance(item, (tuple, list)) or len(item) not in (3, 4):
+        raise TypeError("a PSD layer is (name, HxWx4 pixels, (x, y)) or (name, pixels, (x, y), opacity)")
+    name, pixels, offset = item[0], item[1], item[2]
+    opacity = float(item[3]) if len(item) == 4 else 1.0
+    return Layer(str(name), np.asarray(pixels), (int(offset[0]), int(offset[1])), opacity=opacity)
+
+
+def _layer_uint8(pixels: np.ndarray) -> np.ndarray:
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[2] != 4:
+        raise ValueError(f"PSD layer pixels must be HxWx4 RGBA, got shape {pixels.shape}")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ValueError("PSD layer pixels must not be empty")
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    return to_uint8(as_float(pixels))
+
+
+def build_psd(layers: Sequence[LayerInput], size: Optional[tuple[int, int]] = None):
+    """The psd_tools.PSDImage for `layers` (bottom -> top), merged image included. Not saved."""
+    from PIL import Image
+    from psd_tools import PSDImage
+
+    items = [_as_layer(item) for item in layers]
+    if not items:
+        raise ValueError("a PSD needs at least one layer")
+    if size is None:
+        size = items[0].size
+    w, h = int(size[0]), int(size[1])
+    check_side("PSD canvas", w, h, force=True)
+
+    # Mode "RGBA": an RGB document with a transparency channel, so that
+    # PixelLayer.frompil stores each layer's alpha as its transparency (not a mask).
+    doc = PSDImage.new("RGBA", (w, h), color=(255, 255, 255, 0))
+    stored: list[Layer] = []
+    for item in items:
+        px = _layer_uint8(item.pixels)
+        opacity = min(max(float(item.opacity), 0.0), 1.0)
+        op255 = int(round(opacity * 255))
+        x, y = item.offset
+        psd_layer = doc.create_pixel_layer(
+            Image.fromarray(px, "RGBA"), name=item.name, top=int(y), left=int(x), opacity=op255
+        )
+        if not item.visible:
+            psd_layer.visible = False
+        # What a reader sees: 8-bit pixels, opacity in 1/255 steps.
+        stored.append(Layer(item.name, px, (int(x), int(y)), opacity=op255 / 255.0, visible=item.visible))
+
+    # The merged image: our own composite, matted on white as Photoshop stores it.
+    rgba = composite_layers(stored, (w, h))
+    alpha = rgba[..., 3:4]
+    matted = rgba[..., :3] * alpha + (1.0 - alpha)
+    planes8 = to_uint8(np.concatenate([matted, alpha], axis=-1))
+    record = doc._record  # psd-tools' low-level PSD structure (psd_tools.psd.PSD)
+    record.image_data.set_data([planes8[..., c].tobytes() for c in range(4)], record.header)
+    # A negative layer count says "the merged image's first alpha channel is its transparency".
+    info = record.layer_and_mask_information.layer_info
+    info.layer_count = -abs(info.layer_count)
+    return doc
+
+
+def write_psd(
+    path: str | os.PathLike,
+    layers: Sequence[LayerInput],
+    size: Optional[tuple[int, int]] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `layers` (bottom -> top) as a layered 8-bit RGB PSD with a flattened composite, atomically.
+
+    Each layer is (name, HxWx4 RGBA uint8 (or float [0,1]) straight-alpha pixels, (x, y)) with an
+    optional 4th item opacity in [0,1], or a layerctl.compose.Layer. `size` (w, h) defaults to the
+    bottom layer's size. Layers may reach outside the canvas (kept whole, as editors do).
+    """
+    from layerctl.imageio import atomic_write
+
+    doc = build_psd(layers, size)
+    record = doc._record
+
+    def write(tmp: str) -> None:
+        # record.write, not doc.save: save() would recompute the merged image with psd-tools'
+        # own compositor and overwrite the one built above.
+        with open(tmp, "wb") as f:
+            record.write(f)
+
+    return atomic_write(path, write, overwrite=overwrite, suffix=".psd")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _open(path):
+    from psd_tools import PSDImage
+
+    from layerctl.imageio import check_pixel_limit
+
+    p = Path(path)
+    if not p.exists():
+        raise LayerctlError(f"PSD not found: {p}")
+    if not p.is_file():
+        raise LayerctlError(f"not a file: {p}")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(26)
+    except OSError as exc:
+        raise LayerctlError(f"cannot read {p}: {exc.strerror}") from None
+    if head[:4] != b"8BPS":
+        raise LayerctlError(f"not a PSD file: {p}")
+    if len(head) == 26:
+        height = int.from_bytes(head[14:18], "big")
+        width = int.from_bytes(head[18:22], "big")
+        check_pixel_limit(p, width, height)
+    try:
+        return PSDImage.open(p)
+    except Exception as exc:  # noqa: BLE001 - psd-tools raises many kinds on damaged files
+        raise LayerctlError(f"cannot read PSD {p}: truncated or damaged ({type(exc).__name__}: {exc})") from None
+
+
+def _blend_name(layer) -> str:
+    mode = getattr(layer, "blend_mode", None)
+    name = getattr(mode, "name", None) or str(mode or "normal")
+    return name.lower()
+
+
+def _leaf_pixels(layer) -> tuple[Optional[np.ndarray], tuple[int, int], bool]:
+    """(HxWx4 uint8 or None, (x, y), opacity_baked) for a non-group layer."""
+    plain = (
+        layer.kind in _PIXEL_KINDS
+        and not layer.has_mask()
+        and not layer.has_vector_mask()
+        and not layer.has_clip_layers(visible=True)
+        and not layer.has_effects()
+    )
+    if plain:
+        im = layer.topil()
+        if im is None:
+            return None, layer.offset, False
+        return np.asarray(im.convert("RGBA"), dtype=np.uint8), layer.offset, False
+    # Masks, vector masks, clipping layers, effects, text, shapes, smart objects: let psd-tools
+    # render the layer on its own (it applies the layer's opacity as it does so).
+    im = layer.composite()
+    if im is None:
+        return None, layer.offset, True
+    left, top = layer.bbox[0], layer.bbox[1]
+    return np.asarray(im.convert("RGBA"), dtype=np.uint8), (left, top), True
+
+
+def _walk(group, prefix: str, opacity: float, visible: bool, out: list, warnings: list, path: Path) -> None:
+    for layer in group:
+        name = prefix + (layer.name or "")
+        kind = layer.kind
+        this_visible = visible and bool(layer.visible)
+        this_opacity = opacity * layer.opacity / 255.0
+        if kind in _GROUP_KINDS or layer.is_group():
+            if _blend_name(layer) not in _NORMAL_BLENDS:
+                warnings.append(f"{path}: group {name!r} uses blend mode {_blend_name(layer)}; flattened as normal")
+            _walk(layer, name + "/", this_opacity, this_visible, out, warnings, path)
+            continue
+        if getattr(layer, "clipping", False):
+            # Clipped layers are rendered into the layer they clip to (see _leaf_pixels).
+            warnings.append(f"{path}: layer {name!r} is clipped to the layer below; merged into it")
+            continue
+        if kind not in _PIXEL_KINDS and kind not in _APPROX_KINDS:
+            warnings.append(f"{path}: layer {name!r} is a {kind} layer, which layerctl cannot apply; skipped")
+            continue
+        if kind in _APPROX_KINDS:
+            warnings.append(f"{path}: layer {name!r} is a {kind} layer; rasterised from its stored pixels, may differ from an editor")
+        if _blend_name(layer) not in _NORMAL_BLENDS:
+            warnings.append(f"{path}: layer {name!r} uses blend mode {_blend_name(layer)}; composited as normal")
+        try:
+            pixels, offset, baked = _leaf_pixels(layer)
+        except Exception as exc:  # noqa: BLE001
+            warnings.append(f"{path}: layer {name!r} ({kind}) could not be rasterised ({type(exc).__name__}); skipped")
+            continue
+        if pixels is None or pixels.size == 0:
+            continue  # an empty layer
+        fill = getattr(layer, "fill_opacity", 255) / 255.0
+        layer_opacity = opacity if baked else this_opacity * fill
+        out.append(Layer(name, pixels, (int(offset[0]), int(offset[1])), opacity=layer_opacity, visible=this_visible, kind=kind))
+
+
+def open_psd(path) -> PsdDocument:
+    """Read a PSD's layers (groups walked in order, names 'group/layer') with warnings for what is approximate."""
+    p = Path(path)
+    doc = _open(p)
+    layers: list[Layer] = []
+    warnings: list[str] = []
+    try:
+        _walk(doc, "", 1.0, True, layers, warnings, p)
+    except LayerctlError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise LayerctlError(f"cannot read PSD {p}: truncated or damaged ({type(exc).__name__}: {exc})") from None
+    if not layers and len(list(doc)) == 0:
+        # No layers at all: the merged image is the picture.
+        im = doc.topil()
+        if im is None:
+            raise LayerctlError(f"PSD {p} has neither layers nor a composite image")
+        layers.append(Layer("composite", np.asarray(im.convert("RGBA"), dtype=np.uint8), (0, 0)))
+    return PsdDocument((int(doc.width), int(doc.height)), layers, warnings)
+
+
+def read_psd(path) -> list[Layer]:
+    """The layers of a PSD, bottom -> top (see open_psd)."""
+    return open_psd(path).layers
+
+
+def flatten(source: Union[str, os.PathLike, Iterable[Layer]], size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """HxWx4 uint8 of a PSD's (or a layer list's) visible layers, composited in float, rounded once.
+
+    For a path, size defaults to the document's canvas; for a list, to the bottom layer's size.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        doc = open_psd(source)
+        return flatten(doc.layers, size or doc.size)
+    layers = list(source)
+    if size is None:
+        if not layers:
+            raise ValueError("flatten needs layers or a size")
+        size = layers[0].size
+    from layerctl.compose import flatten as _flatten
+
+    return _flatten(layers, size)
+
+
+def read_composite(path):
+    """The PSD's picture as a PIL image, via psd-tools (its stored composite when present)."""
+    p = Path(path)
+    doc = _open(p)
+    try:
+        im = doc.composite()
+    except Exception as exc:  # noqa: BLE001
+        raise LayerctlError(f"cannot read PSD {p}: truncated or damaged ({type(exc).__name__}: {exc})") from None
+    if im is None:
+        raise LayerctlError(f"PSD {p} has no picture to read")
+    return im
