@@ -39,11 +39,22 @@ class Layer:
     opacity: float = 1.0
     visible: bool = True
     kind: str = "pixel"  # what it was in its source (PSD layer kind), for listings
+    # Enclosing groups, outermost first, as (path, opacity): consecutive layers that share a
+    # group are composited together first and the result placed with the group's opacity.
+    groups: tuple = ()
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height)."""
         return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+    @property
+    def effective_opacity(self) -> float:
+        """The layer's opacity times its groups' opacities."""
+        out = float(self.opacity)
+        for _, op in self.groups:
+            out *= float(op)
+        return out
 
 
 @dataclass
@@ -88,11 +99,31 @@ def place_over(canvas: np.ndarray, pixels: np.ndarray, offset: tuple[int, int], 
 def composite_layers(layers: Sequence[Layer], size: tuple[int, int]) -> np.ndarray:
     """Float HxWx4 straight RGBA of the visible layers over a transparent canvas of size (w, h)."""
     w, h = size
-    canvas = np.zeros((h, w, 4), dtype=np.float64)
-    for layer in layers:
+    canvas = np.zeros((h, w, 4), dtype=np.float32)
+    _composite_into(canvas, list(layers), 0)
+    return canvas
+
+
+def _composite_into(canvas: np.ndarray, layers: list, depth: int) -> None:
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if len(layer.groups) > depth:
+            group = layer.groups[depth]
+            j = i
+            while j < len(layers) and len(layers[j].groups) > depth and layers[j].groups[depth] == group:
+                j += 1
+            if group[1] > 0:
+                # A group is composited on its own, then placed with its opacity. For normal
+                # blending this equals a pass-through group too.
+                sub = np.zeros_like(canvas)
+                _composite_into(sub, layers[i:j], depth + 1)
+                place_over(canvas, sub, (0, 0), group[1])
+            i = j
+            continue
         if layer.visible and layer.opacity > 0:
             place_over(canvas, layer.pixels, layer.offset, layer.opacity)
-    return canvas
+        i += 1
 
 
 def flatten(layers: Sequence[Layer], size: tuple[int, int]) -> np.ndarray:
@@ -308,14 +339,19 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
                 prefix = f"{spec.name}/" if spec.name else ""
                 name = _unique(prefix + layer.name, taken)
                 taken.add(name)
+                groups = tuple((prefix + gpath, gop) for gpath, gop in layer.groups)
+                if spec.opacity != 1.0:
+                    # the whole document at this opacity: one more enclosing group
+                    groups = ((spec.name or spec.path.stem, spec.opacity),) + groups
                 layers.append(
                     Layer(
                         name,
                         pixels,
                         (ox + dx, oy + dy),
-                        opacity=layer.opacity * spec.opacity,
+                        opacity=layer.opacity,
                         visible=layer.visible and spec.visible,
                         kind=layer.kind,
+                        groups=groups,
                     )
                 )
             continue

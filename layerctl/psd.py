@@ -20,6 +20,7 @@ What the writer produces (checked by tests/test_psd.py, with psd-tools and Image
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +68,11 @@ def _as_layer(item: LayerInput) -> Layer:
 
 def _layer_uint8(pixels: np.ndarray) -> np.ndarray:
     pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[2] == 3:  # RGB: an opaque layer
+        full = np.uint8(255) if pixels.dtype == np.uint8 else 1.0
+        pixels = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), full, dtype=pixels.dtype)], axis=-1)
     if pixels.ndim != 3 or pixels.shape[2] != 4:
-        raise ValueError(f"PSD layer pixels must be HxWx4 RGBA, got shape {pixels.shape}")
+        raise ValueError(f"PSD layer pixels must be HxWx4 RGBA (or HxWx3 RGB), got shape {pixels.shape}")
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise ValueError("PSD layer pixels must not be empty")
     if pixels.dtype == np.uint8:
@@ -84,27 +88,56 @@ def build_psd(layers: Sequence[LayerInput], size: Optional[tuple[int, int]] = No
     items = [_as_layer(item) for item in layers]
     if not items:
         raise ValueError("a PSD needs at least one layer")
+    # validated, 8-bit, 4 channels (copies: the caller's layers are left alone)
+    items = [dataclasses.replace(item, pixels=_layer_uint8(item.pixels)) for item in items]
     if size is None:
         size = items[0].size
     w, h = int(size[0]), int(size[1])
     check_side("PSD canvas", w, h, force=True)
+    if w > 30000 or h > 30000:
+        raise LayerctlError(f"a PSD canvas is at most 30000 pixels a side (got {w}x{h}); write a PNG instead")
 
     # Mode "RGBA": an RGB document with a transparency channel, so that
     # PixelLayer.frompil stores each layer's alpha as its transparency (not a mask).
     doc = PSDImage.new("RGBA", (w, h), color=(255, 255, 255, 0))
     stored: list[Layer] = []
+    open_groups: list = []  # [(key, psd group)], outermost first
     for item in items:
-        px = _layer_uint8(item.pixels)
+        px = item.pixels
         opacity = min(max(float(item.opacity), 0.0), 1.0)
         op255 = int(round(opacity * 255))
+        groups = tuple(item.groups or ())
+        # Close groups this layer is not in, open the ones it is in (psd-tools groups, in order).
+        keep = 0
+        while keep < len(open_groups) and keep < len(groups) and open_groups[keep][0] == groups[keep]:
+            keep += 1
+        del open_groups[keep:]
+        for gpath, gop in groups[keep:]:
+            parent = open_groups[-1][1] if open_groups else doc
+            g255 = int(round(min(max(float(gop), 0.0), 1.0) * 255))
+            psd_group = parent.create_group(name=str(gpath).rsplit("/", 1)[-1], opacity=g255)
+            open_groups.append(((gpath, gop), psd_group))
+        parent = open_groups[-1][1] if open_groups else doc
+        name = item.name
+        if groups and name.startswith(str(groups[-1][0]) + "/"):
+            name = name[len(str(groups[-1][0])) + 1 :]
         x, y = item.offset
-        psd_layer = doc.create_pixel_layer(
-            Image.fromarray(px, "RGBA"), name=item.name, top=int(y), left=int(x), opacity=op255
+        psd_layer = parent.create_pixel_layer(
+            Image.fromarray(px, "RGBA"), name=name, top=int(y), left=int(x), opacity=op255
         )
         if not item.visible:
             psd_layer.visible = False
-        # What a reader sees: 8-bit pixels, opacity in 1/255 steps.
-        stored.append(Layer(item.name, px, (int(x), int(y)), opacity=op255 / 255.0, visible=item.visible))
+        # What a reader sees: 8-bit pixels, opacities in 1/255 steps.
+        stored.append(
+            Layer(
+                item.name,
+                px,
+                (int(x), int(y)),
+                opacity=op255 / 255.0,
+                visible=item.visible,
+                groups=tuple((gp, round(min(max(float(go), 0.0), 1.0) * 255) / 255.0) for gp, go in groups),
+            )
+        )
 
     # The merged image: our own composite, matted on white as Photoshop stores it.
     rgba = composite_layers(stored, (w, h))
@@ -204,16 +237,16 @@ def _leaf_pixels(layer) -> tuple[Optional[np.ndarray], tuple[int, int], bool]:
     return np.asarray(im.convert("RGBA"), dtype=np.uint8), (left, top), True
 
 
-def _walk(group, prefix: str, opacity: float, visible: bool, out: list, warnings: list, path: Path) -> None:
+def _walk(group, prefix: str, groups: tuple, visible: bool, out: list, warnings: list, path: Path) -> None:
     for layer in group:
         name = prefix + (layer.name or "")
         kind = layer.kind
         this_visible = visible and bool(layer.visible)
-        this_opacity = opacity * layer.opacity / 255.0
         if kind in _GROUP_KINDS or layer.is_group():
             if _blend_name(layer) not in _NORMAL_BLENDS:
                 warnings.append(f"{path}: group {name!r} uses blend mode {_blend_name(layer)}; flattened as normal")
-            _walk(layer, name + "/", this_opacity, this_visible, out, warnings, path)
+            inner = groups + ((name, layer.opacity / 255.0),)
+            _walk(layer, name + "/", inner, this_visible, out, warnings, path)
             continue
         if getattr(layer, "clipping", False):
             # Clipped layers are rendered into the layer they clip to (see _leaf_pixels).
@@ -223,7 +256,9 @@ def _walk(group, prefix: str, opacity: float, visible: bool, out: list, warnings
             warnings.append(f"{path}: layer {name!r} is a {kind} layer, which layerctl cannot apply; skipped")
             continue
         if kind in _APPROX_KINDS:
-            warnings.append(f"{path}: layer {name!r} is a {kind} layer; rasterised from its stored pixels, may differ from an editor")
+            warnings.append(
+                f"{path}: layer {name!r} is a {kind} layer; rasterised from its stored pixels, may differ from an editor"
+            )
         if _blend_name(layer) not in _NORMAL_BLENDS:
             warnings.append(f"{path}: layer {name!r} uses blend mode {_blend_name(layer)}; composited as normal")
         try:
@@ -233,9 +268,10 @@ def _walk(group, prefix: str, opacity: float, visible: bool, out: list, warnings
             continue
         if pixels is None or pixels.size == 0:
             continue  # an empty layer
-        fill = getattr(layer, "fill_opacity", 255) / 255.0
-        layer_opacity = opacity if baked else this_opacity * fill
-        out.append(Layer(name, pixels, (int(offset[0]), int(offset[1])), opacity=layer_opacity, visible=this_visible, kind=kind))
+        own = 1.0 if baked else layer.opacity / 255.0 * getattr(layer, "fill_opacity", 255) / 255.0
+        out.append(
+            Layer(name, pixels, (int(offset[0]), int(offset[1])), opacity=own, visible=this_visible, kind=kind, groups=groups)
+        )
 
 
 def open_psd(path) -> PsdDocument:
@@ -245,7 +281,7 @@ def open_psd(path) -> PsdDocument:
     layers: list[Layer] = []
     warnings: list[str] = []
     try:
-        _walk(doc, "", 1.0, True, layers, warnings, p)
+        _walk(doc, "", (), True, layers, warnings, p)
     except LayerctlError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -291,3 +291,20 @@ def test_command_module_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_psd_input_in_a_yaml_stack_keeps_its_groups(tmp_path):
+    from test_psd import _group_psd
+
+    from layerctl.psd import flatten as psd_flatten
+
+    _group_psd(tmp_path / "g.psd")
+    white = np.full((16, 16, 3), 255, np.uint8)
+    Image.fromarray(white, "RGB").save(tmp_path / "white.png")
+    (tmp_path / "s.yaml").write_text("layers:\n  - path: white.png\n  - path: g.psd\n    opacity: 0.5\n")
+    run_cli(["compose", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o.png")])
+    got = np.asarray(Image.open(tmp_path / "o.png")).astype(float)
+    # the whole document at 50% over white, not each of its layers at 50%
+    doc = psd_flatten(tmp_path / "g.psd").astype(float) / 255
+    want = doc[..., :3] * (0.5 * doc[..., 3:]) + 1.0 * (1 - 0.5 * doc[..., 3:])
+    assert np.abs(got[..., :3] - want * 255).max() <= 1.0

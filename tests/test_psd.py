@@ -147,30 +147,36 @@ def test_bad_layers_are_rejected(tmp_path):
     with pytest.raises(ValueError):
         lpsd.write_psd(tmp_path / "x.psd", [])
     with pytest.raises(ValueError):
-        lpsd.write_psd(tmp_path / "x.psd", [("rgb", np.zeros((4, 4, 3), np.uint8), (0, 0))])
+        lpsd.write_psd(tmp_path / "x.psd", [("la", np.zeros((4, 4, 2), np.uint8), (0, 0))])
+    with pytest.raises(ValueError):
+        lpsd.write_psd(tmp_path / "x.psd", [("empty", np.zeros((0, 4, 4), np.uint8), (0, 0))])
     assert not (tmp_path / "x.psd").exists()
+
+
+def test_rgb_layers_are_opaque(tmp_path):
+    rgb = np.random.default_rng(5).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    back = lpsd.read_psd(lpsd.write_psd(tmp_path / "rgb.psd", [("background", rgb, (0, 0))]))[0]
+    assert np.array_equal(back.pixels[..., :3], rgb) and (back.pixels[..., 3] == 255).all()
 
 
 # ---------------------------------------------------------------- reading other people's PSDs
 
 
 def _group_psd(path):
-    """A PSD made with psd-tools directly: a group at 50% with two layers, a masked layer."""
+    """A PSD made with psd-tools directly: a group at 50% with two overlapping layers, a masked layer."""
     doc = PSDImage.new("RGBA", (16, 16), color=(255, 255, 255, 0))
-    red = np.zeros((16, 16, 4), np.uint8)
-    red[..., 0] = 255
-    red[..., 3] = 255
-    doc.create_pixel_layer(Image.fromarray(red, "RGBA"), name="base")
+
+    def square(n, rgb):
+        px = np.zeros((n, n, 4), np.uint8)
+        px[..., :3] = rgb
+        px[..., 3] = 255
+        return Image.fromarray(px, "RGBA")
+
+    doc.create_pixel_layer(square(16, (255, 0, 0)), name="base")
     group = doc.create_group(name="grp", opacity=128)
-    blue = np.zeros((6, 6, 4), np.uint8)
-    blue[..., 2] = 255
-    blue[..., 3] = 255
-    group.create_pixel_layer(Image.fromarray(blue, "RGBA"), name="a", top=1, left=1)
-    group.create_pixel_layer(Image.fromarray(blue, "RGBA"), name="b", top=8, left=8)
-    green = np.zeros((4, 4, 4), np.uint8)
-    green[..., 1] = 255
-    green[..., 3] = 255
-    masked = doc.create_pixel_layer(Image.fromarray(green, "RGBA"), name="masked", top=12, left=0)
+    group.create_pixel_layer(square(6, (0, 0, 255)), name="a", top=1, left=1)
+    group.create_pixel_layer(square(6, (0, 255, 0)), name="b", top=4, left=4)  # overlaps a
+    masked = doc.create_pixel_layer(square(4, (0, 255, 0)), name="masked", top=12, left=0)
     mask = np.full((4, 4), 255, np.uint8)
     mask[:, :2] = 0
     masked.create_mask(Image.fromarray(mask, "L"), top=12, left=0)
@@ -183,13 +189,30 @@ def test_groups_are_flattened_in_order(tmp_path):
     doc = lpsd.open_psd(path)
     assert [layer.name for layer in doc.layers] == ["base", "grp/a", "grp/b", "masked"]
     a = doc.layers[1]
-    assert a.offset == (1, 1) and a.opacity == pytest.approx(128 / 255)
+    assert a.offset == (1, 1) and a.opacity == 1.0
+    assert a.groups == (("grp", pytest.approx(128 / 255)),) and a.effective_opacity == pytest.approx(128 / 255)
     flat = lpsd.flatten(path)
-    # inside group layer a: blue at 50% over red
+    # only layer a: blue at 50% over red
     assert np.abs(flat[2, 2].astype(int) - [127, 0, 128, 255]).max() <= 1
+    # where b covers a inside the group, the group is green and then 50% over red
+    # (folding the group's opacity into each layer would give about (64, 128, 64))
+    assert np.abs(flat[5, 5].astype(int) - [127, 128, 0, 255]).max() <= 1
     # the mask hides the left half of the green layer
     assert tuple(flat[13, 0]) == (255, 0, 0, 255)
     assert np.abs(flat[13, 3].astype(int) - [0, 255, 0, 255]).max() <= 1
+
+
+def test_groups_survive_a_rewrite(tmp_path):
+    src = lpsd.open_psd(_group_psd(tmp_path / "g.psd"))
+    out = lpsd.write_psd(tmp_path / "again.psd", src.layers, size=src.size)
+    doc = PSDImage.open(out)
+    assert [layer.name for layer in doc] == ["base", "grp", "masked"]
+    grp = list(doc)[1]
+    assert grp.is_group() and grp.opacity == 128 and [layer.name for layer in grp] == ["a", "b"]
+    assert [layer.name for layer in lpsd.read_psd(out)] == ["base", "grp/a", "grp/b", "masked"]
+    assert np.array_equal(lpsd.flatten(out), lpsd.flatten(src.layers, src.size))
+    stored = np.asarray(doc.topil().convert("RGBA")).astype(int)
+    assert np.abs(stored - lpsd.flatten(src.layers, src.size)).max() <= 1
 
 
 class _FakeLayer:
@@ -236,7 +259,7 @@ def test_unfaithful_kinds_are_named_in_warnings():
         _FakeLayer("grp", "group", children=[_FakeLayer("Curves 1", "curves"), _FakeLayer("logo", "smartobject", pixels=px)]),
     ]
     out, warnings = [], []
-    lpsd._walk(tree, "", 1.0, True, out, warnings, Path("x.psd"))
+    lpsd._walk(tree, "", (), True, out, warnings, Path("x.psd"))
     assert [layer.name for layer in out] == ["photo", "Title", "grp/logo"]
     text = "\n".join(warnings)
     assert "'Title'" in text and "type" in text

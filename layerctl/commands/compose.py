@@ -43,7 +43,7 @@ def compose(
         None, "--extract", metavar="DIR", help="Write each layer as an RGBA PNG into DIR (opacity not applied)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of plain text."),
-    force: bool = typer.Option(False, "--force", help=f"Allow canvases over 16384 pixels a side."),
+    force: bool = typer.Option(False, "--force", help="Allow canvases and layers over 16384 pixels a side."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
     """Stack layers into one picture (PNG) or a layered PSD; list, extract or flatten a PSD.
@@ -134,6 +134,8 @@ def compose(
                 "x": layer.offset[0],
                 "y": layer.offset[1],
                 "opacity": round(layer.opacity, 4),
+                "effective_opacity": round(layer.effective_opacity, 4),
+                "groups": [g for g, _ in layer.groups],
                 "visible": layer.visible,
             }
             if as_json:
@@ -142,7 +144,7 @@ def compose(
                 flags = "" if layer.visible else "  hidden"
                 typer.echo(
                     f"{i:3d}  {layer.name}\t{layer.kind}  {w}x{h}  at {layer.offset[0]},{layer.offset[1]}"
-                    f"  opacity {layer.opacity:.3g}{flags}"
+                    f"  opacity {layer.effective_opacity:.3g}{flags}"
                 )
 
     if extract_paths:
