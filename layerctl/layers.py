@@ -37,6 +37,8 @@ from layerctl.errors import LayerctlError
 
 __all__ = [
     "FILE_SPECS",
+    "FILE_NAMES",
+    "FRAME_ORDER",
     "CONTROL_CHANNELS",
     "ControlEncoder",
     "LoRAPair",
@@ -57,6 +59,21 @@ FILE_SPECS: dict[str, tuple[int, bool]] = {
     "joint": (3, False),
     "fg2bg": (2, True),
     "bg2fg": (2, True),
+}
+
+# mode -> official file name (hub repo LayerDiffusion/layerdiffusion-v1)
+FILE_NAMES: dict[str, str] = {
+    "rgba": "layer_sd15_transparent_attn.safetensors",
+    "joint": "layer_sd15_joint.safetensors",
+    "fg2bg": "layer_sd15_fg2bg.safetensors",
+    "bg2fg": "layer_sd15_bg2fg.safetensors",
+}
+# frame order of each mode's batch (frame-fastest layout)
+FRAME_ORDER: dict[str, tuple[str, ...]] = {
+    "rgba": ("fg",),
+    "joint": ("fg", "bg", "blend"),
+    "fg2bg": ("bg", "blend"),
+    "bg2fg": ("fg", "blend"),
 }
 
 CONTROL_CHANNELS = 256  # channels of every control-encoder output
@@ -622,7 +639,10 @@ def load_attention_sharing(
         with safe_open(path, framework="pt", device="cpu") as fh:
             keys = list(fh.keys())
             shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
-            file_frames, file_control = detect_attention_sharing_file(keys)
+            try:
+                file_frames, file_control = detect_attention_sharing_file(keys)
+            except LayerctlError as exc:
+                raise LayerctlError(f"{path}: {exc}") from None
             frames = file_frames if frames is None else int(frames)
             use_control = file_control if use_control is None else bool(use_control)
             if rank is None:

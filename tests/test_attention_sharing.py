@@ -302,6 +302,10 @@ def test_detect_attention_sharing_file():
     with pytest.raises(LayerctlError):
         layers.detect_attention_sharing_file(["conv_in.weight"])
     assert layers.FILE_SPECS == {"rgba": (1, False), "joint": (3, False), "fg2bg": (2, True), "bg2fg": (2, True)}
+    for mode, (frames, _) in layers.FILE_SPECS.items():
+        assert len(layers.FRAME_ORDER[mode]) == frames
+        stem = layers.FILE_NAMES[mode].removesuffix(".safetensors")
+        assert OFFICIAL_FILES[stem] == layers.FILE_SPECS[mode]
 
 
 # --------------------------------------------------------------------------- small SD1.5-shaped UNet
@@ -360,6 +364,24 @@ def test_small_unet_install_run_remove(small_unet):
     out2 = _run(small_unet, x2, ctx)
     assert (out2[1] - out[1]).abs().max() > 1e-4
     assert torch.allclose(out2[2:], out[2:], atol=1e-5)
+
+    # merged weights are cached, but an in-place change of a LoRA weight is seen
+    up = patcher.units[0].to_q_lora[1].up.weight
+    with torch.no_grad():
+        up.mul_(3.0)
+        assert (_run(small_unet, x, ctx) - out).abs().max() > 1e-4
+        up.div_(3.0)
+    assert torch.allclose(_run(small_unet, x, ctx), out, atol=1e-6)
+
+    # training: with grad enabled the LoRA weights get gradients
+    small_unet.requires_grad_(False)
+    patcher.requires_grad_(True)
+    loss = small_unet(x, 10, encoder_hidden_states=ctx).sample.square().mean()
+    loss.backward()
+    assert patcher.units[3].to_v_lora[1].up.weight.grad.abs().sum() > 0
+    assert patcher.units[0].temporal_o.weight.grad.abs().sum() > 0
+    patcher.zero_grad(set_to_none=True)
+    patcher.requires_grad_(False)
 
     patcher.remove()
     assert [type(u.attn.processor) for u in patcher.units] == originals
@@ -517,5 +539,8 @@ def test_load_attention_sharing_roundtrip_and_errors(small_unet, tmp_path):
     p5.write_bytes(b"\x00" * 64)
     with pytest.raises(LayerctlError, match="junk.safetensors"):
         layers.load_attention_sharing(small_unet, p5)
+    p6 = _save(tmp_path, {"conv_in.weight": torch.zeros(2, 2)}, "other.safetensors")
+    with pytest.raises(LayerctlError, match="other.safetensors.*not an SD1.5 attention-sharing"):
+        layers.load_attention_sharing(small_unet, p6)
     with pytest.raises(LayerctlError, match="not found"):
         layers.load_attention_sharing(small_unet, tmp_path / "nope.safetensors")
