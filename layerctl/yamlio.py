@@ -178,6 +178,10 @@ def loads_yaml(text: str, source: str = "<string>"):
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             what = " ".join(x for x in (exc.context, exc.problem) if x) or "invalid YAML"
+            lines = text.splitlines()
+            near = [lines[m.line] for m in (exc.context_mark, exc.problem_mark) if m is not None and m.line < len(lines)]
+            if any("${" in ln for ln in near):
+                what += ' (inside [ ] or { }, quote ${...} references: "${job.fg}")'
             raise LayerctlError(f"{_mark(source, mark)}: YAML syntax error: {what}") from None
         except yaml.YAMLError as exc:
             raise LayerctlError(f"{source}: YAML error: {exc}") from None
@@ -409,7 +413,7 @@ def error_lines(exc, data, root_model, locator: Locator) -> list[str]:
         if etype == "extra_forbidden":
             key = str(path[-1]) if path else str(loc[-1] if loc else "?")
             allowed = _keys_at(root_model, loc[:-1]) or _all_keys(root_model)
-            hint = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
             msg = f"unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             if not hint and allowed and len(allowed) <= 12:
                 msg += f" (allowed: {', '.join(sorted(allowed))})"
