@@ -189,11 +189,20 @@ class DecomposeRequest(ModelOptions):
     fg_name: str = "fg.png"
     bg_name: str = "bg.png"
     blended_name: str = "blended.png"
+    weight: float = 1.0  # strength of the SDXL patch file
+    stop_at: float = 1.0  # fraction of steps run by the conditional model
 
     @field_validator("width", "height")
     @classmethod
     def _size(cls, v, info):
         return _multiple_of_64(info.field_name, v)
+
+    @field_validator("stop_at")
+    @classmethod
+    def _stop_at(cls, v):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"stop_at must be in [0, 1] (got {v})")
+        return v
 
 
 def validation_message(exc) -> str:
