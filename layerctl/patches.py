@@ -490,7 +490,11 @@ class PatchHandle:
                 if key in self.originals:
                     self.unet.get_parameter(key).copy_(self.originals[key])
             if self.old_conv_in is not None:
-                self.unet.conv_in = self.old_conv_in
+                cur = self.unet.conv_in.weight
+                old = self.old_conv_in
+                if old.weight.device != cur.device or old.weight.dtype != cur.dtype:  # the UNet was moved since
+                    old.to(device=cur.device, dtype=cur.dtype)
+                self.unet.conv_in = old
                 self.unet.register_to_config(in_channels=self.old_in_channels)
 
     def restore(self) -> None:
@@ -538,12 +542,20 @@ def apply_patch(unet, patch: Union[Patch, str, os.PathLike], strength: float = 1
     it and the UNet is untouched. conv_in is replaced by a wider Conv2d when a
     ``diff`` delta has more input channels (``unet.config.in_channels`` follows).
     With ``restorable`` (default) CPU copies of the touched weights are kept so
-    that ``handle.restore()`` puts them back bit for bit.
+    that ``handle.restore()`` puts them back bit for bit; without it no copies are
+    kept (saves host memory for the big diff files) and a merge that fails half way
+    (e.g. out of device memory) cannot be rolled back. ``patch`` may be a path.
     """
     if not isinstance(patch, Patch):
         patch = read_patch(patch)
     plan = validate_patch_layout(unet, patch.layout(), name=patch.name)
     entries = {(e.naming, e.name, e.kind): e for e in patch.entries}
+    on_meta = [c.target for c in plan if c.widen_to is None and unet.get_parameter(c.target).is_meta]
+    if on_meta or (any(c.widen_to for c in plan) and unet.conv_in.weight.is_meta):
+        raise LayerctlError(
+            f"cannot merge {patch.name}: the UNet's weights are not loaded (meta device, e.g. sequential CPU "
+            "offload); apply patches before enabling offloading"
+        )
     handle = PatchHandle(unet, patch.name, strength, restorable)
     try:
         with torch.no_grad():
@@ -635,6 +647,14 @@ def lora_to_patch_entries(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
         a = None if alpha is None else torch.tensor(float(alpha))
         out.append(PatchEntry(names[k], naming, "lora", up=up.detach(), down=down.detach(), alpha=a))
     return out
+
+
+def patch_from_lora(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, naming: str = "diffusers",
+                    unet_config: Any = None, alpha: Optional[float] = None,
+                    metadata: Optional[Mapping[str, str]] = None) -> Patch:
+    """A Patch from (up, down) pairs (see :func:`lora_to_patch_entries`), ready for :func:`write_patch`."""
+    entries = lora_to_patch_entries(pairs, naming=naming, unet_config=unet_config, alpha=alpha)
+    return Patch(entries, dict(metadata or {}))
 
 
 def diff_to_patch_entries(deltas: Mapping[str, torch.Tensor], *, naming: str = "diffusers",

@@ -108,6 +108,39 @@ def test_map_of_small_unets_covers_every_key():
     assert not any(k.startswith("label_emb") for k in sd)
 
 
+OTHER_SHAPES = [
+    # SD2-like: linear projections, three levels, one layer per block
+    dict(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
+         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+         cross_attention_dim=32, attention_head_dim=(2, 4, 4), use_linear_projection=True, norm_num_groups=8),
+    # SDXL-like with a deeper transformer stack
+    {**XL_SMALL, "transformer_layers_per_block": (1, 3), "layers_per_block": 1},
+]
+
+
+@pytest.mark.parametrize("config", OTHER_SHAPES + [XL_SMALL, SD15_SMALL])
+def test_map_agrees_with_diffusers_converter(config):
+    """diffusers' own single-file converter, fed an ldm state dict whose tensors are tagged by our map,
+    must put every tag on the diffusers key our map names."""
+    try:
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    except ImportError:  # pragma: no cover - moved in another diffusers version
+        pytest.skip("diffusers has no convert_ldm_unet_checkpoint")
+    unet = _meta_unet(config)
+    mapping = P.ldm_to_diffusers_map(unet)
+    shapes = P.unet_key_shapes(config)
+    assert sorted(mapping.values()) == sorted(shapes)
+    ckpt, tag = {}, {}
+    for i, (ldm_key, dkey) in enumerate(sorted(mapping.items())):
+        ckpt["model.diffusion_model." + ldm_key] = torch.full(shapes[dkey], float(i))
+        tag[dkey] = float(i)
+    converted = convert_ldm_unet_checkpoint(ckpt, dict(unet.config))
+    assert set(converted) == set(shapes)
+    wrong = [k for k, v in converted.items() if v.flatten()[0].item() != tag[k]]
+    assert wrong == []
+
+
 # --------------------------------------------------------------------------- official manifests
 
 
@@ -430,3 +463,36 @@ def test_lora_pair_rank_mismatch_and_duplicates():
     }
     with pytest.raises(LayerctlError, match="same weight"):
         P.validate_patch_layout(unet, layout)
+
+
+def test_patch_from_lora_roundtrip_and_meta_unet_refused(tmp_path):
+    unet = _unet(SD15_SMALL)
+    snap = _snapshot(unet)
+    key = "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_q"  # a module name, as peft gives it
+    up, down = _lora(32, 32, 4, 11)
+    patch = P.patch_from_lora({key: (up, down)}, unet_config=unet.config, metadata={"rank": "4"})
+    path = P.write_patch(patch, tmp_path / "l.safetensors", dtype=torch.float32)
+    back = P.read_patch(path)
+    assert back.metadata == {"rank": "4"}
+    (entry,) = back.entries
+    assert (entry.naming, entry.name) == ("ldm", "output_blocks.5.1.transformer_blocks.0.attn2.to_q.weight")
+    assert torch.equal(entry.up, up) and torch.equal(entry.down, down)
+    with P.apply_patch(unet, back):
+        w = unet.state_dict()[key + ".weight"]
+        torch.testing.assert_close(w, snap[key + ".weight"] + up @ down, rtol=0, atol=1e-6)
+    _assert_bit_exact(unet, snap)  # the context manager restored it
+    with pytest.raises(LayerctlError, match="not loaded"):
+        P.apply_patch(_meta_unet(SD15_SMALL), back)
+
+
+def test_peft_wrapped_unet_merges_into_base_layer():
+    peft = pytest.importorskip("peft")
+    unet = _unet(SD15_SMALL)
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+    key = "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.base_layer.weight"
+    before = unet.state_dict()[key].clone()
+    delta = torch.randn(32, 32) * 0.1
+    h = P.apply_patch(unet, P.Patch(P.diff_to_patch_entries({key.replace(".base_layer", ""): delta})))
+    torch.testing.assert_close(unet.state_dict()[key], before + delta, rtol=0, atol=1e-6)
+    h.restore()
+    assert torch.equal(unet.state_dict()[key], before)
