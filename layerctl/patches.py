@@ -308,6 +308,11 @@ class _EntryLayout:
 def _group_layout(layout: Mapping[str, Sequence[int]]) -> list[_EntryLayout]:
     """Group raw keys into entries and check each entry on its own (pairs complete, ranks agree)."""
     groups: dict[tuple[str, str, str], _EntryLayout] = {}
+    if any(str(k).startswith(("hookers.", "kwargs_encoder.")) for k in layout):
+        raise LayerctlError(
+            "this is an SD1.5 attention-sharing file (layer_sd15_*: AttentionSharingPatcher units), "
+            "not a ::lora::/::diff:: UNet patch; it is loaded by the attention-sharing layers"
+        )
     for raw, shape in layout.items():
         naming, name, kind, index = _parse_key(raw)
         g = groups.setdefault((naming, name, kind), _EntryLayout(name, naming, kind, {}, {}))

@@ -212,6 +212,12 @@ def test_sd15_layout_on_sdxl_is_refused(sdxl_meta):
         P.validate_patch_layout(sdxl_meta, layout)
 
 
+def test_sd15_attention_sharing_file_is_not_a_patch(sdxl_meta):
+    layout = _ref("layer_sd15_transparent_attn.json")["tensors"]
+    with pytest.raises(LayerctlError, match="attention-sharing"):
+        P.validate_patch_layout(sdxl_meta, layout)
+
+
 def test_conv_in_narrower_than_unet_is_refused(sdxl_meta):
     with pytest.raises(LayerctlError, match=r"input_blocks\.0\.0\.weight"):
         P.validate_patch_layout(sdxl_meta, {"diffusion_model.input_blocks.0.0.weight::diff::0": [320, 2, 3, 3]})
