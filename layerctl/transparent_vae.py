@@ -277,6 +277,9 @@ def encode_offset(encoder: nn.Module, rgba01: torch.Tensor, scale: float = OFFSE
     device, dtype = _module_place(encoder)
     padded = pad_rgb_torch(rgba01.detach().float())
     feed = torch.cat([rgba01[:, 3:4].float(), padded], dim=1).to(device=device, dtype=dtype)
+    # channels_last like the official code (it builds the feed from NHWC arrays); on CPU
+    # this reproduces the reference encoder output bit for bit
+    feed = feed.contiguous(memory_format=torch.channels_last)
     return encoder(feed) * scale
 
 
