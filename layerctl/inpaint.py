@@ -1,0 +1,221 @@
+"""Masked inpainting of a plain RGB picture with a LoadedModel.
+
+    from layerctl.backend import load_model
+    from layerctl.inpaint import inpaint
+    m = load_model("tiny", device="cpu")
+    res = inpaint(m, image, mask, "a beach at noon", seed=1)   # res.image: HxWx3 float32 in [0,1]
+
+`image` is HxWx3 (uint8, or float in [0,1]); `mask` is HxW in [0,1] (or bool),
+**1 = repaint, 0 = keep**. Two methods, chosen from the model's UNet:
+
+- ``latent-blend`` (any base model, UNet with 4 input channels): the picture is
+  encoded with the frozen VAE (posterior mean); denoising starts from noise and
+  after every scheduler step the known latents, re-noised to the *next*
+  timestep with the same noise, replace the latent outside the (latent) mask.
+  At the end the known region holds the clean known latents.
+- ``pipeline`` (an inpainting checkpoint, UNet with 9 input channels): the
+  diffusers inpainting pipeline of the model's family
+  (``AutoPipelineForInpainting.from_pipe``) on the same components.
+
+The latent mask is the pixel mask max-pooled over each 8x8 cell: a latent cell
+is repainted when any of its pixels is. With ``paste_back`` (default) the known
+pixels are put back exactly afterwards (``out = decoded*mask + image*(1-mask)``),
+so outside the mask the result equals the input; without it, outside the mask
+it differs from the input by the VAE round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from layerctl.errors import LayerctlError
+
+
+@dataclass
+class InpaintResult:
+    image: np.ndarray  # HxWx3 float32 in [0,1]
+    method: str  # "latent-blend" or "pipeline"
+    seed: int
+    steps: int
+    cfg: float
+
+
+def _as_float_rgb(image) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    return np.clip(arr.astype(np.float32), 0.0, 1.0)
+
+
+def _as_float_mask(mask, shape) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.shape != tuple(shape):
+        raise ValueError(f"mask shape {m.shape} does not match the image {tuple(shape)}")
+    if m.dtype == np.bool_:
+        return m.astype(np.float32)
+    if m.dtype == np.uint8:
+        return m.astype(np.float32) / np.float32(255.0)
+    return np.clip(m.astype(np.float32), 0.0, 1.0)
+
+
+def latent_mask(mask: np.ndarray, factor: int = 8) -> np.ndarray:
+    """HxW pixel mask (1 = repaint) -> (H/f)x(W/f) float32 mask: 1 where any pixel of the cell is > 0."""
+    m = np.asarray(mask, dtype=np.float32)
+    h, w = m.shape
+    if h % factor or w % factor:
+        raise ValueError(f"mask size {w}x{h} is not a multiple of {factor}")
+    cells = m.reshape(h // factor, factor, w // factor, factor)
+    return (cells.max(axis=(1, 3)) > 0).astype(np.float32)
+
+
+def vae_factor(model) -> int:
+    cfg = getattr(model.vae, "config", None)
+    blocks = getattr(cfg, "block_out_channels", None) if cfg is not None else None
+    return 2 ** (len(blocks) - 1) if blocks else 8
+
+
+def unet_in_channels(model) -> int:
+    return int(getattr(model.unet.config, "in_channels", 4))
+
+
+def inpaint(
+    model,
+    image,
+    mask,
+    prompt: str,
+    negative: str = "bad, ugly",
+    steps: Optional[int] = None,
+    cfg: Optional[float] = None,
+    seed: int = 0,
+    paste_back: bool = True,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> InpaintResult:
+    """Repaint the masked part of `image` (see the module doc). Deterministic for a seed on one device."""
+    img = _as_float_rgb(image)
+    m = _as_float_mask(mask, img.shape[:2])
+    h, w = img.shape[:2]
+    f = vae_factor(model)
+    if h % f or w % f:
+        raise LayerctlError(f"inpainting needs a size that is a multiple of {f} (got {w}x{h})")
+    steps = int(steps or model.default_steps)
+    cfg = float(model.default_cfg if cfg is None else cfg)
+    if steps <= 0:
+        raise LayerctlError(f"steps must be > 0 (got {steps})")
+    n_in = unet_in_channels(model)
+    if n_in == 9:
+        out = _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progress)
+        method = "pipeline"
+    elif n_in == 4:
+        out = _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, f, progress)
+        method = "latent-blend"
+    else:
+        raise LayerctlError(
+            f"cannot inpaint with a UNet of {n_in} input channels (a base model has 4, an inpainting model 9)"
+        )
+    if paste_back:
+        out = out * m[..., None] + img * (1.0 - m[..., None])
+    return InpaintResult(image=out.astype(np.float32), method=method, seed=int(seed), steps=steps, cfg=cfg)
+
+
+def _fresh_scheduler(model):
+    """A scheduler of the model's kind with its own state (the pipeline's one stays untouched)."""
+    sched = model.scheduler
+    return type(sched).from_config(sched.config)
+
+
+def _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, factor, progress):
+    import torch
+
+    dev = model.device
+    h, w = img.shape[:2]
+    pixels = torch.from_numpy(img).permute(2, 0, 1)[None] * 2.0 - 1.0
+    mean, _std = model.vae_encode(pixels)
+    known = mean.to(dev, torch.float32) * model.latent_scale
+    lm = torch.from_numpy(latent_mask(m, factor))[None, None].to(dev, torch.float32)
+
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn(known.shape, generator=gen, dtype=torch.float32).to(dev)
+
+    sched = _fresh_scheduler(model)
+    sched.set_timesteps(steps, device=dev)
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)  # add_noise then uses the scheduler's own step index
+    timesteps = sched.timesteps
+
+    do_cfg = cfg > 1.0
+    emb = model.encode_prompt([prompt], [negative], do_cfg, w, h)
+
+    # Start: noise where we repaint, the known latents noised to the first timestep elsewhere.
+    x = noise * sched.init_noise_sigma
+    x = lm * x + (1.0 - lm) * sched.add_noise(known, noise, timesteps[:1])
+    total = len(timesteps)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            inp = torch.cat([x, x]) if do_cfg else x
+            inp = sched.scale_model_input(inp, t)
+            eps = model.unet(inp.to(model.dtype), t, encoder_hidden_states=emb.hidden, **emb.extra).sample.float()
+            if do_cfg:
+                uncond, cond = eps.chunk(2)
+                eps = uncond + cfg * (cond - uncond)
+            x = sched.step(eps, t, x).prev_sample
+            if i + 1 < total:
+                ref = sched.add_noise(known, noise, timesteps[i + 1 : i + 2])
+            else:
+                ref = known
+            x = lm * x + (1.0 - lm) * ref
+            if progress is not None:
+                progress(i + 1, total)
+    out = model.vae_decode(x / model.latent_scale)
+    return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+
+
+def _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progress):
+    import torch
+    from diffusers import AutoPipelineForInpainting
+    from PIL import Image
+
+    pipe = getattr(model, "_layerctl_inpaint_pipe", None)
+    if pipe is None:
+        pipe = AutoPipelineForInpainting.from_pipe(model.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            model._layerctl_inpaint_pipe = pipe
+        except Exception:  # noqa: BLE001 - a frozen object: just rebuild next time
+            pass
+    pipe.scheduler = _fresh_scheduler(model)
+    h, w = img.shape[:2]
+    image = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), "RGB")
+    mask_image = Image.fromarray(np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8), "L")
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+
+    def _cb(p, i, t, kwargs):
+        if progress is not None:
+            progress(i + 1, steps)
+        return {}
+
+    with torch.no_grad():
+        res = pipe(
+            prompt=prompt,
+            negative_prompt=negative,
+            image=image,
+            mask_image=mask_image,
+            height=h,
+            width=w,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            strength=1.0,
+            generator=gen,
+            output_type="np",
+            callback_on_step_end=_cb,
+        )
+    out = np.asarray(res.images[0], dtype=np.float32)
+    if out.shape[:2] != (h, w):
+        raise LayerctlError(f"the inpainting pipeline returned {out.shape[1]}x{out.shape[0]}, expected {w}x{h}")
+    return np.clip(out, 0.0, 1.0)
