@@ -133,6 +133,18 @@ class Session:
         )
         return "tiny"
 
+    def precheck_files(self, opts) -> None:
+        """Fail fast (before any model loads) on weight files that are named but missing."""
+        from layerctl.weights import check_file
+
+        for path, what in [
+            (opts.transparent_decoder, "transparent decoder"),
+            (opts.transparent_encoder, "transparent encoder"),
+            (opts.layer_weights, "layer weights file"),
+        ] + [(p, "LoRA file") for p in opts.lora]:
+            if path:
+                check_file(path, what)
+
     def model(self, opts):
         from layerctl.backend import load_model
 
@@ -291,6 +303,7 @@ class Session:
         check_outputs(paths, req.overwrite)
         if req.psd:
             check_outputs([req.psd], req.overwrite, suffixes=(".psd",))
+        self.precheck_files(req)
         model = self.model(req)
         width, height = req.width or model.native_size, req.height or model.native_size
         steps = req.steps or model.default_steps
@@ -304,7 +317,8 @@ class Session:
 
             active.patcher.set_control(None)
             active.patcher.set_prompt_overrides(None)
-            active.patcher.set_cond_mark(make_cond_mark([False] * n + [True] * n if use_cfg else [True] * n, 1))
+            # rows are [negatives..., positives...]; the mark is 1 for uncond rows
+            active.patcher.set_cond_mark(make_cond_mark([True] * n + [False] * n if use_cfg else [False] * n, 1))
         with steps_bar("generating", self.quiet) as bar:
             spec = DenoiseSpec(embeds=embeds, noise=make_noise(seeds, 1, height, width), steps=steps, cfg=cfg, progress=bar)
             latents = denoise(model, spec)
