@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from layerctl import __version__
 from layerctl.errors import LayerctlError
+from layerctl.imagemath import composite_over, flatten_on_grey, to_uint8
 
 IMAGE_EXTS = (".png", ".webp", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
 METADATA = "metadata.jsonl"
@@ -56,7 +57,6 @@ STATE_FILE = "dataset.json"
 CAPTION_KEYS = ("caption", "text", "prompt")
 FILE_KEYS = ("file_name", "file", "image", "path", "filename")
 LAYER_DIRS = ("fg", "bg", "blended", "intermediate", "mask")
-GREY = 0.5
 
 # ---------------------------------------------------------------- requests
 
@@ -237,28 +237,9 @@ class LayersDatasetRequest(_Common):
 # ---------------------------------------------------------------- small pure functions
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    try:
-        from layerctl.imagemath import to_uint8 as _to_uint8
-    except ImportError:  # pragma: no cover - imagemath not installed
-        return np.clip(np.rint(np.asarray(x, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
-    return _to_uint8(x)
-
-
 def composite_rgb(fg_rgba: np.ndarray, bg_rgb: np.ndarray) -> np.ndarray:
     """`fg over bg` with straight alpha, an opaque background: HxWx3 float32."""
-    try:
-        from layerctl.imagemath import composite_over
-    except ImportError:  # pragma: no cover
-        f = np.asarray(fg_rgba, dtype=np.float32)
-        a = f[..., 3:4]
-        return f[..., :3] * a + np.asarray(bg_rgb, dtype=np.float32) * (1.0 - a)
     return composite_over(np.asarray(fg_rgba, dtype=np.float32), np.asarray(bg_rgb, dtype=np.float32))[..., :3]
-
-
-def flatten_on_grey(rgba: np.ndarray, grey: float = GREY) -> np.ndarray:
-    f = np.asarray(rgba, dtype=np.float32)
-    return grey + (f[..., :3] - grey) * f[..., 3:4]
 
 
 def _dhash_bits(channel: np.ndarray, size: int = 8, eps: float = 2.0 / 255.0) -> tuple[int, int]:
@@ -294,7 +275,7 @@ def perceptual_hash(rgba) -> str:
     f = f.astype(np.float32) / 255.0 if f.dtype == np.uint8 else f.astype(np.float32)
     if f.ndim != 3 or f.shape[-1] != 4:
         raise ValueError(f"expected an HxWx4 RGBA image, got shape {f.shape}")
-    flat = flatten_on_grey(f)
+    flat = flatten_on_grey(np.clip(f, 0.0, 1.0))
     value = 0
     for ch in (flat[..., 0], flat[..., 1], flat[..., 2], f[..., 3]):
         h, v = _dhash_bits(ch)
@@ -581,9 +562,13 @@ class Shard:
     @classmethod
     def from_accelerate(cls) -> "Shard":
         """process_index / num_processes of `accelerate launch` (one process without it)."""
+        import torch
         from accelerate import PartialState
 
-        st = PartialState()
+        # Without CUDA, processes started by torchrun / accelerate share the work over gloo only
+        # when PartialState is told it runs on the CPU (else it reports a single process).
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        st = PartialState(cpu=cpu)
         dev = str(st.device) if st.num_processes > 1 else None
         return cls(st.process_index, st.num_processes, st.wait_for_everyone, dev)
 
@@ -958,8 +943,11 @@ class Foreground:
     caption: str
 
 
-def find_foregrounds(rgba_dir: str) -> list[Foreground]:
-    """The foregrounds of a folder: its metadata.jsonl (an rgba dataset) or every image below it."""
+def find_foregrounds(rgba_dir: str, exclude: Optional[Path] = None) -> list[Foreground]:
+    """The foregrounds of a folder: its metadata.jsonl (an rgba dataset) or every image below it.
+
+    `exclude`: a folder not to search (the output folder, when it lies inside).
+    """
     root = Path(rgba_dir).expanduser()
     if not root.is_dir():
         raise LayerctlError(f"RGBA folder not found: {root}" if not root.exists() else f"not a folder: {root}")
@@ -985,7 +973,10 @@ def find_foregrounds(rgba_dir: str) -> list[Foreground]:
             cap = next((row[k] for k in CAPTION_KEYS if isinstance(row.get(k), str)), "")
             fgs.append(Foreground(p, Path(row["file_name"]).as_posix(), cap or _stem_caption(p)))
     else:
-        for p in _walk_images(root, None):
+        excl = exclude.resolve() if exclude is not None else None
+        for p in _walk_images(root, excl):
+            if excl is not None and (p.resolve() == excl or excl in p.resolve().parents):
+                continue
             src = Source(p, root)
             fgs.append(Foreground(p, p.relative_to(root).as_posix(), caption_for(src, None) or _stem_caption(p)))
     if not fgs:
@@ -1136,6 +1127,66 @@ def _job(index: int, fg: Foreground, k: int, r: dict, req: LayersDatasetRequest)
     return LayerJob(index, fg, k, r["fg"], r["bg"], r["whole"], r.get("negative", req.negative), r.get("seed"))
 
 
+# ---------------------------------------------------------------- layers: reading a dataset back
+
+LAYER_KEYS = ("id", "fg", "bg", "blended", "fg_prompt", "bg_prompt", "prompt")
+
+
+@dataclass
+class LayerRecord:
+    """One record of a layers dataset, paths resolved against the dataset folder."""
+
+    id: str
+    fg: Path  # RGBA, straight alpha
+    bg: Path  # RGB
+    blended: Path  # RGB = fg over bg
+    fg_prompt: str
+    bg_prompt: str
+    prompt: str
+    meta: dict  # the whole metadata.jsonl object (seed, size, stages, ...)
+
+
+def read_layer_records(root: str | os.PathLike, check_files: bool = True) -> list[LayerRecord]:
+    """The records of a folder written by `layerctl dataset layers` (what train-lora mode: layers reads).
+
+    Raises LayerctlError naming the file and line for a missing metadata.jsonl,
+    a broken line, a missing key or (with check_files) a missing image.
+    """
+    root = Path(root).expanduser()
+    meta = root / METADATA
+    if not root.is_dir():
+        raise LayerctlError(f"layers dataset folder not found: {root}")
+    if not meta.is_file():
+        raise LayerctlError(f"{root} is not a layers dataset: no {METADATA} (make one with 'layerctl dataset layers')")
+    try:
+        lines = meta.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LayerctlError(f"cannot read {meta}: {exc}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LayerctlError(f"{meta}:{i}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise LayerctlError(f"{meta}:{i}: each line must be a JSON object")
+        missing = [k for k in LAYER_KEYS if not isinstance(row.get(k), str)]
+        if missing:
+            raise LayerctlError(f"{meta}:{i}: missing {', '.join(missing)} (not a 'layerctl dataset layers' record)")
+        paths = {k: root / row[k] for k in ("fg", "bg", "blended")}
+        if check_files:
+            for k, p in paths.items():
+                if not p.is_file():
+                    raise LayerctlError(f"{meta}:{i}: {k} file {row[k]} is missing")
+        out.append(LayerRecord(row["id"], paths["fg"], paths["bg"], paths["blended"], row["fg_prompt"],
+                               row["bg_prompt"], row["prompt"], row))
+    if not out:
+        raise LayerctlError(f"{meta} holds no records")
+    return out
+
+
 # ---------------------------------------------------------------- layers: the construction
 
 
@@ -1273,7 +1324,7 @@ def build_layers_dataset(req: LayersDatasetRequest, on_event: Event = _noop, sha
     """Build (fg, bg, blended) records from foregrounds (see the module doc). `model`: an already loaded one."""
     shard = shard or Shard()
     out = Path(req.out).expanduser()
-    fgs = find_foregrounds(req.rgba_dir)
+    fgs = find_foregrounds(req.rgba_dir, exclude=out)
     jobs, unprompted = plan_layer_jobs(req, fgs)
     if unprompted:
         log(f"layerctl: {len(unprompted)} foreground(s) have no prompt record and are left out (first: {unprompted[0]})")

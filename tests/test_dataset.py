@@ -243,6 +243,10 @@ def test_rgba_cli_errors_and_json(mixed_folder, tmp_path, capsys):
     (busy / "x.txt").write_text("x")
     code, cap = run("dataset", "rgba", str(mixed_folder), "--out", str(busy))
     assert code == 2 and "not empty" in cap.err and cap.err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"fg": "a", "bg": "b", "whole": "c"}\n{"fg": "a", "bg": "b", "whole": }\n')
+    code, cap = run("dataset", "layers", str(mixed_folder), "--prompts", str(bad), "--out", str(tmp_path / "l"), "--model", "tiny")
+    assert code == 2 and "bad.jsonl:2: invalid JSON" in cap.err and "Traceback" not in cap.err
     code, cap = run("dataset", "rgba", str(mixed_folder), "--out", str(tmp_path / "o"), "--resolution", "64", "--json")
     assert code == 0
     lines = [json.loads(x) for x in cap.out.splitlines()]
@@ -383,6 +387,22 @@ def test_inpaint_nine_channel_unet_uses_the_pipeline(tiny):
     assert np.array_equal(r.image[:, :32], img[:, :32])
 
 
+def test_inpaint_sdxl_shaped_model(tiny):
+    import torch
+
+    from layerctl.backend import load_model
+    from layerctl.inpaint import inpaint
+
+    xl = load_model("tiny-xl", device="cpu")  # threads already 1 (the tiny fixture)
+    assert torch.get_num_threads() == 1
+    img = np.random.default_rng(2).random((64, 128, 3)).astype(np.float32)
+    mask = np.zeros((64, 128), np.float32)
+    mask[8:40, 40:100] = 1
+    r = inpaint(xl, img, mask, "x", steps=1, seed=0)
+    assert r.method == "latent-blend" and r.image.shape == (64, 128, 3)
+    assert np.array_equal(r.image[mask == 0], img[mask == 0]) and np.abs(r.image - img)[mask == 1].mean() > 0.02
+
+
 def _check_layer_record(out: Path, r: dict) -> None:
     load = lambda k, mode: np.asarray(Image.open(out / r[k]).convert(mode)).astype(np.float64) / 255.0  # noqa: E731
     fg, bg, bl, it = load("fg", "RGBA"), load("bg", "RGB"), load("blended", "RGB"), load("intermediate", "RGB")
@@ -439,6 +459,12 @@ def test_layers_tiny_records_resume_after_kill(tiny, tmp_path):
 
     again = ds.build_layers_dataset(req.model_copy(update={"resume": True}), model=tiny)
     assert again.new == 0 and again.resumed == 2
+
+    recs = ds.read_layer_records(out)  # the reader train-lora (mode: layers) uses
+    assert [r.id for r in recs] == [r["id"] for r in rows] and recs[0].bg == out / rows[0]["bg"]
+    (out / rows[1]["bg"]).unlink()
+    with pytest.raises(LayerctlError, match=r"metadata.jsonl:2: bg file .* is missing"):
+        ds.read_layer_records(out)
 
 
 def test_layers_template_prompts_small_foreground(tiny, tmp_path):

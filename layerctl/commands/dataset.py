@@ -86,7 +86,7 @@ def _report(summary, as_json: bool) -> None:
 
 
 def rgba(
-    sources: List[str] = typer.Argument(..., metavar="SRC...", help="Folders (searched recursively), image files or globs."),
+    sources: List[str] = typer.Argument(..., metavar="SRC", help="Folders (searched recursively), image files or globs."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (a Hugging Face imagefolder)."),
     resolution: int = typer.Option(1024, "--resolution", help="Bucket area about N*N px (multiples of 64); 0 keeps the size."),
     fit: str = typer.Option("crop", "--fit", help="Into the bucket: crop (cover, centre crop) or pad (fit, transparent border)."),
