@@ -175,6 +175,7 @@ class LayersDatasetRequest(_Common):
     cfg: Optional[float] = None
     seed: int = 0
     mask_radius: int = 16
+    mask_feather: int = 4
     alpha_threshold: float = 1.0 / 255.0
     size: Optional[tuple[int, int]] = None
     model: Optional[str] = None
@@ -208,11 +209,11 @@ class LayersDatasetRequest(_Common):
             raise ValueError(f"cfg must be >= 0 (got {v})")
         return v
 
-    @field_validator("mask_radius")
+    @field_validator("mask_radius", "mask_feather")
     @classmethod
-    def _radius(cls, v):
+    def _radius(cls, v, info):
         if v < 0:
-            raise ValueError(f"mask_radius must be >= 0 (got {v})")
+            raise ValueError(f"{info.field_name} must be >= 0 (got {v})")
         return v
 
     @field_validator("alpha_threshold")
@@ -229,6 +230,7 @@ class LayersDatasetRequest(_Common):
             "cfg": self.cfg,
             "seed": self.seed,
             "mask_radius": self.mask_radius,
+            "mask_feather": self.mask_feather,
             "alpha_threshold": self.alpha_threshold,
             "size": list(self.size) if self.size else None,
         }
@@ -379,6 +381,27 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
         if y0 < y1:
             out[y0:y1] |= rows[y0 + dy : y1 + dy]
     return out
+
+
+def erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary erosion by a disk: pixels whose whole disk of `radius` px lies in the mask (outside the image counts as in)."""
+    m = np.asarray(mask).astype(bool)
+    return ~dilate(~m, radius)
+
+
+def feather_inside(mask: np.ndarray, width: int) -> np.ndarray:
+    """A float weight that is 0 outside `mask` and ramps up to 1 over `width` px inside it.
+
+    w = mean over k = 0..width-1 of erode(mask, k): 1/width on the mask's border
+    pixels, 1 from `width` px deep. width <= 1 gives the mask itself.
+    """
+    m = np.asarray(mask).astype(bool)
+    if width <= 1:
+        return m.astype(np.float32)
+    acc = np.zeros(m.shape, np.float32)
+    for k in range(width):
+        acc += erode(m, k)
+    return acc / np.float32(width)
 
 
 def place_on_canvas(rgba: np.ndarray, size: Optional[tuple[int, int]] = None, step: int = 64) -> np.ndarray:
@@ -1192,16 +1215,20 @@ def read_layer_records(root: str | os.PathLike, check_files: bool = True) -> lis
 
 def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, negative: str, seed: int,
                       steps: Optional[int] = None, cfg: Optional[float] = None, mask_radius: int = 16,
-                      alpha_threshold: float = 1.0 / 255.0, progress=None) -> dict:
+                      alpha_threshold: float = 1.0 / 255.0, mask_feather: int = 4, progress=None) -> dict:
     """The three stages for one foreground already on its canvas (HxWx4 uint8, sides multiples of 64).
 
     1. inpaint around the foreground (mask = 1 - alpha) with the whole prompt,
        seed `seed`: the intermediate is `fg over` that picture;
     2. inpaint the foreground's area of the intermediate (mask = alpha >=
        threshold, dilated by mask_radius px) with the background prompt, seed
-       `seed + 1`, known pixels pasted back: the clean background;
+       `seed + 1`; the result is blended back with the known pixels by a weight
+       that is 0 outside the mask and ramps to 1 over `mask_feather` px inside it
+       (at most mask_radius, so no foreground pixel is blended back): the clean
+       background, equal to the intermediate outside the mask;
     3. blended = fg over bg.
-    Returns uint8 arrays: fg, intermediate, mask, bg, blended, and a 'stages' list.
+    Returns uint8 arrays: fg, intermediate, mask (the blend weight * 255), bg,
+    blended, and a 'stages' list.
     """
     from layerctl.inpaint import inpaint
 
@@ -1213,7 +1240,9 @@ def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, nega
     inter8 = to_uint8(composite_rgb(fgf, r1.image))
     fg_mask = a >= alpha_threshold - 1e-6
     m2 = dilate(fg_mask, mask_radius)
-    r2 = inpaint(model, inter8, m2, bg_prompt, negative, steps, cfg, seed + 1, paste_back=True, progress=progress)
+    feather = max(0, min(int(mask_feather), int(mask_radius)))
+    w2 = feather_inside(m2, feather)
+    r2 = inpaint(model, inter8, w2, bg_prompt, negative, steps, cfg, seed + 1, paste_back=True, progress=progress)
     bg8 = to_uint8(r2.image)
     blended8 = to_uint8(composite_rgb(fgf, bg8.astype(np.float32) / 255.0))
     stages = [
@@ -1221,10 +1250,10 @@ def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, nega
          "method": r1.method, "steps": r1.steps, "cfg": r1.cfg},
         {"stage": "clean", "prompt": bg_prompt, "seed": int(seed + 1),
          "mask": f"alpha >= {alpha_threshold:.6g} dilated by {mask_radius} px", "mask_radius": int(mask_radius),
-         "method": r2.method, "steps": r2.steps, "cfg": r2.cfg, "paste_back": True},
+         "mask_feather": feather, "method": r2.method, "steps": r2.steps, "cfg": r2.cfg, "paste_back": True},
         {"stage": "blend", "formula": "fg over bg (straight alpha)"},
     ]
-    return {"fg": fg8, "intermediate": inter8, "mask": (m2 * 255).astype(np.uint8), "bg": bg8,
+    return {"fg": fg8, "intermediate": inter8, "mask": to_uint8(w2), "bg": bg8,
             "blended": blended8, "stages": stages}
 
 
@@ -1251,7 +1280,7 @@ def _layer_one(job: LayerJob, req: LayersDatasetRequest, model, out: Path, model
         return {**row, "status": "skipped", "reason": "no_opaque_pixels"}
     seed = job.seed if job.seed is not None else (req.seed + int(h[:8], 16)) % (2**31 - 2)
     res = make_layer_record(model, canvas, job.prompt, job.bg_prompt, job.negative, seed, req.steps, req.cfg,
-                            req.mask_radius, req.alpha_threshold, progress)
+                            req.mask_radius, req.alpha_threshold, req.mask_feather, progress)
     rid = f"{slug(Path(job.fg.rel).stem, 32)}-{h[:8]}"
     hh, ww = canvas.shape[:2]
     files = {k: f"{k}/{rid}.png" for k in LAYER_DIRS}
@@ -1286,6 +1315,7 @@ def _layer_one(job: LayerJob, req: LayersDatasetRequest, model, out: Path, model
         "steps": s1["steps"],
         "cfg": s1["cfg"],
         "mask_radius": req.mask_radius,
+        "mask_feather": res["stages"][1]["mask_feather"],
         "alpha_threshold": req.alpha_threshold,
         "stages": res["stages"],
         "layerctl_version": __version__,

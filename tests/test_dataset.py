@@ -67,6 +67,16 @@ EXPECTED = {"corrupt": 1, "opaque": 2, "transparent": 1, "duplicate": 2}
 # ---------------------------------------------------------------- pure functions
 
 
+def test_erode_and_feather_inside():
+    m = np.zeros((20, 20), bool)
+    m[5:15, 5:15] = True
+    assert np.array_equal(ds.erode(m, 2), np.pad(np.ones((6, 6), bool), 7))
+    w = ds.feather_inside(m, 4)
+    assert w[~m].max() == 0 and w[10, 10] == 1
+    assert np.allclose(w[10, 5:10], [0.25, 0.5, 0.75, 1.0, 1.0])  # a ramp from the edge inwards
+    assert np.array_equal(ds.feather_inside(m, 1), m.astype(np.float32))
+
+
 @pytest.mark.parametrize("radius", [0, 1, 2, 5])
 def test_dilate_matches_brute_force_disk(radius):
     rng = np.random.default_rng(radius)
@@ -406,10 +416,13 @@ def test_inpaint_sdxl_shaped_model(tiny):
 def _check_layer_record(out: Path, r: dict) -> None:
     load = lambda k, mode: np.asarray(Image.open(out / r[k]).convert(mode)).astype(np.float64) / 255.0  # noqa: E731
     fg, bg, bl, it = load("fg", "RGBA"), load("bg", "RGB"), load("blended", "RGB"), load("intermediate", "RGB")
-    m = load("mask", "L") > 0.5
+    w = load("mask", "L")
+    m = w > 0
     a = fg[..., 3:]
     assert np.abs(fg[..., :3] * a + bg * (1 - a) - bl).max() <= 1 / 255 + 1e-9  # blended = fg over bg
-    assert np.array_equal(m, ds.dilate(fg[..., 3] >= r["alpha_threshold"] - 1e-6, r["mask_radius"]))
+    region = ds.dilate(fg[..., 3] >= r["alpha_threshold"] - 1e-6, r["mask_radius"])
+    assert np.array_equal(m, region)
+    assert np.allclose(w, ds.feather_inside(region, r["mask_feather"]), atol=0.5 / 255)
     assert np.abs(bg - it)[~m].max() == 0  # outside the dilated mask: the intermediate
     assert np.abs(bg - it)[m].mean() > 0.01  # inside: repainted
     opaque = fg[..., 3] == 1
