@@ -1,0 +1,1093 @@
+"""train-vae: the latent-transparency encoder and the transparent decoder against a frozen VAE.
+
+One config object (`VAETrainConfig`, filled from a YAML recipe) and one
+visible loop (`train`), nanoGPT style. Per optimizer step, for each micro-batch:
+
+    rgba, padded                         <- data (pad_rgb, the inference padding)
+    mean, std = frozen_vae.encode((2c-1)*a)           (no grad)
+    offset    = E_a([a, padded])                       (trained)
+    latent    = mean + std * offset                    (the transparent latent, unscaled)
+    decoded   = frozen_vae.decode(latent)              (grad flows to the latent only)
+    pred      = D_a(clamp(decoded/2+0.5), latent)      [alpha, R, G, B] (trained)
+
+    loss = w_id * mse(decoded, (2c-1)*a)               identity: still decodes to the picture
+         + w_rec * l2(pred, [a, padded])               reconstruction
+         + w_adv * -PatchD(pred)                       after loss.disc_start steps
+    PatchD is trained on [a, padded] (real) vs pred (fake), hinge or BCE.
+
+Checkpoints (every `checkpoint_every` steps, at the end, and on Ctrl-C) are
+folders `OUT/checkpoints/step-NNNNNNN/` written under a temporary name and
+renamed: the two nets in the official file layout
+(`transparent_encoder.safetensors`, `transparent_decoder.safetensors`; EMA
+weights when EMA is on), `state.pt` (raw weights, discriminator, optimizers,
+EMA, RNG) and `state.json` (step, data position, config). Data order is a pure
+function of (seed, position), so the step counter is the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from layerctl.errors import JobFailed, LayerctlError
+
+OFFICIAL_DECODER_CHANNELS = (32, 32, 64, 128, 256, 512, 512)
+CKPT_DIR = "checkpoints"
+CKPT_RE = re.compile(r"^step-(\d+)$")
+ENCODER_FILE = "transparent_encoder.safetensors"
+DECODER_FILE = "transparent_decoder.safetensors"
+LOG_FILE = "log.jsonl"
+
+
+# ---------------------------------------------------------------- config
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticOptions(_Section):
+    """Restrict the procedural source (layerctl.training.synthetic); empty lists mean all."""
+
+    shapes: list[str] = Field(default_factory=list)
+    materials: list[str] = Field(default_factory=list)
+    colours: list[str] = Field(default_factory=list)
+    min_objects: int = 1
+    max_objects: int = 3
+
+    @model_validator(mode="after")
+    def _check(self):
+        from layerctl.training.synthetic import COLOURS, MATERIALS, SHAPES
+
+        for name, given, known in (("shapes", self.shapes, SHAPES), ("materials", self.materials, MATERIALS), ("colours", self.colours, COLOURS)):
+            bad = [g for g in given if g not in known]
+            if bad:
+                raise ValueError(f"unknown {name} {bad}; known: {', '.join(known)}")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError("need 1 <= min_objects <= max_objects")
+        return self
+
+
+class DataOptions(_Section):
+    source: str = Field("synthetic", description="'synthetic', or a folder of RGBA images / a Hugging Face imagefolder")
+    val_source: Optional[str] = Field(None, description="held-out folder (default: val split of an imagefolder, else val_count images held out)")
+    val_count: int = Field(16, ge=0, description="held-out images for validation")
+    resolution: int = 512
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+    vflip: bool = False
+    workers: int = Field(2, ge=0)
+    synthetic: SyntheticOptions = Field(default_factory=SyntheticOptions)
+
+    @field_validator("resolution")
+    @classmethod
+    def _res(cls, v):
+        if v <= 0 or v % 64:
+            raise ValueError(f"resolution must be a positive multiple of 64 (got {v})")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop(cls, v):
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1 (got {list(v)})")
+        return v
+
+
+class ModelOptions(_Section):
+    model: str = Field("tiny", description="the base model whose VAE stays frozen (a backend reference)")
+    init_encoder: Optional[str] = Field(None, description="start from these encoder weights (official layout)")
+    init_decoder: Optional[str] = Field(None, description="start from these decoder weights (official layout)")
+    decoder_channels: Optional[list[int]] = Field(None, description="decoder block widths (7 values); default: official")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _chans(cls, v):
+        if v is not None and (len(v) != 7 or any(c <= 0 or c % 4 for c in v)):
+            raise ValueError("decoder_channels needs 7 positive multiples of 4 (official: 32, 32, 64, 128, 256, 512, 512)")
+        return v
+
+
+class LossOptions(_Section):
+    identity_weight: float = Field(1.0, ge=0)
+    identity_target: Literal["premultiplied", "vae"] = Field(
+        "premultiplied",
+        description="premultiplied: the picture on grey, (2c-1)*a (the paper); vae: the frozen VAE's own decode of its mean",
+    )
+    recon_weight: float = Field(1.0, ge=0)
+    recon: Literal["l2", "l1"] = "l2"
+    alpha_weight: float = Field(1.0, ge=0, description="weight of the alpha channel in the reconstruction loss")
+    disc_weight: float = Field(0.01, ge=0)
+    disc_start: int = Field(2000, ge=0, description="steps before the adversarial term switches on")
+    disc_loss: Literal["hinge", "bce"] = "hinge"
+    disc_channels: int = Field(64, ge=4)
+    disc_layers: int = Field(3, ge=1, le=5)
+
+
+class OptimOptions(_Section):
+    lr_encoder: float = Field(1e-4, gt=0)
+    lr_decoder: float = Field(1e-4, gt=0)
+    lr_disc: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr as a fraction of the peak")
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+
+
+class EMAOptions(_Section):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
+class VAETrainConfig(_Section):
+    """Every knob of a train-vae run; a YAML recipe fills it (unknown keys are errors)."""
+
+    out_dir: str = "runs/train-vae"
+    seed: int = 0
+    steps: int = Field(10000, gt=0)
+    batch_size: int = Field(4, gt=0, description="per process, per micro-batch")
+    grad_accum: int = Field(1, gt=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype of the exported weight files (official: fp16)")
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+    val_every: int = Field(500, gt=0)
+    val_at_start: bool = Field(True, description="validate the starting weights (the baseline)")
+    val_batch_size: int = Field(4, gt=0)
+    val_tta: bool = Field(False, description="validate with the 8-way test-time augmentation (slower)")
+    log_every: int = Field(10, gt=0)
+    tensorboard: bool = False
+    model: ModelOptions = Field(default_factory=ModelOptions)
+    data: DataOptions = Field(default_factory=DataOptions)
+    loss: LossOptions = Field(default_factory=LossOptions)
+    optim: OptimOptions = Field(default_factory=OptimOptions)
+    ema: EMAOptions = Field(default_factory=EMAOptions)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _mp(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
+
+def load_config(path, overrides=()) -> VAETrainConfig:
+    from layerctl.yamlio import load_model_yaml
+
+    return load_model_yaml(path, VAETrainConfig, overrides=list(overrides))
+
+
+# ---------------------------------------------------------------- data (checked before any model loads)
+
+
+class DataPlan:
+    """The training stream and the held-out set, decided (and checked) before a model loads."""
+
+    def __init__(self, cfg: VAETrainConfig):
+        from layerctl.training import data as D
+
+        d = cfg.data
+        self.scan_notes: list[str] = []
+        if d.source == "synthetic":
+            from layerctl.training.synthetic import SyntheticSource
+
+            s = d.synthetic
+            opts = dict(shapes=s.shapes, materials=s.materials, colours=s.colours, min_objects=s.min_objects, max_objects=s.max_objects)
+            self.train = D.SyntheticStream(d.resolution, cfg.seed, True, SyntheticSource(seed=cfg.seed, **opts), hflip=d.hflip, vflip=d.vflip)
+            self.val = D.SyntheticStream(d.resolution, cfg.seed + 1, False, SyntheticSource(seed=cfg.seed + 1_000_003, **opts), length=d.val_count)
+            self.val_count = d.val_count
+            self.describe = f"synthetic (seed {cfg.seed}), {d.resolution}px"
+            if d.val_source:
+                self._folder_val(cfg, d.val_source)
+            return
+        train_dir, split_val = D.find_splits(d.source)
+        scan = D.scan_folder(train_dir, "dataset")
+        self.scan_notes.append(scan.summary())
+        records = scan.records
+        val_records: list = []
+        val_dir = d.val_source or (str(split_val) if split_val else None)
+        if val_dir is None:
+            records, val_records = D.split_holdout(records, d.val_count, cfg.seed)
+            if val_records:
+                self.scan_notes.append(f"held out {len(val_records)} of them for validation")
+        self.train = D.FolderStream(records, d.resolution, cfg.seed, True, d.crop_scale, hflip=d.hflip, vflip=d.vflip)
+        self.describe = f"{scan.root}: {len(records)} images, {d.resolution}px"
+        if val_dir is not None:
+            self._folder_val(cfg, val_dir)
+        else:
+            self.val = D.FolderStream(val_records, d.resolution, cfg.seed, False) if val_records else None
+            self.val_count = len(val_records)
+
+    def _folder_val(self, cfg, folder):
+        from layerctl.training import data as D
+
+        scan = D.scan_folder(folder, "validation")
+        self.scan_notes.append(scan.summary())
+        recs = scan.records[: cfg.data.val_count] if cfg.data.val_count else []
+        self.val = D.FolderStream(recs, cfg.data.resolution, cfg.seed, False) if recs else None
+        self.val_count = len(recs)
+
+
+# ---------------------------------------------------------------- the nets
+
+
+def encoder_input(rgba, padded):
+    """[alpha, padded RGB] (4 channels, alpha first) in [0,1] — what the offset encoder sees."""
+    import torch
+
+    return torch.cat([rgba[:, 3:4], padded], dim=1)
+
+
+def decoder_target(rgba, padded):
+    """[alpha, padded RGB]: what the transparent decoder should output."""
+    import torch
+
+    return torch.cat([rgba[:, 3:4], padded], dim=1)
+
+
+def frozen_decode(model, latent):
+    """The frozen VAE decoder with autograd on (its weights are frozen): unscaled latent -> [-1,1]."""
+    return model.vae.decode(latent.to(model.vae_dtype)).sample.float()
+
+
+def make_pair(encoder, decoder):
+    """One nn.Module holding both trained nets, so DDP / accelerate see a single model."""
+    import torch.nn as nn
+
+    from layerctl.transparent_vae import OFFSET_SCALE
+
+    class Pair(nn.Module):
+        def __init__(self, enc, dec):
+            super().__init__()
+            self.encoder = enc
+            self.decoder = dec
+
+        def forward(self, enc_in, mean, std, decode):
+            # the same as transparent_vae.encode_offset, with the padding already done by the loader
+            offset = self.encoder(enc_in) * OFFSET_SCALE
+            latent = mean + std * offset.float()
+            decoded = decode(latent)  # [-1,1]
+            pixels = (decoded / 2 + 0.5).clamp(0, 1)
+            pred = self.decoder(pixels, latent)  # [alpha, R, G, B], not clipped
+            return latent, decoded, pred
+
+    return Pair(encoder, decoder)
+
+
+def decoder_channels_of(state: dict) -> tuple[int, ...]:
+    """The block widths of a decoder state dict, or of {key: shape} (official: 32, 32, 64, 128, 256, 512, 512)."""
+    chans = []
+    i = 0
+    while f"down_blocks.{i}.resnets.0.conv1.weight" in state:
+        v = state[f"down_blocks.{i}.resnets.0.conv1.weight"]
+        chans.append(int(v.shape[0] if hasattr(v, "shape") else v[0]))
+        i += 1
+    return tuple(chans)
+
+
+def load_decoder_any(path, device="cpu", dtype=None):
+    """A transparent decoder file of any width (official layout or narrower), loaded strictly."""
+    import torch
+
+    from layerctl import transparent_vae as tv
+
+    dtype = dtype or torch.float32
+    chans = ()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.startswith("down_blocks.") and k.endswith("resnets.0.conv1.weight")}
+        chans = decoder_channels_of(shapes)
+    except Exception:  # noqa: BLE001 - let the official loader report what is wrong
+        chans = ()
+    if not chans or chans == tuple(tv.DECODER_BLOCK_OUT_CHANNELS):
+        return tv.load_decoder(path, device=device, dtype=dtype)
+    state = tv._read_safetensors(path, "LayerDiffuse transparent decoder")
+    with torch.device("meta"):
+        module = tv.TransparentDecoder(block_out_channels=chans)
+    tv._check_state(module.state_dict(), state, path, "LayerDiffuse transparent decoder")
+    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_nets(cfg: VAETrainConfig):
+    """Encoder and decoder: zero-initialised output layers (as the official nets) or loaded weights."""
+    import torch
+
+    from layerctl import transparent_vae as tv
+
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    if m.init_encoder:
+        enc = tv.load_encoder(_existing(m.init_encoder, "init_encoder"), device=torch.device("cpu"), dtype=torch.float32)
+    else:
+        enc = tv.new_encoder(seed=cfg.seed)
+    if m.init_decoder:
+        dec = load_decoder_any(_existing(m.init_decoder, "init_decoder"), device=torch.device("cpu"), dtype=torch.float32)
+    else:
+        chans = tuple(m.decoder_channels) if m.decoder_channels else OFFICIAL_DECODER_CHANNELS
+        dec = tv.new_decoder(seed=cfg.seed + 1, block_out_channels=chans)
+    return enc.float().train().requires_grad_(True), dec.float().train().requires_grad_(True)
+
+
+def _existing(path, what) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LayerctlError(f"model.{what}: file not found: {p}")
+    return str(p)
+
+
+def load_frozen_vae(ref: str, device):
+    """The base model with only its VAE kept (fp32, frozen, on `device`)."""
+    import torch
+
+    from layerctl.backend import load_model
+
+    m = load_model(ref, device="cpu", dtype="fp32")
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        if getattr(m.pipe, name, None) is not None:
+            try:
+                setattr(m.pipe, name, None)
+            except Exception:  # noqa: BLE001 - keep it; only memory is at stake
+                pass
+    vae = m.pipe.vae
+    vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    m.device = device
+    m.vae_dtype = torch.float32
+    return m
+
+
+# ---------------------------------------------------------------- learning-rate schedule, EMA
+
+
+def lr_factor(step: int, cfg: OptimOptions, total: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+class EMA:
+    """Exponential moving average of parameters (fp32 shadow copies)."""
+
+    def __init__(self, module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    def update(self, module) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, v in module.state_dict().items():
+                s = self.shadow[k]
+                if v.dtype.is_floating_point:
+                    s.mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+                else:
+                    s.copy_(v)
+
+    def copy_to(self, module) -> None:
+        current = module.state_dict()
+        module.load_state_dict({k: v.to(current[k].dtype) for k, v in self.shadow.items()})
+
+
+# ---------------------------------------------------------------- evaluation (validation and eval-vae)
+
+
+def evaluate(model, encoder, decoder, batches, tta: bool = False, device=None) -> dict:
+    """Alpha PSNR, composite RGB PSNR over 9 backgrounds and identity error of a pair of nets.
+
+    model: LoadedModel (frozen VAE). batches: iterable of collated dicts (rgba, padded).
+    """
+    import torch
+
+    from layerctl.training.metrics import MetricSums, batch_metrics
+    from layerctl.transparent_vae import decode_rgba, encode_offset
+
+    dev = device or next(decoder.parameters()).device
+    dt = next(decoder.parameters()).dtype
+    sums = MetricSums()
+    with torch.no_grad():
+        for batch in batches:
+            rgba = batch["rgba"].to(dev, torch.float32)
+            padded = batch["padded"].to(dev, torch.float32)
+            prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
+            mean, std = model.vae_encode(prem)
+            offset = encode_offset(encoder, rgba).float()  # the inference path (pads with pad_rgb_torch)
+            latent = mean + std * offset
+            decoded01 = model.vae_decode(latent)
+            plain01 = model.vae_decode(mean)
+            pred = decode_rgba(decoder, decoded01.to(dt), latent.to(dt), tta=tta).float()
+            sums.add(batch_metrics(pred, rgba, decoded01, plain01))
+    return sums.summary()
+
+
+def metrics_table(results: dict, title: str):
+    from rich.table import Table
+
+    from layerctl.training.metrics import BACKGROUNDS
+
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("alpha PSNR (dB)", f"{results['alpha_psnr']:.2f}")
+    t.add_row("RGB PSNR, 9 backgrounds (dB)", f"{results['rgb_psnr']:.2f}")
+    t.add_row("  " + " / ".join(BACKGROUNDS), " / ".join(f"{results[f'rgb_psnr_{b}']:.1f}" for b in BACKGROUNDS))
+    if "identity_psnr" in results:
+        t.add_row("identity PSNR, frozen decode vs picture (dB)", f"{results['identity_psnr']:.2f}")
+    if "identity_delta" in results:
+        t.add_row("identity change vs zero offset (MSE)", f"{results['identity_delta']:.2e}")
+    t.add_row("images", str(results["images"]))
+    return t
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    d = Path(out_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _save_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict, encoder, decoder, cfg: VAETrainConfig, extra: dict) -> Path:
+    """Write checkpoints/step-N/ under a temporary name, then rename; keep the last K."""
+    import torch
+
+    from layerctl.transparent_vae import save_module
+
+    root = Path(out_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        dt = _save_dtype(cfg.save_dtype)
+        save_module(encoder, tmp / ENCODER_FILE, dtype=dt, overwrite=True)
+        save_module(decoder, tmp / DECODER_FILE, dtype=dt, overwrite=True)
+        for name in (ENCODER_FILE, DECODER_FILE):
+            _usual_mode(tmp / name)
+        torch.save(state, tmp / "state.pt")
+        info = {"step": step, "config": cfg.model_dump(mode="json"), **extra}
+        (tmp / "state.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
+        if final.exists():
+            old = root / f".old-step-{step:07d}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _s, p in list_checkpoints(out_dir)[: -cfg.keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _usual_mode(path: Path) -> None:
+    """Temporary files are created 0600; give a finished file the mode a plain open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def _export_final(out_dir: Path, ckpt: Path) -> None:
+    """Copy the last checkpoint's weight files to OUT/ (atomically), the files a user picks up."""
+    for name in (ENCODER_FILE, DECODER_FILE):
+        tmp = Path(out_dir) / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(ckpt / name, tmp)
+        os.replace(tmp, Path(out_dir) / name)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    st = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()[1]), "numpy_seed": int(np.random.get_state()[1][0])}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+
+    import torch
+
+    torch.set_rng_state(st["torch"])
+    state = tuple(json.loads(st["python"]))
+    random.setstate((3, state, None))
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except Exception:  # noqa: BLE001 - another GPU count: not fatal
+            pass
+
+
+# ---------------------------------------------------------------- the log
+
+
+class RunLog:
+    """Appends JSON lines to OUT/log.jsonl (and TensorBoard when asked). On resume, drops lines after the step."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int]):
+        self.path = Path(out_dir) / LOG_FILE
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if row.get("step", 0) <= resume_step:
+                    keep.append(line)
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, self.path)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:  # noqa: BLE001
+                raise LayerctlError("tensorboard: true needs the tensorboard package (pip install 'layerctl[tensorboard]')") from None
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.tb is not None:
+            prefix = "val/" if row.get("kind") == "val" else "train/"
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind"):
+                    self.tb.add_scalar(prefix + k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(out_dir, kind: str = "train") -> list[dict]:
+    p = Path(out_dir) / LOG_FILE
+    if not p.exists():
+        return []
+    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: abort at once."""
+
+    def __init__(self, console=None):
+        self.stop = False
+        self.console = console
+        self._old = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        if self.console is not None:
+            self.console.print("[yellow]Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts)[/]")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _mixed_precision(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def train(
+    cfg: VAETrainConfig,
+    resume: bool = False,
+    resume_from: Optional[str] = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stop_after: Optional[int] = None,
+) -> dict:
+    """Run (or resume) a train-vae job. Returns a summary dict (steps, last metrics, paths, skipped files).
+
+    `stop_after`: behave as if Ctrl-C came right after that step (tests, smoke runs).
+    """
+    from rich.console import Console
+
+    out_dir = Path(cfg.out_dir).expanduser()
+    console = Console(stderr=True, highlight=False, quiet=quiet)
+
+    # -- everything a user can get wrong, before any model loads
+    ckpts = list_checkpoints(out_dir)
+    ckpt_path: Optional[Path] = None
+    if resume_from:
+        ckpt_path = Path(resume_from).expanduser()
+        if not (ckpt_path / "state.json").is_file():
+            raise LayerctlError(f"--resume-from {ckpt_path}: not a train-vae checkpoint folder (no state.json)")
+    elif resume:
+        if not ckpts:
+            raise LayerctlError(f"--resume: no checkpoint in {out_dir / CKPT_DIR} to resume from")
+        ckpt_path = ckpts[-1][1]
+    elif ckpts or (out_dir / LOG_FILE).exists():
+        if not overwrite:
+            raise LayerctlError(f"{out_dir} already holds a run (use --resume to continue it, or --overwrite to start over)")
+        shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
+    plan = DataPlan(cfg)
+    for note in plan.scan_notes:
+        console.print(f"data: {note}")
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from layerctl.training import data as D
+    from layerctl.training import losses as L
+    from layerctl.transparent_vae import decode_rgba  # noqa: F401 - fail early if missing
+
+    mp = _mixed_precision(cfg.mixed_precision)
+    cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    main = accelerator.is_main_process
+    if not main:
+        console.quiet = True
+    device = accelerator.device
+    set_seed(cfg.seed)
+
+    model = load_frozen_vae(cfg.model.model, device)
+    encoder, decoder = build_nets(cfg)
+    pair = make_pair(encoder, decoder)
+    torch.manual_seed(cfg.seed + 2)
+    disc = L.PatchDiscriminator(4, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    o = cfg.optim
+    opt_g = torch.optim.AdamW(
+        [
+            {"params": list(pair.encoder.parameters()), "lr": o.lr_encoder, "base_lr": o.lr_encoder},
+            {"params": list(pair.decoder.parameters()), "lr": o.lr_decoder, "base_lr": o.lr_decoder},
+        ],
+        betas=o.betas,
+        weight_decay=o.weight_decay,
+    )
+    opt_d = torch.optim.AdamW([{"params": list(disc.parameters()), "lr": o.lr_disc, "base_lr": o.lr_disc}], betas=o.betas, weight_decay=o.weight_decay)
+    ema = EMA(pair, cfg.ema.decay) if cfg.ema.enabled else None
+
+    start_step = 0
+    bad_files: set[str] = set()
+    if ckpt_path is not None:
+        st = torch.load(ckpt_path / "state.pt", map_location="cpu", weights_only=True)
+        info = json.loads((ckpt_path / "state.json").read_text())
+        pair.load_state_dict(st["pair"])
+        disc.load_state_dict(st["disc"])
+        opt_g.load_state_dict(st["opt_g"])
+        opt_d.load_state_dict(st["opt_d"])
+        if ema is not None and st.get("ema") is not None:
+            ema.shadow = {k: v.float() for k, v in st["ema"].items()}
+        _set_rng_state(st["rng"])
+        start_step = int(info["step"])
+        bad_files = set(info.get("bad_files", []))
+        console.print(f"resuming from {ckpt_path} (step {start_step})")
+        if start_step >= cfg.steps:
+            console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
+
+    pair, disc, opt_g, opt_d = accelerator.prepare(pair, disc, opt_g, opt_d)
+    raw_pair = accelerator.unwrap_model(pair)
+    raw_disc = accelerator.unwrap_model(disc)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    loader = D.make_loader(
+        plan.train, cfg.batch_size, start=start_step * cfg.grad_accum, rank=rank, world=world, workers=cfg.data.workers
+    )
+    batches = iter(loader)
+    log = RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+
+    def decode_fn(latent):
+        return frozen_decode(model, latent)
+
+    def validate(step: int) -> Optional[dict]:
+        if plan.val is None or not plan.val_count:
+            return None
+        if main:
+            enc, dec = raw_pair.encoder, raw_pair.decoder
+            backup = None
+            if ema is not None:
+                backup = {k: v.detach().clone() for k, v in raw_pair.state_dict().items()}
+                ema.copy_to(raw_pair)
+            raw_pair.eval()
+            with accelerator.autocast():
+                res = evaluate(model, enc, dec, D.fixed_batches(plan.val, plan.val_count, cfg.val_batch_size), tta=cfg.val_tta, device=device)
+            raw_pair.train()
+            if backup is not None:
+                raw_pair.load_state_dict(backup)
+            log.write({"kind": "val", "step": step, **res})
+            console.print(metrics_table(res, f"validation at step {step} ({res['images']} held-out images)"))
+        else:
+            res = None
+        accelerator.wait_for_everyone()
+        return res
+
+    def checkpoint(step: int) -> Optional[Path]:
+        path = None
+        if main:
+            state = {
+                "pair": {k: v.detach().clone() for k, v in raw_pair.state_dict().items()},  # raw (not EMA) weights
+                "disc": raw_disc.state_dict(),
+                "opt_g": opt_g.optimizer.state_dict() if hasattr(opt_g, "optimizer") else opt_g.state_dict(),
+                "opt_d": opt_d.optimizer.state_dict() if hasattr(opt_d, "optimizer") else opt_d.state_dict(),
+                "ema": ema.shadow if ema is not None else None,
+                "rng": _rng_state(),
+            }
+            backup = None
+            if ema is not None:  # the exported files hold the EMA weights
+                backup = state["pair"]
+                ema.copy_to(raw_pair)
+            extra = {
+                "data_position": step * cfg.grad_accum * cfg.batch_size * world,
+                "micro_batch": step * cfg.grad_accum,
+                "world_size": world,
+                "schedule": {"kind": cfg.optim.schedule, "factor": lr_factor(max(step - 1, 0), cfg.optim, cfg.steps)},
+                "bad_files": sorted(bad_files),
+                "ema": ema is not None,
+            }
+            try:
+                path = save_checkpoint(out_dir, step, state, raw_pair.encoder, raw_pair.decoder, cfg, extra)
+            finally:
+                if backup is not None:
+                    raw_pair.load_state_dict(backup)
+            _export_final(out_dir, path)
+        accelerator.wait_for_everyone()
+        return path
+
+    summary: dict[str, Any] = {"out_dir": str(out_dir), "start_step": start_step, "baseline": None, "last_val": None}
+    if ckpt_path is None and cfg.val_at_start:
+        summary["baseline"] = validate(0)
+
+    step = start_step
+    last_ckpt_step = start_step if ckpt_path is not None else None
+    last_ckpt = ckpt_path
+    t_start = time.time()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("train-vae"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not main or quiet,
+        transient=False,
+    )
+    status = "completed"
+    g_unwrapped_disc = raw_disc
+    with StopFlag(console if main else None) as stop, progress:
+        task = progress.add_task("train", total=cfg.steps, completed=step, rate="", loss="")
+        rate_t0, rate_n = time.time(), 0
+        while step < cfg.steps:
+            use_adv = cfg.loss.disc_weight > 0 and step >= cfg.loss.disc_start
+            factor = lr_factor(step, cfg.optim, cfg.steps)
+            for opt in (opt_g, opt_d):
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+            sums = {"loss": 0.0, "identity": 0.0, "recon": 0.0, "adv": 0.0, "disc": 0.0}
+            for _micro in range(cfg.grad_accum):
+                try:
+                    batch = next(batches)
+                except Exception:
+                    if stop.stop:  # a DataLoader worker died from the same Ctrl-C
+                        break
+                    raise
+                bad_files.update(batch["bad"])
+                rgba = batch["rgba"].to(device)
+                padded = batch["padded"].to(device)
+                prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
+                with accelerator.accumulate(pair, disc):
+                    with accelerator.autocast():
+                        mean, std = model.vae_encode(prem)
+                        if cfg.loss.identity_target == "vae":
+                            with torch.no_grad():
+                                id_target = frozen_decode(model, mean)
+                        else:
+                            id_target = prem
+                        latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn)
+                        target = decoder_target(rgba, padded)
+                        l_id = L.identity_loss(decoded, id_target)
+                        l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
+                        loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
+                        if use_adv:
+                            g_unwrapped_disc.requires_grad_(False)
+                            l_adv = L.g_loss(g_unwrapped_disc(L.to_disc_input(pred.float())), cfg.loss.disc_loss)
+                            g_unwrapped_disc.requires_grad_(True)
+                            loss = loss + cfg.loss.disc_weight * l_adv
+                        else:
+                            l_adv = torch.zeros((), device=device)
+                    accelerator.backward(loss / 1.0)
+                    if use_adv:
+                        with accelerator.autocast():
+                            logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
+                            n = target.shape[0]
+                            l_d = L.d_loss(logits[:n], logits[n:], cfg.loss.disc_loss)
+                        accelerator.backward(l_d)
+                    else:
+                        l_d = torch.zeros((), device=device)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
+                        if use_adv:
+                            accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
+                    opt_g.step()
+                    opt_g.zero_grad(set_to_none=True)
+                    if use_adv:
+                        opt_d.step()
+                        opt_d.zero_grad(set_to_none=True)
+                vals = torch.stack([loss.detach().float(), l_id.detach().float(), l_rec.detach().float(), l_adv.detach().float(), l_d.detach().float()])
+                vals = accelerator.reduce(vals, "mean")
+                for k, v in zip(sums, vals.tolist()):
+                    sums[k] += v / cfg.grad_accum
+            else:
+                # all micro-batches done: one optimizer step was taken
+                if not math.isfinite(sums["loss"]):
+                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else " (no checkpoint was written yet)"
+                    raise JobFailed(f"the loss became {sums['loss']} at step {step + 1}: training stopped{where}")
+                if ema is not None:
+                    ema.update(raw_pair)
+                step += 1
+                rate_n += 1
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.time()
+                    row = {"kind": "train", "step": step, "lr_factor": factor, **{k: v for k, v in sums.items()}}
+                    row["steps_per_s"] = rate_n / max(now - rate_t0, 1e-9)
+                    log.write(row)
+                    progress.update(task, rate=f"{row['steps_per_s']:.2f} step/s", loss=f"loss {sums['loss']:.4f}")
+                    if not sys.stderr.isatty() and main and not quiet:
+                        console.print(
+                            f"step {step}/{cfg.steps} loss {sums['loss']:.4f} (id {sums['identity']:.4f} rec {sums['recon']:.4f}"
+                            + (f" adv {sums['adv']:.3f} d {sums['disc']:.3f}" if use_adv else "")
+                            + f") {row['steps_per_s']:.2f} step/s"
+                        )
+                    rate_t0, rate_n = now, 0
+                progress.update(task, completed=step)
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    summary["last_val"] = validate(step)
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    last_ckpt = checkpoint(step)
+                    last_ckpt_step = step
+                if stop_after is not None and step >= stop_after:
+                    stop.stop = True
+                if stop.stop:
+                    status = "interrupted"
+                    break
+                continue
+            status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
+            break
+    if status == "interrupted" and last_ckpt_step != step:
+        last_ckpt = checkpoint(step)
+        last_ckpt_step = step
+        console.print(f"stopped at step {step}; checkpoint written: {last_ckpt} (continue with --resume)")
+    log.close()
+    elapsed = time.time() - t_start
+    summary.update(
+        status=status,
+        steps=step,
+        checkpoint=str(last_ckpt) if last_ckpt else None,
+        encoder=str(out_dir / ENCODER_FILE),
+        decoder=str(out_dir / DECODER_FILE),
+        skipped_files=sorted(bad_files),
+        seconds=elapsed,
+        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else None,
+    )
+    if bad_files and main:
+        console.print(f"[yellow]{len(bad_files)} unreadable image(s) were skipped[/]: " + ", ".join(sorted(bad_files)[:5]) + (" ..." if len(bad_files) > 5 else ""))
+    accelerator.end_training()
+    return summary
+
+
+# ---------------------------------------------------------------- eval-vae
+
+
+def _eval_batches(records, resolution: Optional[int], batch_size: int, skipped: list):
+    """Collated batches of held-out images: centre crop (to `resolution`, or to multiples of 64)."""
+    from layerctl.imagemath import pad_rgb
+    from layerctl.training import data as D
+
+    import torch
+
+    pending: list[dict] = []
+    for rec in records:
+        try:
+            rgba = D.load_rgba(rec.path)
+        except Exception:  # noqa: BLE001
+            skipped.append(str(rec.path))
+            continue
+        h, w = rgba.shape[:2]
+        if resolution:
+            rgba = D.crop_resize(rgba, D.centre_box(h, w), resolution)
+        else:
+            hh, ww = h // 64 * 64, w // 64 * 64
+            if hh == 0 or ww == 0:
+                skipped.append(f"{rec.path} (smaller than 64 px)")
+                continue
+            t, l = (h - hh) // 2, (w - ww) // 2
+            rgba = rgba[t : t + hh, l : l + ww]
+        rgba = rgba.astype("float32")
+        item = {
+            "rgba": torch.from_numpy(rgba.copy()).permute(2, 0, 1),
+            "padded": torch.from_numpy(pad_rgb(rgba)).permute(2, 0, 1),
+            "caption": rec.caption or "",
+            "bad": [],
+        }
+        if pending and pending[0]["rgba"].shape != item["rgba"].shape:
+            yield D.collate(pending)
+            pending = []
+        pending.append(item)
+        if len(pending) >= batch_size:
+            yield D.collate(pending)
+            pending = []
+    if pending:
+        yield D.collate(pending)
+
+
+def _load_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
+    import torch
+
+    from layerctl import transparent_vae as tv
+    from layerctl.weights import check_file, find_official, tiny_decoder, tiny_encoder
+
+    if path:
+        src = check_file(path, f"transparent {kind}")
+        load = load_decoder_any if kind == "decoder" else tv.load_encoder
+        return load(src, device=device, dtype=torch.float32).eval(), str(src)
+    if getattr(model, "tiny", False):
+        net = tiny_decoder() if kind == "decoder" else tiny_encoder()
+        return net.to(device, torch.float32).eval(), f"tiny-{kind} (random stand-in)"
+    if kind not in model.official:
+        raise LayerctlError(f"the {model.backend} backend has no official transparent {kind}; pass --transparent-{kind}")
+    src = find_official([model.official[kind]], weights_dir)[0]
+    load = tv.load_decoder if kind == "decoder" else tv.load_encoder
+    return load(src, device=device, dtype=torch.float32).eval(), str(src)
+
+
+def run_eval(
+    images: str,
+    decoder: Optional[str] = None,
+    encoder: Optional[str] = None,
+    model_ref: str = "tiny",
+    weights_dir: Optional[str] = None,
+    resolution: Optional[int] = None,
+    limit: Optional[int] = None,
+    count: int = 16,
+    seed: int = 1_000_003,
+    tta: bool = False,
+    batch_size: int = 4,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict:
+    """eval-vae: the validation metrics for any weights on any folder (or the synthetic source)."""
+    from rich.console import Console
+
+    from layerctl.training import data as D
+    from layerctl.weights import check_file
+
+    console = Console(stderr=True, highlight=False, quiet=quiet)
+    skipped: list[str] = []
+    # checks first: images, weight files
+    if images == "synthetic":
+        from layerctl.training.synthetic import SyntheticSource
+
+        res = resolution or 256
+        stream = D.SyntheticStream(res, seed, False, SyntheticSource(seed=seed), length=count)
+        batches_fn = lambda: D.fixed_batches(stream, count, batch_size)  # noqa: E731
+        source = f"synthetic (seed {seed}, {count} images, {res}px)"
+    else:
+        scan = D.scan_folder(images, "images")
+        console.print(f"data: {scan.summary()}")
+        records = scan.records[:limit] if limit else scan.records
+        skipped.extend(str(p) for p in scan.unreadable)
+        batches_fn = lambda: _eval_batches(records, resolution, batch_size if resolution else 1, skipped)  # noqa: E731
+        source = f"{scan.root} ({len(records)} images" + (f", {resolution}px)" if resolution else ", own sizes)")
+    for p, what in ((decoder, "transparent decoder"), (encoder, "transparent encoder")):
+        if p:
+            check_file(p, what)
+
+    from layerctl.backend import resolve_device
+
+    dev = resolve_device(device)
+    model = load_frozen_vae(model_ref, dev)
+    dec, dec_name = _load_net("decoder", decoder, model, weights_dir, dev)
+    enc, enc_name = _load_net("encoder", encoder, model, weights_dir, dev)
+    t0 = time.time()
+    metrics = evaluate(model, enc, dec, batches_fn(), tta=tta, device=dev)
+    if not metrics["images"]:
+        raise JobFailed(f"no image could be evaluated ({len(skipped)} unreadable)")
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} image(s) skipped[/]: " + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return {
+        "metrics": metrics,
+        "images_source": source,
+        "model": model_ref,
+        "decoder": dec_name,
+        "encoder": enc_name,
+        "tta": tta,
+        "skipped": skipped,
+        "seconds": time.time() - t0,
+    }
