@@ -73,6 +73,10 @@ def gen(
     fg_prompt: Optional[str] = typer.Option(None, "--fg-prompt", help="Foreground prompt (with --bg or --joint)."),
     bg_prompt: Optional[str] = typer.Option(None, "--bg-prompt", help="Background prompt (with --fg or --joint)."),
     joint: bool = typer.Option(False, "--joint", help="Foreground, background and blended in one run."),
+    prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The main prompt (same as the PROMPT argument)."),
+    fg_name: Optional[str] = typer.Option(None, "--fg-name", help="Layer modes: file name of the foreground (fg.png)."),
+    bg_name: Optional[str] = typer.Option(None, "--bg-name", help="Layer modes: file name of the background (bg.png)."),
+    blended_name: Optional[str] = typer.Option(None, "--blended-name", help="Layer modes: file name of the blended picture (blended.png)."),
     resize: str = typer.Option("crop", "--resize", help="Fit conditioning images: crop, fit or stretch."),
     stop_at: float = typer.Option(1.0, "--stop-at", help="Fraction of steps using the SDXL conditional weights."),
     weight: float = typer.Option(1.0, "--weight", help="Strength of the layer weights."),
@@ -101,6 +105,10 @@ def gen(
     from layerctl.api import Session
     from layerctl.requests import GenRequest
 
+    if prompt_opt is not None:
+        if prompt is not None and prompt != prompt_opt:
+            raise LayerctlError("give the prompt once: as the PROMPT argument or with --prompt")
+        prompt = prompt_opt
     values = dict(
         prompt=prompt, out=out, out_dir=out_dir, model=model, weights_dir=weights_dir,
         transparent_decoder=transparent_decoder, transparent_encoder=transparent_encoder,
@@ -110,6 +118,7 @@ def gen(
         strength=strength, mask=mask, hires=hires, hires_strength=hires_strength, controlnet=controlnet or [],
         control_image=control_image or [], control_scale=control_scale or [], preview=preview, psd=psd,
         device=device, dtype=dtype, attention=attention, tta=not no_tta, overwrite=overwrite,
+        fg_name=fg_name, bg_name=bg_name, blended_name=blended_name,
     )
     if prompts_file:
         if prompt:
