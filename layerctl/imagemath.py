@@ -14,6 +14,7 @@ order as OpenCV does, so the result matches the official fixtures to ~1e-7.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -116,6 +117,7 @@ def _scale(src: int, dst: int) -> float:
     return 1.0 / (dst / src)  # OpenCV: scale = 1 / inv_scale, inv_scale = dst / src
 
 
+@functools.lru_cache(maxsize=512)
 def _area_table(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     """INTER_AREA (shrinking) weights for one axis: (index, weight) lists, zero-padded."""
     scale = _scale(src, dst)
@@ -145,6 +147,7 @@ def _area_table(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, wts
 
 
+@functools.lru_cache(maxsize=512)
 def _lerp_table(src: int, dst: int, generic: bool, vertical: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """INTER_LINEAR along one axis: left index, right index, float32 t.
 
@@ -194,56 +197,55 @@ def _fma_lerp_np(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 class _Ops:
-    """The few array operations the resizes need, for numpy or torch."""
+    """The few array operations the resizes need, for numpy or torch.
+
+    `axis` is -1 (W) or -2 (H); per-position weights broadcast along that axis.
+    """
 
     def __init__(self, torch_module=None, device=None):
         self.torch = torch_module
         self.device = device
 
-    def const(self, arr):
+    def const(self, arr, axis: int = -1):
+        arr = np.asarray(arr)
+        if arr.ndim == 1 and axis == -2:
+            arr = arr[:, None]
         if self.torch is None:
             return arr
         return self.torch.as_tensor(arr, device=self.device)
 
-    def take(self, x, idx):  # along the last axis
+    def take(self, x, idx, axis: int):
         if self.torch is None:
-            return np.take(x, idx, axis=-1)
-        return self.torch.index_select(x, x.ndim - 1, self.const(idx))
+            return np.take(x, idx, axis=axis)
+        i = self.torch.as_tensor(idx, device=self.device)
+        return x[..., i] if axis == -1 else x[..., i, :]
 
-    def swap(self, x):  # the last two axes
+    def fma_lerp(self, a, b, t, axis: int):
         if self.torch is None:
-            return np.swapaxes(x, -1, -2)
-        return x.transpose(-1, -2)
-
-    def fma_lerp(self, a, b, t):
-        if self.torch is None:
-            return _fma_lerp_np(a, b, t)
+            return _fma_lerp_np(a, b, self.const(t, axis))
         torch = self.torch
-        t = self.const(t)
+        t = self.const(t, axis)
         if a.device.type == "mps":  # no float64 there: plain float32, within an ulp
             return a + (b - a) * t
         # the float64 product is exact, so this rounds like a fused multiply-add (ties aside)
         return (a.double() + (b - a).double() * t.double()).to(torch.float32)
 
 
-def _weighted_sum_last(x, idx, wts, ops: _Ops):
+def _area_axis(x, src: int, dst: int, axis: int, ops: _Ops):
+    idx, wts = _area_table(src, dst)
     out = None
     for k in range(idx.shape[1]):
-        term = ops.take(x, idx[:, k]) * ops.const(wts[:, k])
+        term = ops.take(x, idx[:, k], axis) * ops.const(wts[:, k], axis)
         out = term if out is None else out + term
     return out
 
 
-def _area_last(x, src: int, dst: int, ops: _Ops):
-    return _weighted_sum_last(x, *_area_table(src, dst), ops)
-
-
-def _linear_last(x, src: int, dst: int, generic: bool, vertical: bool, ops: _Ops):
-    left, right, t = _lerp_table(src, dst, generic, vertical)
-    a, b = ops.take(x, left), ops.take(x, right)
+def _linear_axis(x, src: int, dst: int, generic: bool, axis: int, ops: _Ops):
+    left, right, t = _lerp_table(src, dst, generic, axis == -2)
+    a, b = ops.take(x, left, axis), ops.take(x, right, axis)
     if generic:
-        return a * ops.const(np.float32(1.0) - t) + b * ops.const(t)
-    return ops.fma_lerp(a, b, t)
+        return a * ops.const(np.float32(1.0) - t, axis) + b * ops.const(t, axis)
+    return ops.fma_lerp(a, b, t, axis)
 
 
 def _resize(x, src_hw, dst_hw, kind: str, ops: _Ops):
@@ -257,11 +259,11 @@ def _resize(x, src_hw, dst_hw, kind: str, ops: _Ops):
             s = s + x[..., 1:2, 0:1]
             s = s + x[..., 1:2, 1:2]
             return s * ops.const(np.float32(0.25))
-        x = _area_last(x, sw, dw, ops)
-        return ops.swap(_area_last(ops.swap(x), sh, dh, ops))
+        x = _area_axis(x, sw, dw, -1, ops)
+        return _area_axis(x, sh, dh, -2, ops)
     generic = min(sh, sw) == 1
-    x = _linear_last(x, sw, dw, generic, False, ops)
-    return ops.swap(_linear_last(ops.swap(x), sh, dh, generic, True, ops))
+    x = _linear_axis(x, sw, dw, generic, -1, ops)
+    return _linear_axis(x, sh, dh, generic, -2, ops)
 
 
 def _pyramid_sizes(h: int, w: int) -> list[tuple[int, int]]:
