@@ -307,7 +307,12 @@ def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
     all_paths = [p for paths in per_role.values() for p in paths]
     if len(set(all_paths)) != len(all_paths):
         raise LayerctlError("the layer file names collide (give --fg-name/--bg-name/--blended-name different names)")
-    check_outputs(all_paths, req.overwrite)
+    previews = []
+    if getattr(req, "preview", False) and "fg" in per_role:  # write_images adds NAME.preview.png for RGBA
+        previews = [p.with_name(p.stem + ".preview.png") for p in per_role["fg"]]
+    if len(set(all_paths + previews)) != len(all_paths) + len(previews):
+        raise LayerctlError("a layer file name collides with the foreground's .preview.png")
+    check_outputs(all_paths + previews, req.overwrite)
     job.paths = [{role: per_role[role][i] for role in job.produce} for i in range(job.n)]
     if getattr(req, "psd", None):
         psds = expand_out(req.psd, job.n, job.seeds, prompt)
@@ -467,6 +472,8 @@ def _stale(active) -> None:
 
 
 def _run_sd15(session, job: LayerJob) -> dict:
+    import torch
+
     from layerctl.layers import make_cond_mark, repeat_frames
     from layerctl.pipeline import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
     from layerctl.progress import log, steps_bar
@@ -519,6 +526,9 @@ def _run_sd15(session, job: LayerJob) -> dict:
             patcher.remove()  # hand over to the plain UNet (the official "stop at")
             _stale(active)
 
+    enc = patcher.kwargs_encoder
+    if enc is not None and next(enc.parameters()).dtype != torch.float32:
+        enc.float()  # the control encoder runs in float32 (as set_control feeds it), whatever the units' dtype
     try:
         patcher.set_cond_mark(make_cond_mark(groups, F))
         patcher.set_prompt_overrides(overrides)
