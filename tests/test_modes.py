@@ -368,3 +368,19 @@ def test_existing_output_is_not_overwritten(imgs, tmp_path):
                               "--out-dir", tmp_path, "--steps", "1")
     assert code == 2 and "--overwrite" in stderr
     assert (tmp_path / "fg.png").read_bytes() == b"keep" and not (tmp_path / "blended.png").exists()
+
+
+def test_sdxl_layer_weights_with_wrong_input_channels(imgs, tmp_path, session):
+    """decompose --bg needs a 12-channel conv_in (bgble2fg); an 8-channel file (bg2ble layout) is refused."""
+    from layerctl.patches import write_patch
+    from layerctl.weights import tiny_patch
+
+    model = session.model(_gen_req(model="tiny-xl"))
+    session.clear_weights(model)
+    write_patch(tiny_patch(model, "bg2ble"), tmp_path / "bg2ble.safetensors")
+    out = tmp_path / "out"
+    req = _dec_req(model="tiny-xl", image=str(imgs / "pic.png"), bg=str(imgs / "bg.png"), out_dir=str(out),
+                   layer_weights=str(tmp_path / "bg2ble.safetensors"))
+    with pytest.raises(LayerctlError, match=r"8 input channels; 'bgble2fg' needs 12"):
+        session.decompose(req)
+    assert not out.exists() or not any(out.iterdir())
