@@ -32,7 +32,7 @@ from layerctl.compose import Layer, as_float, check_side, composite_layers
 from layerctl.errors import LayerctlError
 from layerctl.imagemath import to_uint8
 
-__all__ = ["Layer", "PsdDocument", "write_psd", "read_psd", "open_psd", "flatten"]
+__all__ = ["Layer", "PsdDocument", "write_psd", "write_role_psd", "read_psd", "open_psd", "flatten"]
 
 LayerInput = Union[Layer, tuple]
 
@@ -176,6 +176,21 @@ def write_psd(
             record.write(f)
 
     return atomic_write(path, write, overwrite=overwrite, suffix=".psd")
+
+
+ROLE_ORDER = ("background", "blended", "foreground")
+
+
+def write_role_psd(path, roles: dict, overwrite: bool = False) -> Path:
+    """`gen`/`decompose --psd`: one PSD whose layers are named by role, all at (0, 0).
+
+    roles maps a role name to HxWx4 (or HxWx3) pixels; "background", "blended", "foreground"
+    go bottom -> top in that order, any other role (e.g. "transparent" for the single RGBA
+    of plain `gen`) follows in the dict's order. The canvas is the first layer's size.
+    """
+    ordered = [r for r in ROLE_ORDER if r in roles] + [r for r in roles if r not in ROLE_ORDER]
+    layers = [(role, roles[role], (0, 0)) for role in ordered if roles[role] is not None]
+    return write_psd(path, layers, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- reading

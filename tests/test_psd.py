@@ -331,3 +331,14 @@ def test_imagemagick_reads_the_same_layers(tmp_path, stack):
     ).stdout.split("\n")
     offsets = [tuple(int(v) for v in line.split()) for line in geo if line.strip()][1:]
     assert offsets == [xy for _, _, xy in stack]
+
+
+def test_role_psd_orders_layers_bottom_to_top(tmp_path):
+    rng = np.random.default_rng(11)
+    fg, bg, bl = (rng.integers(0, 256, (8, 8, 4), dtype=np.uint8) for _ in range(3))
+    out = lpsd.write_role_psd(tmp_path / "r.psd", {"foreground": fg, "background": bg[..., :3], "blended": bl[..., :3]})
+    layers = lpsd.read_psd(out)
+    assert [layer.name for layer in layers] == ["background", "blended", "foreground"]
+    assert np.array_equal(layers[2].pixels[..., 3], fg[..., 3])
+    single = lpsd.read_psd(lpsd.write_role_psd(tmp_path / "t.psd", {"transparent": fg}))
+    assert [layer.name for layer in single] == ["transparent"]

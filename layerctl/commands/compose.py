@@ -25,12 +25,12 @@ def _safe_filename(name: str) -> str:
 def compose(
     inputs: List[str] = typer.Argument(
         ...,
-        metavar="LAYER...",
+        metavar="LAYER",
         help="Layers bottom -> top: image files (PNG/WebP/JPEG/TIFF/PSD; a PSD adds its layers) "
         "or a YAML layer stack.",
         show_default=False,
     ),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output file: .png (flattened) or .psd (layered)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="OUT", help="Output file: .png (flattened) or .psd (layered)."),
     at: List[str] = typer.Option([], "--at", metavar="NAME=X,Y", help="Put layer NAME's top-left corner at X,Y."),
     scale: List[str] = typer.Option([], "--scale", metavar="NAME=F", help="Resize layer NAME by factor F."),
     opacity: List[str] = typer.Option([], "--opacity", metavar="NAME=F", help="Layer NAME's opacity, 0..1."),
