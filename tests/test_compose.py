@@ -308,3 +308,11 @@ def test_psd_input_in_a_yaml_stack_keeps_its_groups(tmp_path):
     doc = psd_flatten(tmp_path / "g.psd").astype(float) / 255
     want = doc[..., :3] * (0.5 * doc[..., 3:]) + 1.0 * (1 - 0.5 * doc[..., 3:])
     assert np.abs(got[..., :3] - want * 255).max() <= 1.0
+
+
+def test_failed_command_creates_no_folders(files):
+    run_cli(["compose", str(files / "bg.png"), "--at", "nope=1,1", "--out", str(files / "new" / "o.png")], expect=2)
+    run_cli(["compose", str(files / "bg.png"), "--at", "nope=1,1", "--extract", str(files / "ex")], expect=2)
+    assert not (files / "new").exists() and not (files / "ex").exists()
+    run_cli(["compose", str(files / "bg.png"), "--out", str(files / "new" / "o.png")])
+    assert (files / "new" / "o.png").exists()

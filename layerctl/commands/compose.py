@@ -22,6 +22,19 @@ def _safe_filename(name: str) -> str:
     return s[:80] or "layer"
 
 
+def _check_target(path: Path, overwrite: bool) -> None:
+    """Early output check that creates nothing (the writers create folders when they write)."""
+    from layerctl.errors import LayerctlError
+
+    if path.exists() and not overwrite:
+        raise LayerctlError(f"{path} exists (use --overwrite to replace it)")
+    if path.exists() and path.is_dir():
+        raise LayerctlError(f"{path} is a folder")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise LayerctlError(f"cannot write {path}: {parent} is not a folder")
+
+
 def compose(
     inputs: List[str] = typer.Argument(
         ...,
@@ -61,7 +74,6 @@ def compose(
         read_stack_yaml,
     )
     from layerctl.errors import LayerctlError
-    from layerctl.imageio import check_writable
 
     # 1. Everything that can be checked before reading a pixel.
     if out is None and not list_layers and extract is None:
@@ -95,7 +107,7 @@ def compose(
             raise LayerctlError(
                 f"cannot write {out_path.suffix or 'files without an extension'!s}: --out must end in .png or .psd"
             )
-        check_writable(out_path, overwrite)
+        _check_target(out_path, overwrite)
     if canvas is None and yaml_size is not None:
         canvas = (int(yaml_size[0]), int(yaml_size[1]))
         check_side("canvas size", canvas[0], canvas[1], force)
@@ -119,7 +131,7 @@ def compose(
             raise LayerctlError(f"--extract {folder}: exists and is not a folder")
         for i, layer in enumerate(layers, 1):
             target = folder / f"{i:02d}-{_safe_filename(layer.name)}.png"
-            check_writable(target, overwrite)
+            _check_target(target, overwrite)
             extract_paths.append(target)
 
     if list_layers:
