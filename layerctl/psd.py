@@ -277,6 +277,11 @@ def _walk(group, prefix: str, groups: tuple, visible: bool, out: list, warnings:
         if _blend_name(layer) not in _NORMAL_BLENDS:
             warnings.append(f"{path}: layer {name!r} uses blend mode {_blend_name(layer)}; composited as normal")
         try:
+            if layer.has_effects():
+                warnings.append(f"{path}: layer {name!r} has layer effects; rendered by psd-tools, may differ from an editor")
+        except Exception:  # noqa: BLE001
+            pass
+        try:
             pixels, offset, baked = _leaf_pixels(layer)
         except Exception as exc:  # noqa: BLE001
             warnings.append(f"{path}: layer {name!r} ({kind}) could not be rasterised ({type(exc).__name__}); skipped")
