@@ -37,6 +37,10 @@ def atomic_write(path: str | os.PathLike, write, overwrite: bool = False, suffix
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file owner-only; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if p.exists() and not overwrite:
             raise LayerctlError(f"{p} exists (use --overwrite to replace it)")
         os.replace(tmp, p)
