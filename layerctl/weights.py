@@ -101,11 +101,16 @@ def tiny_encoder():
 
 
 def tiny_attention_sharing(model: LoadedModel, frames: int, use_control: bool, seed: int):
+    import torch
+
     from layerctl.layers import AttentionSharingPatcher
 
     patcher = AttentionSharingPatcher(model.unet, frames, use_control, rank=4)
     _seeded_(patcher, seed, std=0.05)
-    return patcher.to(model.device, model.dtype if not use_control else model.dtype)
+    patcher = patcher.to(model.device, model.dtype)
+    if patcher.kwargs_encoder is not None:  # the official code runs the control encoder in float32 on the CPU
+        patcher.kwargs_encoder.to("cpu", torch.float32)
+    return patcher
 
 
 def tiny_patch(model: LoadedModel, role: str):

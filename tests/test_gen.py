@@ -150,3 +150,20 @@ def test_help_is_fast_and_does_not_import_torch():
     assert r.returncode == 0
     assert r.stdout.strip().endswith("False"), "layerctl --help imported torch"
     assert elapsed < 2.0  # generous: process start included; bench/cli_startup measures the real figure
+
+
+def test_gen_psd_has_the_rgba_layer(tmp_path):
+    from psd_tools import PSDImage
+
+    code, _, stderr = run_cli(
+        "gen", "glass cup", "--model", "tiny", "--out", tmp_path / "cup.png", "--psd", tmp_path / "cup.psd",
+        "--seed", "5", "--steps", "1",
+    )
+    assert code == 0, stderr
+    psd = PSDImage.open(tmp_path / "cup.psd")
+    layers = list(psd)
+    assert [l.name for l in layers] == ["rgba"]
+    png = np.asarray(Image.open(tmp_path / "cup.png"))
+    layer = np.asarray(layers[0].topil().convert("RGBA"))
+    assert layer.shape == png.shape
+    assert np.array_equal(layer[..., 3], png[..., 3])
