@@ -455,6 +455,9 @@ class _Planner:
         if not rendered.strip():
             self.err(path, f"output template {tpl!r} gives an empty path")
             return None
+        if "{" in rendered or "}" in rendered:
+            self.err(path, f"output path {rendered!r}: braces are not allowed in file names")
+            return None
         rp = Path(rendered)
         if not self.allow_outside:
             if rp.is_absolute() or rendered.startswith("~"):
@@ -464,8 +467,10 @@ class _Planner:
                 self.err(path, f"output path {rendered!r} leaves output_dir (no '..'; or use --allow-outside)")
                 return None
             full = out_dir / rp
+            # the file itself is replaced by os.replace (a link there is replaced, not followed):
+            # only its folder has to resolve inside output_dir. Cached: 100,000 jobs share few folders.
             try:
-                inside = full.resolve().is_relative_to(out_dir.resolve())
+                inside = self._resolved(full.parent).is_relative_to(self._resolved(out_dir))
             except OSError:
                 inside = False
             if not inside:
@@ -474,6 +479,12 @@ class _Planner:
             return full
         rp = Path(os.path.expanduser(rendered))
         return rp if rp.is_absolute() else out_dir / rp
+
+    def _resolved(self, p: Path) -> Path:
+        cache = self.__dict__.setdefault("_resolve_cache", {})
+        if p not in cache:
+            cache[p] = p.resolve()
+        return cache[p]
 
     # -- main
     def plan(self) -> Plan:
@@ -710,11 +721,11 @@ class _Planner:
                 mode = "decompose"
                 if kind == "gen":
                     try:
-                        mode = GenRequest.model_construct(**fields).mode()
+                        mode = GenRequest.mode(_light(GenRequest, fields))
                     except ValueError as exc:
                         self.err(jpath, str(exc))
                         return []
-                    slug_src = _prompt_of(GenRequest.model_construct(**fields))
+                    slug_src = _prompt_of(_light(GenRequest, fields))
                 else:
                     slug_src = fields.get("prompt") or Path(str(fields.get("image") or "image")).stem
                 values = {"name": name, "prompt_slug": slugify(slug_src), "seed": seed, "i": i}
@@ -744,7 +755,7 @@ class _Planner:
                     if p is None:
                         return []
                     fields["psd"] = str(p)
-                req = target_model.model_construct(**fields)
+                req = _light(target_model, fields)
                 outs = gen_outputs(req, mode) if kind == "gen" else decompose_outputs(req)
                 entries.append({"i": i, "mode": mode, "fields": fields, "outputs": outs, "origin": origin})
                 i += 1
@@ -891,6 +902,22 @@ class _Planner:
             except ValueError as exc:
                 self.err(("jobs", job.item, "gen"), str(exc))
         return req
+
+
+_DEFAULTS: dict = {}
+
+
+def _light(model, fields: dict):
+    """A cheap stand-in for model(**fields) before validation (attribute access only).
+
+    pydantic's model_construct costs ~2 ms a call (it inspects default factories), which
+    is minutes for a 100,000-job matrix.
+    """
+    import types
+
+    if model not in _DEFAULTS:
+        _DEFAULTS[model] = {n: f.get_default(call_default_factory=True) for n, f in model.model_fields.items()}
+    return types.SimpleNamespace(**{**_DEFAULTS[model], **fields})
 
 
 def _strings(obj, path):
@@ -1115,7 +1142,28 @@ def preflight(jobs: list[Job], resume: bool) -> dict[int, str]:
     if stale:
         more = f" (and {len(stale) - 3} more)" if len(stale) > 3 else ""
         raise LayerctlError(f"cannot resume: {'; '.join(stale[:3])}{more}; use --overwrite to redo them")
+    if resume:
+        for job in jobs:
+            if decision[job.index] != "skip":
+                remove_partial_writes(job)
     return decision
+
+
+def remove_partial_writes(job: Job) -> list[Path]:
+    """Delete the hidden temporary files (.NAME.xxxx.png) a killed run may have left for this job's outputs."""
+    import glob
+
+    removed = []
+    for p in job.outputs.values():
+        if not p.parent.is_dir():
+            continue
+        for t in p.parent.glob(glob.escape(f".{p.name}.") + "*" + glob.escape(p.suffix)):
+            try:
+                t.unlink()
+                removed.append(t)
+            except OSError:
+                pass
+    return removed
 
 
 def run_plan(

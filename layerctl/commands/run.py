@@ -20,9 +20,16 @@ def _dist():
     """(rank, world, state) — accelerate's PartialState only when launched with several processes."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return 0, 1, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without a GPU, accelerate only forms a process group when asked for CPU (gloo).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes <= 1:
+        raise LayerctlError(
+            f"launched as one of {os.environ['WORLD_SIZE']} processes, but accelerate formed no process group "
+            "(on a machine without GPUs: accelerate launch --multi_gpu --num_processes N -m layerctl run ...)"
+        )
     return state.process_index, state.num_processes, state
 
 
@@ -177,6 +184,8 @@ def run(
 
             gathered = gather_object([r.as_dict() for r in results])
             results = [recipes.Result(**{k: v for k, v in d.items() if k not in ("process",)}, rank=d["process"]) for d in gathered]
+            state.wait_for_everyone()
+            state.destroy_process_group()  # a process group left open can abort the exit (gloo)
     if rank == 0:
         _summary(results, quiet)
     if any(r.status == "failed" for r in results):
