@@ -39,6 +39,8 @@ def train_vae(
     if resume and resume_from:
         raise LayerctlError("give --resume or --resume-from, not both")
     summary = train(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, quiet=quiet)
+    if not summary.get("main_process", True):
+        return  # under accelerate launch, the main process reports
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:

@@ -161,6 +161,7 @@ class VAETrainConfig(_Section):
     batch_size: int = Field(4, gt=0, description="per process, per micro-batch")
     grad_accum: int = Field(1, gt=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    cpu_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads on the CPU (default: torch's choice)")
     save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype of the exported weight files (official: fp16)")
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
@@ -709,6 +710,8 @@ def train(
     if not main:
         console.quiet = True
     device = accelerator.device
+    if cfg.cpu_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
     set_seed(cfg.seed)
 
     model = load_frozen_vae(cfg.model.model, device)
@@ -816,6 +819,12 @@ def train(
         accelerator.wait_for_everyone()
         return path
 
+    def check_finite(value, step: int, what: str = "loss") -> None:
+        v = float(value)
+        if not math.isfinite(v):
+            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else " (no checkpoint was written yet)"
+            raise JobFailed(f"the {what} became {v} at step {step + 1}: training stopped, nothing of this step was applied{where}")
+
     summary: dict[str, Any] = {"out_dir": str(out_dir), "start_step": start_step, "baseline": None, "last_val": None}
     if ckpt_path is None and cfg.val_at_start:
         summary["baseline"] = validate(0)
@@ -882,15 +891,19 @@ def train(
                             loss = loss + cfg.loss.disc_weight * l_adv
                         else:
                             l_adv = torch.zeros((), device=device)
-                    accelerator.backward(loss / 1.0)
+                    g_vals = accelerator.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
+                    check_finite(g_vals[0], step)  # before any gradient of this step is applied
+                    accelerator.backward(loss)
                     if use_adv:
                         with accelerator.autocast():
                             logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
                             n = target.shape[0]
                             l_d = L.d_loss(logits[:n], logits[n:], cfg.loss.disc_loss)
+                        d_val = accelerator.reduce(l_d.detach().float(), "mean")
+                        check_finite(d_val, step, "discriminator loss")
                         accelerator.backward(l_d)
                     else:
-                        l_d = torch.zeros((), device=device)
+                        d_val = torch.zeros((), device=device)
                     if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                         accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
                         if use_adv:
@@ -900,15 +913,10 @@ def train(
                     if use_adv:
                         opt_d.step()
                         opt_d.zero_grad(set_to_none=True)
-                vals = torch.stack([loss.detach().float(), l_id.detach().float(), l_rec.detach().float(), l_adv.detach().float(), l_d.detach().float()])
-                vals = accelerator.reduce(vals, "mean")
-                for k, v in zip(sums, vals.tolist()):
+                for k, v in zip(sums, g_vals.tolist() + [float(d_val)]):
                     sums[k] += v / cfg.grad_accum
             else:
                 # all micro-batches done: one optimizer step was taken
-                if not math.isfinite(sums["loss"]):
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else " (no checkpoint was written yet)"
-                    raise JobFailed(f"the loss became {sums['loss']} at step {step + 1}: training stopped{where}")
                 if ema is not None:
                     ema.update(raw_pair)
                 step += 1
@@ -947,6 +955,8 @@ def train(
     log.close()
     elapsed = time.time() - t_start
     summary.update(
+        main_process=main,
+        world_size=world,
         status=status,
         steps=step,
         checkpoint=str(last_ckpt) if last_ckpt else None,
