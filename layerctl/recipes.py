@@ -54,6 +54,7 @@ MATRIX_KEYS = ("prompts", "prompts_file", "seeds", "seed_range", "images", "size
 INPUT_KEYS = ("fg", "bg", "image", "init", "mask", "control_image")
 # request fields that may name local files or hub ids (made recipe-relative when such a file exists)
 MAYBE_FILE_KEYS = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora", "controlnet")
+MUST_EXIST = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora")
 ROLE_ALIASES = {"image": "rgba", "png": "rgba"}
 
 
@@ -731,7 +732,8 @@ class _Planner:
                 values = {"name": name, "prompt_slug": slugify(slug_src), "seed": seed, "i": i}
                 many = "{i:04d}-{prompt_slug}-{seed}"
                 if kind == "gen" and mode == "rgba":
-                    if fields.get("out") is not None:
+                    own_dir_only = origin.get("out_dir", ("defaults",))[0] != "defaults" and origin.get("out", ("defaults",))[0] == "defaults"
+                    if fields.get("out") is not None and not own_dir_only:
                         tpl, tpath = fields["out"], origin["out"]
                     elif fields.get("out_dir") is not None:
                         tpl = fields["out_dir"].rstrip("/") + "/" + (many if n > 1 else "{prompt_slug}-{seed}") + ".png"
@@ -743,8 +745,10 @@ class _Planner:
                     fields.pop("out_dir", None)
                 else:
                     if kind == "gen" and fields.get("out") is not None:
-                        self.err(origin["out"], f"mode {mode} writes several layers: give out_dir (a folder), not out")
-                        return []
+                        if origin["out"][0] != "defaults":
+                            self.err(origin["out"], f"mode {mode} writes several layers: give out_dir (a folder), not out")
+                            return []
+                        fields.pop("out")  # a default file template is for the plain (rgba) jobs
                     tpl = fields.get("out_dir") or ("{name}" if n == 1 else "{name}/" + many)
                     p = self.output_path(origin.get("out_dir", jpath), tpl, values, out_dir)
                     fields["out_dir"] = str(p) if p else None
@@ -868,9 +872,21 @@ class _Planner:
             new = []
             for v in vals:
                 cand = self.input_path(v)
-                rel = not Path(os.path.expanduser(v)).is_absolute()
-                new.append(str(cand) if rel and cand.exists() else v)
+                given = Path(os.path.expanduser(v))
+                use = cand if cand.exists() else given
+                if key in MUST_EXIST and not use.exists():
+                    opath = e["origin"].get(key, base + (key,))
+                    self.err(opath, f"{job.label + ': ' if job.n > 1 else ''}{key}: file not found: {v}"
+                             + (f" (looked in {self.base_dir} and the current folder)"
+                                if not given.is_absolute() and self.base_dir.resolve() != Path.cwd().resolve() else ""))
+                    ok = False
+                elif key == "weights_dir" and use.exists() and not use.is_dir():
+                    self.err(e["origin"].get(key, base + (key,)), f"weights_dir is a file, not a folder: {v}")
+                    ok = False
+                new.append(str(use) if use.exists() else v)
             resolved[key] = new if isinstance(resolved[key], list) else new[0]
+        if not ok:
+            return None
         if job.kind == "compose":
             layers = []
             for n, layer in enumerate(resolved["layers"]):

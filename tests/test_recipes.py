@@ -131,6 +131,37 @@ def test_scene_references(tmp_path, monkeypatch):
     assert {j.name for j in shards[0]} == {"street", "car", "cat", "psd"} and [j.name for j in shards[1]] == ["other"]
 
 
+def test_decompose_jobs_and_model_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sub = tmp_path / "r"
+    sub.mkdir()
+    for n in ("a.png", "b.png", "w.safetensors"):
+        (sub / n).write_bytes(b"x")
+    p = recipes.plan_recipe(write(
+        sub,
+        "defaults: {model: tiny, out: 'flat/{name}-{seed}.png', layer_weights: w.safetensors}\njobs:\n"
+        "  - {name: split, decompose: {images: [a.png, b.png], seeds: [1, 2], bg: b.png}}\n"
+        "  - {name: again, decompose: {image: '${split[3].fg}'}}\n"
+        "  - {name: plain, gen: {prompt: x}}\n"
+        "  - {name: layered, gen: {joint: true, fg_prompt: x}}\n",
+    ))
+    split = [j for j in p.jobs if j.name == "split"]
+    assert [(Path(j.request.image).name, j.request.seed) for j in split] == [("a.png", 1), ("a.png", 2), ("b.png", 1), ("b.png", 2)]
+    assert [set(j.outputs) for j in split] == [{"fg"}] * 4  # bg is given
+    assert str(split[0].outputs["fg"]) == "out/r/split/0000-a-1/fg.png"
+    again = p.jobs[4]
+    assert again.request.image == str(split[3].outputs["fg"]) and set(again.outputs) == {"fg", "bg"}
+    assert again.deps == {split[3].index}
+    # a default `out` template is for plain jobs; layer jobs keep their folder
+    assert str(p.jobs[5].outputs["rgba"]) == "out/r/flat/plain-0.png"
+    assert set(p.jobs[6].outputs) == {"fg", "bg", "blended"}
+    # model files are recipe-relative and must exist before anything loads
+    assert p.jobs[5].request.layer_weights == str(sub / "w.safetensors")
+    msg = str(pytest.raises(LayerctlError, recipes.plan_recipe,
+                            write(sub, "jobs:\n  - gen:\n      prompt: x\n      lora: [w.safetensors, nope.safetensors]\n")).value)
+    assert ":4: jobs[0].gen.lora: lora: file not found: nope.safetensors" in msg
+
+
 def test_indexed_references(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = plan(
@@ -470,7 +501,8 @@ def test_scene_psd_and_weights_restored(tmp_path, shared_session, monkeypatch):
         TINY + "jobs:\n"
         "  - {name: park, gen: {joint: true, bg_prompt: a park, fg_prompt: a bench, seed: 3}}\n"
         "  - {name: cat, gen: {fg_prompt: a cat, bg: '${park.blended}', seed: 4}}\n"
-        "  - {name: scene, compose: {out: scene.psd, layers: ['${park.bg}', {path: '${park.fg}', name: bench}, {path: '${cat.fg}', name: cat}]}}\n",
+        "  - {name: scene, compose: {out: scene.psd, layers: ['${park.bg}', {path: '${park.fg}', name: bench}, {path: '${cat.fg}', name: cat}]}}\n"
+        "  - {name: split, decompose: {image: '${cat.blended}', bg: '${park.blended}', seed: 5}}\n",
     )
     model = shared_session.model(p.jobs[0].request)  # loaded once for the module
     loads = []
@@ -485,10 +517,18 @@ def test_scene_psd_and_weights_restored(tmp_path, shared_session, monkeypatch):
         modes_seen.append((req.mode(), id(shared_session.model(req))))
         return real_gen(req)
 
+    real_decompose = shared_session.session.decompose
+
+    def decompose(req):
+        modes_seen.append(("decompose", id(shared_session.model(req))))
+        return real_decompose(req)
+
     monkeypatch.setattr(shared_session.session, "gen", gen)
+    monkeypatch.setattr(shared_session.session, "decompose", decompose)
     res = recipes.run_plan(p, p.jobs, shared_session)
-    assert [r.status for r in res] == ["done"] * 3, [r.reason for r in res]
-    assert loads == [] and modes_seen == [("joint", id(model)), ("bg2fg", id(model))]
+    assert [r.status for r in res] == ["done"] * 4, [r.reason for r in res]
+    assert loads == [] and modes_seen == [("joint", id(model)), ("bg2fg", id(model)), ("decompose", id(model))]
+    assert (tmp_path / "out/r/split/fg.png").exists()
     after = model.unet.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
