@@ -563,3 +563,44 @@ def test_accelerate_two_processes_match_one(batch_run, tmp_path):
     assert [f.name for f in got] == sorted(f.name for f in ref.glob("[!.]*.png"))
     for f in got:
         assert np.array_equal(_pixels(f), _pixels(ref / f.name)), f.name
+
+
+def test_merged_weights_swapped_and_restored_xl(tmp_path, shared_session, monkeypatch):
+    """tiny-xl merges its layer weights into the UNet (W += delta): rgba -> fg2bg -> rgba in one run
+    swaps them without reloading, the two rgba jobs see identical weights, and the end state is the original."""
+    import torch
+
+    import layerctl.backend
+
+    monkeypatch.chdir(tmp_path)
+    p = plan(
+        tmp_path,
+        "defaults: {model: tiny-xl, size: 64, steps: 2, tta: false}\njobs:\n"
+        "  - {name: a, gen: {prompt: a cup, seed: 1}}\n"
+        "  - {name: b, gen: {fg: '${a.rgba}', bg_prompt: a table, seed: 2}}\n"
+        "  - {name: c, gen: {prompt: a cup, seed: 3}}\n",
+    )
+    model = shared_session.model(p.jobs[0].request)
+    loads = []
+    real_load = layerctl.backend.load_model
+    monkeypatch.setattr(layerctl.backend, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    original = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    during = []
+    real_gen = shared_session.session.gen
+
+    def gen(req):
+        out = real_gen(req)
+        during.append({k: v.detach().clone() for k, v in model.unet.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(shared_session.session, "gen", gen)
+    res = recipes.run_plan(p, p.jobs, shared_session)
+    assert [r.status for r in res] == ["done"] * 3, [r.reason for r in res]
+    assert loads == []
+    changed = [k for k in original if not torch.equal(original[k], during[0][k])]
+    assert changed  # the rgba weights really were merged in
+    assert any(not torch.equal(during[0][k], during[1][k]) for k in original)  # fg2bg's are others
+    assert all(torch.equal(during[0][k], during[2][k]) for k in original)  # rgba again: bit for bit
+    after = model.unet.state_dict()
+    assert all(torch.equal(original[k], after[k]) for k in original)
+    assert (tmp_path / "out/r/b/bg.png").exists()
