@@ -569,7 +569,7 @@ class TrainStream:
             lay = self.cfg.layers
             if lay.clean_layers and rng.random() < lay.clean_probability:
                 clean = FRAMES.index(lay.clean_layers[int(rng.integers(len(lay.clean_layers)))])
-        item: dict[str, Any] = {"index": idx, "texts": texts, "clean": clean}
+        item: dict[str, Any] = {"index": idx, "pos": int(pos), "texts": texts, "clean": clean}
         if self.pixels:
             raw = self.source.load(idx, self.cfg.data.resolution, crop_rng)
             keys = ("rgba",) if self.mode == "transparent" else FRAMES
@@ -587,6 +587,7 @@ def collate(items: list[dict]) -> dict:
 
     out: dict[str, Any] = {
         "index": [it["index"] for it in items],
+        "pos": [it["pos"] for it in items],
         "texts": [it["texts"] for it in items],
         "clean": torch.stack([it["clean"] for it in items]),
     }
@@ -876,41 +877,54 @@ def encode_pixels(model, encoder, mode: str, batch: dict, device):
         return means, stds
 
 
-def _step_generator(seed: int, micro: int, rank: int, salt: int = 0):
+def sample_generator(seed: int, pos: int, salt: int = 0):
+    """The CPU generator of one training sample: a pure function of (seed, position, salt)."""
     import torch
 
-    s = np.random.SeedSequence([seed & 0xFFFFFFFF, 0x7157, int(micro), int(rank), int(salt)]).generate_state(2)
+    s = np.random.SeedSequence([seed & 0xFFFFFFFF, 0x7157, int(pos), int(salt)]).generate_state(2)
     return torch.Generator("cpu").manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
-def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, gen, frames: int, timesteps, device, latent_scale: float):
-    """The standard diffusion loss of a batch (mean over kept rows); returns (loss, per-row loss).
+def draw_noise(seed: int, positions, frames: int, shape, num_timesteps: int, salt: int = 0, timestep=None) -> dict:
+    """Per sample (group of `frames` rows): its timestep, posterior noise, diffusion noise and noise offset,
+    each drawn from the sample's own generator, so that neither the batch size nor the number of
+    processes changes what a sample sees."""
+    import torch
 
-    ``mean``/``std``: unscaled latent statistics [N,4,h,w] (std None or 0: deterministic);
-    ``clean``: per group the frame kept clean (-1: none); ``gen``: a CPU generator for every draw.
+    t, eps, noise, off = [], [], [], []
+    for p in positions:
+        g = sample_generator(seed, p, salt)
+        tt = torch.randint(0, int(num_timesteps), (1,), generator=g)
+        t.append(tt if timestep is None else torch.tensor([int(timestep)]))
+        eps.append(torch.randn((frames, *shape), generator=g))
+        noise.append(torch.randn((frames, *shape), generator=g))
+        off.append(torch.randn((frames, shape[0], 1, 1), generator=g))
+    return {"t": torch.cat(t), "eps": torch.cat(eps), "noise": torch.cat(noise), "offset": torch.cat(off)}
+
+
+def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, frames: int, device, latent_scale: float):
+    """The standard diffusion loss of a batch; returns (loss, per-row loss).
+
+    ``mean``/``std``: unscaled latent statistics [N,4,h,w] (std None: deterministic latents);
+    ``clean``: per group the frame kept clean (-1: none): its noise is zeroed and it is left out
+    of the loss; ``rand``: :func:`draw_noise`. Each group's loss is the mean over its noised
+    frames; the batch loss is the mean over groups.
     """
     import torch
     import torch.nn.functional as F
 
-    scale = latent_scale
     n = mean.shape[0]
     groups = n // frames
-    eps_post = torch.randn(mean.shape, generator=gen).to(device)
-    lat = mean if std is None else mean + std * eps_post
-    x0 = lat * scale
-    noise = torch.randn(x0.shape, generator=gen).to(device)
+    lat = mean if std is None else mean + std * rand["eps"].to(device)
+    x0 = lat * latent_scale
+    noise = rand["noise"].to(device)
     if cfg.loss.noise_offset > 0:
-        noise = noise + cfg.loss.noise_offset * torch.randn((n, x0.shape[1], 1, 1), generator=gen).to(device)
-    if timesteps is None:
-        t_group = torch.randint(0, sched.config.num_train_timesteps, (groups,), generator=gen)
-    else:
-        t_group = timesteps
-    t = t_group.repeat_interleave(frames).to(device)
+        noise = noise + cfg.loss.noise_offset * rand["offset"].to(device)
+    t = rand["t"].repeat_interleave(frames).to(device)
     keep = torch.ones(n, device=device)
-    clean = clean.to(device)
-    if frames > 1 and bool((clean >= 0).any()):
-        rows = torch.arange(n, device=device)
-        is_clean = (clean.repeat_interleave(frames) == rows % frames) & (clean.repeat_interleave(frames) >= 0)
+    clean_rows = clean.to(device).repeat_interleave(frames)
+    is_clean = (clean_rows >= 0) & (clean_rows == torch.arange(n, device=device) % frames)
+    if bool(is_clean.any()):
         noise = noise * (~is_clean).float()[:, None, None, None]  # the known layer: its noise zeroed
         keep = (~is_clean).float()
     noisy = sched.add_noise(x0, noise, t)
@@ -928,11 +942,10 @@ def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, gen, frames: 
     if cfg.loss.snr_gamma:
         ac = sched.alphas_cumprod.to(device)[t]
         snr = ac / (1 - ac)
-        w = torch.clamp(snr, max=cfg.loss.snr_gamma) / snr
-        if ptype == "v_prediction":
-            w = torch.clamp(snr, max=cfg.loss.snr_gamma) / (snr + 1)
-        per = per * w
-    loss = (per * keep).sum() / keep.sum().clamp_min(1.0)
+        clipped = torch.clamp(snr, max=cfg.loss.snr_gamma)
+        per = per * (clipped / (snr + 1) if ptype == "v_prediction" else clipped / snr)
+    keep = keep.view(groups, frames)
+    loss = ((per.view(groups, frames) * keep).sum(1) / keep.sum(1).clamp_min(1.0)).mean()
     return loss, per.detach()
 
 
@@ -1257,6 +1270,7 @@ def train(
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     frames = 1 if cfg.mode == "transparent" else len(FRAMES)
+    num_t = int(sched.config.num_train_timesteps)
     texts = TextCache(model, cfg.data.resolution, cfg.data.cache_text)
 
     # -- caches (finite data): every item's latent statistics, every caption
@@ -1281,6 +1295,7 @@ def train(
         collate_fn=collate,
         persistent_workers=False,
         prefetch_factor=2 if cfg.data.workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # its iterator would otherwise draw from the global RNG
     )
     batches = iter(loader)
     log = RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
@@ -1312,8 +1327,7 @@ def train(
         with torch.no_grad(), accelerator.autocast():
             for chunk in val_fixed:
                 loss, per = diffusion_loss(cfg, sched, denoiser, chunk["mean"], chunk["std"], chunk["embeds"], chunk["clean"],
-                                           _step_generator(cfg.seed, chunk["k"], 0, salt=1), frames, chunk["t"], device,
-                                           model.latent_scale)
+                                           chunk["rand"], frames, device, model.latent_scale)
                 total += float(per.sum())
                 count += per.numel()
         denoiser.train()
@@ -1386,12 +1400,12 @@ def train(
                     if stop.stop:  # a DataLoader worker died from the same Ctrl-C
                         break
                     raise
-                gen = _step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
                 with accelerator.accumulate(denoiser):
                     mean, std = stats_of(batch)
                     emb = embeds_of(batch)
+                    rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
                     with accelerator.autocast():
-                        loss, _per = diffusion_loss(cfg, sched, denoiser, mean, std, emb, batch["clean"], gen, frames, None, device,
+                        loss, _per = diffusion_loss(cfg, sched, denoiser, mean, std, emb, batch["clean"], rand, frames, device,
                                                     model.latent_scale)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
@@ -1450,6 +1464,9 @@ def train(
         train_loss_last=float(np.mean(recent)) if recent else None,
         decoder=decoder_name,
         encoder=encoder_name,
+        world_size=world,
+        val_loss_start=(summary["baseline"] or {}).get("val_loss"),
+        val_loss_end=(summary["last_val"] or {}).get("val_loss"),
     )
     if patcher is not None:
         patcher.remove()
@@ -1494,15 +1511,14 @@ def _val_fixed(cfg, plan, model, encoder, device, texts) -> list[dict]:
     ts = [int((k + 0.5) * T / v.loss_timesteps) for k in range(v.loss_timesteps)]
     chunks = []
     bs = max(cfg.batch_size, 2)
-    k = 0
     for start in range(0, n, bs):
         items = [plan.val[p] for p in range(start, min(n, start + bs))]
         batch = collate(items)
         mean, std = encode_pixels(model, encoder, cfg.mode, batch, device)
         flat = [t for row in batch["texts"] for t in row]
         emb = texts.encode(flat)
-        for t in ts:
-            chunks.append({"mean": mean, "std": std, "embeds": emb, "clean": torch.full((len(items),), -1),
-                           "t": torch.full((len(items),), t, dtype=torch.long), "k": k})
-            k += 1
+        f = 1 if cfg.mode == "transparent" else len(FRAMES)
+        for j, t in enumerate(ts):
+            rand = draw_noise(cfg.seed + 1, batch["pos"], f, tuple(mean.shape[1:]), T, salt=j + 1, timestep=t)
+            chunks.append({"mean": mean, "std": std, "embeds": emb, "clean": torch.full((len(items),), -1), "rand": rand})
     return chunks
