@@ -439,8 +439,9 @@ class _Planner:
         if self.output_dir_arg is not None:
             return Path(os.path.expanduser(str(self.output_dir_arg)))
         od = self.recipe.output_dir
-        if od is None:
-            return Path("out") / (self.recipe.name or self.path.stem)
+        if od is None:  # out/<recipe name>, made safe as a folder name
+            stem = self.path.stem if self.source != "<stdin>" else "recipe"
+            return Path("out") / (re.sub(r"[^A-Za-z0-9_.-]+", "-", self.recipe.name or stem).strip(".-") or "recipe")
         p = Path(od)
         from_cli = self.loc.where(("output_dir",)).startswith("--set")
         if not self.allow_outside and not from_cli and (p.is_absolute() or od.startswith("~") or ".." in p.parts):

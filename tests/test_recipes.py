@@ -604,3 +604,16 @@ def test_merged_weights_swapped_and_restored_xl(tmp_path, shared_session, monkey
     after = model.unet.state_dict()
     assert all(torch.equal(original[k], after[k]) for k in original)
     assert (tmp_path / "out/r/b/bg.png").exists()
+
+
+def test_recipe_on_stdin_and_safe_default_folder(tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("name: ../../up here\njobs:\n  - gen: {prompt: x}\n"))
+    code, out, err = cli(["run", "-", "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["outputs"]["rgba"] == "out/up-here/job1.png"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("jobs:\n  - gen: {prompt: x, stpes: 2}\n"))
+    code, out, err = cli(["run", "-", "--dry-run"], capsys)
+    assert code == 2 and "<stdin>:2: jobs[0].gen.stpes: unknown key 'stpes' (did you mean 'steps'?)" in err

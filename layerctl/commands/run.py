@@ -114,13 +114,13 @@ def _summary(results, quiet: bool) -> None:
 
 
 def run(
-    recipe: str = typer.Argument(..., help="The recipe (YAML): defaults, jobs (gen / decompose / compose), output_dir."),
+    recipe: str = typer.Argument(..., metavar="RECIPE.yaml", help="The recipe (YAML; '-' reads stdin): defaults, jobs (gen / decompose / compose), output_dir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded job list; load no model, write nothing."),
     resume: bool = typer.Option(False, "--resume", help="Skip jobs whose outputs exist and whose metadata matches."),
     continue_on_error: bool = typer.Option(False, "--continue-on-error", help="Run the other jobs after a failure (exit 1 at the end)."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines on stdout: one per job (or per planned job with --dry-run)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set defaults.steps=4 (repeatable; values are YAML)."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Write under this folder instead of the recipe's output_dir."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a recipe key: --set defaults.steps=4 (repeatable; values are YAML)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR", help="Write under this folder instead of the recipe's output_dir."),
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Allow output paths outside output_dir (absolute, '..')."),
     force: bool = typer.Option(False, "--force", help="Allow a recipe that expands to more than 100,000 jobs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
@@ -135,8 +135,13 @@ def run(
 
     rank, world, state = _dist()
     try:
+        text = None
+        if recipe == "-":  # the recipe on stdin; inputs relative to the current folder
+            if world > 1:
+                raise LayerctlError("a recipe on stdin cannot be shared between processes; give a file")
+            text, recipe = sys.stdin.read(), "<stdin>"
         plan = recipes.plan_recipe(recipe, set_ or (), allow_outside=allow_outside, force=force,
-                                   output_dir=output_dir, overwrite=overwrite)
+                                   output_dir=output_dir, overwrite=overwrite, text=text)
         if dry_run:
             if rank == 0:
                 _dry_run(plan, world, as_json)
