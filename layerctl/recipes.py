@@ -192,7 +192,12 @@ def _defaults_model():
     model = create_model(
         "Defaults",
         __config__=ConfigDict(extra="forbid"),
-        __validators__={"size_": field_validator("size", mode="before")(lambda cls, v: _parse_size(v))},
+        __validators__={
+            "size_": field_validator("size", mode="before")(lambda cls, v: _parse_size(v)),
+            "seeds_": field_validator("seeds")(lambda cls, v: _MatrixMixin._seeds.__func__(cls, v)),
+            "seed_range_": field_validator("seed_range")(lambda cls, v: _MatrixMixin._seed_range.__func__(cls, v)),
+            "one_seed_": model_validator(mode="after")(lambda self: _MatrixMixin._one_seed_source(self)),
+        },
         **fields,
     )
     return model
@@ -614,10 +619,13 @@ class _Planner:
         if item.kind == "compose":
             return 1
         nseeds = 1
-        if step.seeds is not None:
-            nseeds = len(step.seeds)
-        elif step.seed_range is not None:
-            nseeds = step.seed_range[1] - step.seed_range[0] + 1
+        src = step
+        if not ({"seed", "seeds", "seed_range"} & step.model_fields_set):
+            src = self.recipe.defaults  # the job takes its seeds from defaults
+        if getattr(src, "seeds", None) is not None:
+            nseeds = len(src.seeds)
+        elif getattr(src, "seed_range", None) is not None:
+            nseeds = src.seed_range[1] - src.seed_range[0] + 1
         if item.kind == "gen":
             if step.prompts is not None:
                 n = len(step.prompts)
@@ -1234,7 +1242,7 @@ def run_plan(
                     if session is None:
                         session = session_factory()
                     records = session.gen(req) if job.kind == "gen" else session.decompose(req)
-                    written = {getattr(r, "role", f"out{k}"): Path(getattr(r, "path")) for k, r in enumerate(records or [])}
+                    written = _written(records)
                 missing = [str(p) for p in job.outputs.values() if not p.exists()]
                 if missing:
                     raise JobFailed(f"finished but did not write {', '.join(missing)}")
@@ -1261,6 +1269,22 @@ def run_plan(
         if session is not None and hasattr(session, "close"):
             session.close()
     return results
+
+
+def _written(records) -> dict:
+    """role -> Path from api OutputRecords; a preview is named after the image before it (fg_preview)."""
+    out: dict = {}
+    last = "out"
+    for k, r in enumerate(records or []):
+        role = str(getattr(r, "role", f"out{k}"))
+        if role == "preview":
+            role = f"{last}_preview"
+        else:
+            last = role
+        while role in out:
+            role += "_"
+        out[role] = Path(r.path)
+    return out
 
 
 def _one_line(s: str) -> str:
