@@ -31,6 +31,9 @@ class DenoiseSpec:
     strength: float = 1.0
     mask: Optional[torch.Tensor] = None  # [B, 1, h, w], 1 = repaint, 0 = keep init
     before_unet: Optional[Callable[[int, torch.Tensor], None]] = None  # (step, unet batch) hook
+    # (unet input, t, hidden, extra) -> more UNet kwargs, e.g. ControlNet's
+    # down_block_additional_residuals / mid_block_additional_residual (layerctl.controlnet)
+    unet_extra: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], dict]] = None
     progress: Optional[Callable[[int, int], None]] = None  # (done, total)
 
 
@@ -103,7 +106,9 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if spec.before_unet is not None:
             spec.before_unet(i, x)
-        eps = model.unet(x.to(model.dtype), t, encoder_hidden_states=hidden, **extra).sample.float()
+        x = x.to(model.dtype)
+        more = spec.unet_extra(x, t, hidden, extra) if spec.unet_extra is not None else {}
+        eps = model.unet(x, t, encoder_hidden_states=hidden, **extra, **more).sample.float()
         if use_cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + spec.cfg * (cond - uncond)

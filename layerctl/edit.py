@@ -1,0 +1,645 @@
+"""Editing transparent images: img2img, masked inpainting, hires refinement, upscale, ControlNet.
+
+`layerctl gen PROMPT --init/--mask/--hires/--controlnet` comes here through
+:meth:`layerctl.api.Session.gen` (:func:`gen_edit`); `layerctl upscale` calls :func:`upscale`.
+
+img2img (``--init IMAGE --strength S``)
+    The image (RGBA; RGB is opaque) goes through ``pad_rgb`` and the latent-transparency
+    encoder into a transparent latent (``mean + std * 300 * E_a(...)`` of the frozen VAE's
+    posterior, DESIGN.md §1), is noised to the level where the last ``round(steps * S)``
+    sampler steps begin (at least one), denoised with the transparent weights and decoded
+    by the transparent decoder. S = 1 starts from pure noise (the image is ignored).
+
+inpainting (``--mask MASK``, white = repaint)
+    On a base UNet (4 input channels) the latents outside the mask are replaced after every
+    step by the image's latent noised to the next level (clean at the end). The latent mask
+    is the pixel mask max-pooled over each 8x8 cell. On an inpainting UNet (9 channels) the
+    UNet gets [latent, mask, masked-image latent] like diffusers' inpainting pipeline (the
+    masked image is the init with alpha 0 under the mask, through the transparent encoder)
+    and nothing is blended. Afterwards the input's pixels are put back outside the mask
+    (premultiplied blend by the grey level of the mask), so there the output *is* the input.
+    A mask must be greyscale (colour is an error); transparent mask pixels count as black.
+
+hires (``--hires F [--hires-strength S]``) and ``upscale``
+    The RGBA result (or the given image) is resized by F (Lanczos on premultiplied colour,
+    the size rounded to multiples of 64), encoded again with the transparent encoder and
+    refined by img2img at the larger size; the transparent decoder then decodes a real
+    alpha at the final size.
+
+ControlNet (``--controlnet MODEL --control-image IMG [--control-scale X]``, repeatable)
+    see :mod:`layerctl.controlnet`; used in every pass (control images refitted per size).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from layerctl.errors import LayerctlError
+from layerctl.requests import MAX_SIDE, ModelOptions
+
+MASK_SNAP = 8.0 / 255.0  # mask values this close to 0 or 1 count as exactly 0 or 1 (JPEG noise)
+COLOUR_SPREAD = 16.0 / 255.0  # max - min of R, G, B above this: the mask has colour
+
+
+# ================================================================= the upscale job
+
+
+class UpscaleRequest(ModelOptions):
+    """One `layerctl upscale` job: resize an RGBA image by `scale` and refine it (img2img)."""
+
+    image: str
+    scale: float = 2.0
+    prompt: str = ""
+    negative: str = "bad, ugly"
+    strength: float = 0.5
+    out: Optional[str] = None
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None
+    weight: float = 1.0
+    tta: bool = True
+    preview: bool = False
+    overwrite: bool = False
+    resize: Literal["crop", "fit", "stretch"] = "crop"  # for control images
+    controlnet: list[str] = Field(default_factory=list)
+    control_image: list[str] = Field(default_factory=list)
+    control_scale: list[float] = Field(default_factory=list)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v):
+        if not (v > 1.0) or v == float("inf"):
+            raise ValueError(f"scale must be > 1 (got {v})")
+        return v
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"strength must be in (0, 1] (got {v})")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError(f"steps must be > 0 (got {v})")
+        return v
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"cfg must be >= 0 (got {v})")
+        return v
+
+
+# ================================================================= pure helpers
+
+
+def round64(x: float) -> int:
+    """Nearest multiple of 64, at least 64."""
+    return max(64, int(round(x / 64.0)) * 64)
+
+
+def edit_size(img_w: int, img_h: int, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
+    """Output size for an init image: --width/--height (one given: the other from the aspect
+    ratio), else the image's own size rounded to multiples of 64."""
+    if width or height:
+        from layerctl.modes import auto_size
+
+        return auto_size(img_w, img_h, 64, width, height)
+    return round64(img_w), round64(img_h)
+
+
+def hires_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    """width x height times factor, rounded to multiples of 64; one-line errors when not larger or too big."""
+    if not (factor > 1.0) or factor == float("inf"):
+        raise LayerctlError(f"hires factor must be > 1 (got {factor})")
+    w2, h2 = round64(width * factor), round64(height * factor)
+    if max(w2, h2) > MAX_SIDE:
+        raise LayerctlError(
+            f"x{factor:g} of {width}x{height} is {w2}x{h2}, over the limit of {MAX_SIDE} px a side"
+        )
+    if w2 * h2 <= width * height:
+        raise LayerctlError(
+            f"x{factor:g} of {width}x{height} rounds to {w2}x{h2} (multiples of 64), not larger: use a bigger factor"
+        )
+    return w2, h2
+
+
+def mask_from_rgba(rgba: np.ndarray, path: str = "mask") -> np.ndarray:
+    """HxWx4 float RGBA -> HxW float32 mask in [0,1] (1 = repaint).
+
+    The grey level is the mask; transparent pixels count as black (keep). A pixel whose R, G,
+    B differ by more than COLOUR_SPREAD is colour: an error (a mask is greyscale). Values
+    within MASK_SNAP of 0 or 1 snap to 0 or 1.
+    """
+    rgba = np.asarray(rgba, np.float32)
+    rgb, a = rgba[..., :3], rgba[..., 3]
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    bad = (spread > COLOUR_SPREAD) & (a > 0)
+    if bad.any():
+        y, x = (int(v[0]) for v in np.nonzero(bad))
+        r, g, b = (int(round(float(c) * 255)) for c in rgb[y, x])
+        raise LayerctlError(
+            f"mask {path} is not greyscale: pixel ({x}, {y}) is RGB ({r}, {g}, {b}); "
+            f"use a greyscale mask (white = repaint, black = keep)"
+        )
+    m = rgb.mean(axis=-1) * a
+    m = np.where(m <= MASK_SNAP, 0.0, np.where(m >= 1.0 - MASK_SNAP, 1.0, m))
+    return m.astype(np.float32)
+
+
+def fit_mask(mask: np.ndarray, width: int, height: int, how: str) -> np.ndarray:
+    """An HxW mask fitted to width x height the same way fit_image fits the init image."""
+    from layerctl.modes import fit_image
+
+    h, w = mask.shape
+    if (w, h) == (width, height):
+        return mask.astype(np.float32, copy=True)
+    rgba = np.concatenate([np.repeat(mask[..., None], 3, axis=-1), np.ones((h, w, 1), np.float32)], axis=-1)
+    out = fit_image(rgba, width, height, how)[..., 0]
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def latent_mask(mask: np.ndarray, factor: int = 8) -> np.ndarray:
+    """HxW pixel mask -> (H/f)x(W/f) {0,1} mask: a latent cell is repainted when any pixel of it is."""
+    from layerctl.inpaint import latent_mask as pooled
+
+    return pooled(mask, factor)
+
+
+def paste_outside(new, old, mask):
+    """Put `old` back where mask < 1: a premultiplied blend new*m + old*(1-m) of straight RGBA.
+
+    new, old: [N,4,H,W] straight RGBA tensors; mask: [1 or N,1,H,W] in [0,1]. Where m = 0 the
+    result is `old` exactly, where m = 1 it is `new` exactly.
+    """
+    import torch
+
+    m = mask.to(new.dtype)
+    a = new[:, 3:4] * m + old[:, 3:4] * (1 - m)
+    pre = new[:, :3] * new[:, 3:4] * m + old[:, :3] * old[:, 3:4] * (1 - m)
+    straight = torch.where(a > 1e-6, pre / a.clamp_min(1e-6), new[:, :3] * m + old[:, :3] * (1 - m))
+    blended = torch.cat([straight.clamp(0, 1), a], dim=1)
+    out = torch.where(m >= 1, new, blended)
+    return torch.where(m <= 0, old, out)
+
+
+def upscale_rgba(rgba, width: int, height: int):
+    """[N,4,h,w] straight RGBA tensor -> [N,4,height,width] (Lanczos on premultiplied colour)."""
+    import torch
+
+    from layerctl.modes import fit_image
+
+    outs = []
+    for img in rgba:
+        arr = img.detach().float().cpu().permute(1, 2, 0).numpy()
+        outs.append(torch.from_numpy(np.ascontiguousarray(fit_image(arr, width, height, "stretch").transpose(2, 0, 1))))
+    return torch.stack(outs)
+
+
+def to_tensor(arr: np.ndarray):
+    """HxWxC float array -> [1,C,H,W] float32 tensor."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(arr, np.float32).transpose(2, 0, 1)))[None]
+
+
+# ================================================================= inputs
+
+
+@dataclass
+class InputImage:
+    path: str
+    sha256: str
+    source: np.ndarray  # HxWx4 float32 straight RGBA as read
+    opaque: bool  # no transparent pixel (an RGB file, or alpha 255 everywhere)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.source.shape[1]), int(self.source.shape[0])
+
+
+def read_image(path: str, what: str = "init image") -> InputImage:
+    from layerctl.controlnet import file_sha256
+    from layerctl.imageio import load_image
+    from layerctl.imagemath import to_float
+
+    arr = np.asarray(load_image(path, "RGBA"))
+    if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise LayerctlError(f"empty {what}: {path}")
+    return InputImage(str(path), file_sha256(path), to_float(arr), bool((arr[..., 3] == 255).all()))
+
+
+def read_mask(path: str) -> tuple[np.ndarray, str]:
+    """(HxW mask in [0,1], sha256) of a mask file; one-line errors for unreadable or colour files."""
+    from layerctl.controlnet import file_sha256
+    from layerctl.imageio import load_image
+    from layerctl.imagemath import to_float
+
+    arr = to_float(np.asarray(load_image(path, "RGBA")))
+    return mask_from_rgba(arr, str(path)), file_sha256(path)
+
+
+def _resize_given(req) -> bool:
+    """Whether --resize / `resize:` was given explicitly (the gen command always passes its default,
+    so under the CLI ask click where the value came from)."""
+    if "resize" not in getattr(req, "model_fields_set", set()):
+        return False
+    for mod in ("typer._click.globals", "click.globals"):
+        try:
+            import importlib
+
+            ctx = importlib.import_module(mod).get_current_context(silent=True)
+        except Exception:  # noqa: BLE001 - no click here: trust the request
+            continue
+        if ctx is not None and "resize" in ctx.params:
+            src = ctx.get_parameter_source("resize")
+            return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+    return True
+
+
+# ================================================================= the job
+
+
+@dataclass
+class EditJob:
+    """Everything a gen-edit or upscale run needs, resolved and checked; nothing written yet."""
+
+    req: object
+    kind: str  # "gen" or "upscale"
+    model: object
+    prompt: str
+    seeds: list
+    steps: int
+    cfg: float
+    width: int  # base size (gen) / the source image's size (upscale)
+    height: int
+    paths: list
+    init: Optional[InputImage] = None
+    init_rgba: Optional[np.ndarray] = None  # HxWx4 at the base size
+    mask_path: Optional[str] = None
+    mask_sha256: Optional[str] = None
+    mask: Optional[np.ndarray] = None  # HxW at the base size
+    strength: float = 1.0
+    hires: Optional[float] = None
+    hires_wh: Optional[tuple[int, int]] = None
+    hires_strength: float = 0.5
+    control_options: list = field(default_factory=list)
+    controls: list = field(default_factory=list)
+    control_images: dict = field(default_factory=dict)
+    resized: bool = False
+    notes: list = field(default_factory=list)
+    # filled while running
+    weights: list = field(default_factory=list)
+    decoder_name: Optional[str] = None
+    encoder_name: Optional[str] = None
+    mask_method: Optional[str] = None
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        return self.hires_wh or (self.width, self.height)
+
+
+@dataclass
+class EditResult:
+    rgba: object  # [N,4,H,W] float tensor in [0,1], the final images
+    latent: object  # the final scaled latents
+    base_rgba: object = None  # gen with --hires: the base pass's images (after paste-back)
+    base_latent: object = None
+
+
+def _check_common(req) -> list:
+    from layerctl.controlnet import pair_options
+
+    options = pair_options(req.controlnet, req.control_image, req.control_scale)
+    for _ref, image, _s in options:
+        from layerctl.weights import check_file
+
+        check_file(image, "control image")
+    return options
+
+
+def _settings(req, model) -> tuple[int, float]:
+    steps = req.steps or model.default_steps
+    cfg = req.cfg if req.cfg is not None else model.default_cfg
+    return int(steps), float(cfg)
+
+
+def _check_unet(model) -> None:
+    n_in = int(getattr(model.unet.config, "in_channels", 4))
+    if n_in not in (4, 9):
+        raise LayerctlError(
+            f"the base model's UNet has {n_in} input channels; editing needs a base UNet (4) or an inpainting UNet (9)"
+        )
+
+
+def plan_gen_edit(session, req) -> EditJob:
+    """Validate a gen request with --init/--mask/--hires/--controlnet, read its inputs, load the model."""
+    from layerctl.api import check_outputs, expand_out, new_seed
+
+    if not req.out:
+        raise LayerctlError("--out is required (the PNG to write; {i} and {seed} fill in for batches)")
+    if req.mask and not req.init:
+        raise LayerctlError("--mask needs --init (the image to inpaint)")
+    if not (0.0 < req.hires_strength <= 1.0):
+        raise LayerctlError(f"hires_strength must be in (0, 1] (got {req.hires_strength})")
+    if req.hires is not None and not (req.hires > 1.0):
+        raise LayerctlError(f"hires factor must be > 1 (got {req.hires})")
+    options = _check_common(req)
+    # inputs first (cheap, before any model loads)
+    init = read_image(req.init, "init image") if req.init else None
+    mask = mask_sha = None
+    if req.mask:
+        mask, mask_sha = read_mask(req.mask)
+    images = {}
+    from layerctl.controlnet import read_control_image
+
+    for _ref, image, _s in options:
+        if image not in images:
+            images[image] = read_control_image(image)
+    notes = []
+    if init is not None:
+        width, height = edit_size(*init.size, req.width, req.height)
+        if max(width, height) > MAX_SIDE:
+            raise LayerctlError(f"the init image gives an output of {width}x{height}, over the limit of {MAX_SIDE} px a side")
+        if mask is not None and (mask.shape[1], mask.shape[0]) != init.size:
+            if not _resize_given(req):
+                raise LayerctlError(
+                    f"the mask is {mask.shape[1]}x{mask.shape[0]} but the init image is {init.size[0]}x{init.size[1]}: "
+                    f"give a mask of the same size, or --resize crop|fit|stretch to fit the mask to the image"
+                )
+            mask = fit_mask(mask, *init.size, req.resize)
+            notes.append(f"mask fitted to the init image's {init.size[0]}x{init.size[1]} (--resize {req.resize})")
+    else:
+        width = height = None
+        if req.width and req.height:
+            width, height = req.width, req.height
+    if width is not None and req.hires is not None:
+        hires_size(width, height, req.hires)  # fail before any model loads
+    n = req.batch
+    base_seed = req.seed if req.seed is not None else new_seed()
+    seeds = [base_seed + i for i in range(n)]
+    paths = expand_out(req.out, n, seeds, req.prompt)
+    check_outputs(paths, req.overwrite)
+    if req.preview:
+        check_outputs([p.with_name(p.stem + ".preview.png") for p in paths], req.overwrite)
+    if req.psd:
+        check_outputs([req.psd], req.overwrite, suffixes=(".psd",))
+    session.precheck_files(req)
+    model = session.model(req)
+    _check_unet(model)
+    if width is None:
+        width, height = req.width or model.native_size, req.height or model.native_size
+    hires_wh = hires_size(width, height, req.hires) if req.hires is not None else None
+    steps, cfg = _settings(req, model)
+    job = EditJob(
+        req=req, kind="gen", model=model, prompt=req.prompt, seeds=seeds, steps=steps, cfg=cfg, width=width,
+        height=height, paths=paths, init=init, mask_path=req.mask, mask_sha256=mask_sha,
+        strength=req.strength if init is not None else 1.0, hires=req.hires, hires_wh=hires_wh,
+        hires_strength=req.hires_strength, control_options=options, control_images=images, notes=notes,
+    )
+    if init is not None:
+        from layerctl.modes import fit_image
+
+        if init.size != (width, height):
+            job.resized = True
+            notes.append(f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} (--resize {req.resize})")
+            job.init_rgba = fit_image(init.source, width, height, req.resize)
+        else:
+            job.init_rgba = init.source.copy()
+        if mask is not None:
+            job.mask = fit_mask(mask, width, height, req.resize)
+    job.controls = _load_controls(session, job, width, height)
+    return job
+
+
+def _load_controls(session, job: EditJob, width: int, height: int) -> list:
+    if not job.control_options:
+        return []
+    from layerctl.controlnet import load_controls
+
+    return load_controls(session, job.model, job.control_options, width, height, job.req.resize, job.control_images)
+
+
+def plan_upscale(session, req: UpscaleRequest) -> EditJob:
+    from layerctl.api import check_outputs, new_seed
+
+    options = _check_common(req)
+    src = read_image(req.image, "image")
+    from layerctl.controlnet import read_control_image
+
+    images = {img: read_control_image(img) for _r, img, _s in options}
+    w, h = src.size
+    w2, h2 = hires_size(w, h, req.scale)
+    out = req.out or str(Path(req.image).with_name(f"{Path(req.image).stem}_x{req.scale:g}.png"))
+    seed = req.seed if req.seed is not None else new_seed()
+    paths = [Path(out)]
+    check_outputs(paths, req.overwrite)
+    if req.preview:
+        check_outputs([paths[0].with_name(paths[0].stem + ".preview.png")], req.overwrite)
+    session.precheck_files(req)
+    model = session.model(req)
+    _check_unet(model)
+    steps, cfg = _settings(req, model)
+    job = EditJob(
+        req=req, kind="upscale", model=model, prompt=req.prompt, seeds=[seed], steps=steps, cfg=cfg, width=w,
+        height=h, paths=paths, init=src, init_rgba=src.source.copy(), strength=req.strength, hires=req.scale,
+        hires_wh=(w2, h2), hires_strength=req.strength, control_options=options, control_images=images,
+    )
+    job.controls = _load_controls(session, job, w2, h2)
+    return job
+
+
+# ================================================================= running
+
+
+def encode_transparent(session, job: EditJob, rgba):
+    """[N,4,H,W] straight RGBA in [0,1] -> scaled transparent latent (pad_rgb + E_a x 300 offset)."""
+    import torch
+
+    from layerctl.transparent_vae import transparent_latent
+
+    model = job.model
+    encoder, name = session.encoder(model, job.req)
+    job.encoder_name = name
+    with torch.no_grad():
+        lat = transparent_latent(encoder, rgba.to(model.device, torch.float32), model.vae_encode)
+    return lat.float() * model.latent_scale
+
+
+def decode(session, job: EditJob, latents):
+    from layerctl.pipeline import decode_transparent
+
+    decoder, name = session.decoder(job.model, job.req)
+    job.decoder_name = name
+    return decode_transparent(job.model, decoder, latents, tta=job.req.tta).float().cpu()
+
+
+def round_trip(session, job: EditJob, rgba):
+    """The model's own encode -> decode of an RGBA batch, without denoising (what strength -> 0 tends to)."""
+    return decode(session, job, encode_transparent(session, job, rgba))
+
+
+def _inpaint_concat(session, job: EditJob, init_rgba, pixel_mask, n: int):
+    """[n, 5, h, w] = [latent mask, masked-image latent] for a 9-channel inpainting UNet."""
+    import torch
+
+    model = job.model
+    _, _, H, W = init_rgba.shape
+    if pixel_mask is None:
+        lm = torch.ones((1, 1, H // 8, W // 8))
+        masked = torch.zeros_like(init_rgba)
+    else:
+        lm = torch.from_numpy(latent_mask(pixel_mask))[None, None]
+        keep = torch.from_numpy((pixel_mask < 0.5).astype(np.float32))[None, None]
+        masked = init_rgba.clone()
+        masked[:, 3:4] = masked[:, 3:4] * keep
+    lat = encode_transparent(session, job, masked)
+    return torch.cat([lm.to(lat), lat], dim=1).expand(n, -1, -1, -1).contiguous()
+
+
+def _denoise(session, job: EditJob, active, width: int, height: int, init=None, strength: float = 1.0,
+             latent_mask_t=None, concat=None, label: str = "generating"):
+    from layerctl.controlnet import residual_hook
+    from layerctl.pipeline import DenoiseSpec, denoise, make_noise
+    from layerctl.progress import steps_bar
+
+    model, req = job.model, job.req
+    n = len(job.seeds)
+    use_cfg = job.cfg > 1.0
+    embeds = model.encode_prompt([job.prompt] * n, [req.negative] * n, use_cfg, width, height)
+    patcher = active.patcher
+    if patcher is not None:
+        from layerctl.layers import make_cond_mark
+
+        patcher.set_control(None)
+        patcher.set_prompt_overrides(None)
+        patcher.set_cond_mark(make_cond_mark([True] * n + [False] * n if use_cfg else [False] * n, 1))
+    for c in job.controls:
+        c.fit(width, height)
+    hook = residual_hook(job.controls, use_cfg) if job.controls else None
+    try:
+        with steps_bar(label, session.quiet) as bar:
+            spec = DenoiseSpec(
+                embeds=embeds, noise=make_noise(job.seeds, 1, height, width), steps=job.steps, cfg=job.cfg,
+                init=init, strength=strength, mask=latent_mask_t, concat=concat, unet_extra=hook, progress=bar,
+            )
+            return denoise(model, spec)
+    finally:
+        if patcher is not None:
+            patcher.set_cond_mark(None)
+
+
+def run_edit(session, job: EditJob) -> EditResult:
+    """Denoise and decode (nothing written)."""
+    import torch
+
+    from layerctl.progress import log
+
+    model, req = job.model, job.req
+    for note in job.notes:
+        log(f"layerctl: {note}", session.quiet)
+    n = len(job.seeds)
+    active = session.use_weights(model, "rgba", req, getattr(req, "weight", 1.0))
+    job.weights = list(active.names)
+    nine = int(model.unet.config.in_channels) == 9
+    base_rgba = base_lat = None
+    if job.kind == "gen":
+        init_lat = lm = concat = None
+        init_t = to_tensor(job.init_rgba) if job.init_rgba is not None else None
+        if init_t is not None:
+            init_lat = encode_transparent(session, job, init_t).expand(n, -1, -1, -1).contiguous()
+        if job.mask is not None:
+            job.mask_method = "inpainting-unet" if nine else "latent-blend"
+            if not nine:
+                lm = torch.from_numpy(latent_mask(job.mask))[None, None].expand(n, -1, -1, -1)
+        if nine:
+            concat = _inpaint_concat(session, job, init_t if init_t is not None else torch.zeros(1, 4, job.height, job.width),
+                                     job.mask, n)
+        label = "inpainting" if job.mask is not None else ("img2img" if init_t is not None else "generating")
+        base_lat = _denoise(session, job, active, job.width, job.height, init=init_lat, strength=job.strength,
+                            latent_mask_t=lm, concat=concat, label=label)
+        base_rgba = decode(session, job, base_lat)
+        if job.mask is not None:
+            base_rgba = paste_outside(base_rgba, init_t.expand(n, -1, -1, -1), torch.from_numpy(job.mask)[None, None])
+        if job.hires_wh is None:
+            return EditResult(rgba=base_rgba, latent=base_lat)
+        source = base_rgba
+    else:
+        source = to_tensor(job.init_rgba)
+    w2, h2 = job.hires_wh
+    big = upscale_rgba(source, w2, h2)
+    big_lat = encode_transparent(session, job, big)
+    if big_lat.shape[0] != n:
+        big_lat = big_lat.expand(n, -1, -1, -1).contiguous()
+    concat = _inpaint_concat(session, job, big[:1], None, n) if nine else None
+    label = "upscale" if job.kind == "upscale" else f"hires x{job.hires:g}"
+    lat = _denoise(session, job, active, w2, h2, init=big_lat, strength=job.hires_strength, concat=concat, label=label)
+    return EditResult(rgba=decode(session, job, lat), latent=lat, base_rgba=base_rgba, base_latent=base_lat)
+
+
+# ================================================================= writing
+
+
+def edit_metadata(session, job: EditJob) -> dict:
+    model, req = job.model, job.req
+    w, h = job.final_size
+    meta = session.base_metadata(model, req, "rgba", job.steps, job.cfg, w, h)
+    ops = []
+    meta.update(layer_weights=job.weights, transparent_decoder=job.decoder_name, role="rgba")
+    if job.encoder_name:
+        meta["transparent_encoder"] = job.encoder_name
+    if job.init is not None:
+        meta.update(
+            init=job.init.path, init_sha256=job.init.sha256, init_size=list(job.init.size), init_opaque=job.init.opaque,
+            strength=job.strength,
+        )
+        if job.resized:
+            meta["resize"] = req.resize
+    if job.kind == "upscale":
+        ops.append("upscale")
+        meta.update(upscale=job.hires, base_size=[job.width, job.height])
+    else:
+        if job.mask is not None:
+            ops.append("inpaint")
+            meta.update(mask=job.mask_path, mask_sha256=job.mask_sha256, mask_method=job.mask_method, mask_paste_back=True)
+        elif job.init is not None:
+            ops.append("img2img")
+        if job.hires_wh is not None:
+            ops.append("hires")
+            meta.update(hires=job.hires, hires_strength=job.hires_strength, base_size=[job.width, job.height])
+    if job.controls:
+        ops.append("controlnet")
+        meta["controlnets"] = [c.describe() for c in job.controls]
+        meta.setdefault("resize", req.resize)
+    meta["edit"] = ops
+    return meta
+
+
+def write_edit(session, job: EditJob, result: EditResult):
+    meta = edit_metadata(session, job)
+    req = job.req
+    shim = types.SimpleNamespace(overwrite=req.overwrite, preview=getattr(req, "preview", False), psd=getattr(req, "psd", None))
+    items = [("rgba", p, result.rgba[i], job.seeds[i], i) for i, p in enumerate(job.paths)]
+    return session.write_images(items, meta, shim)
+
+
+def gen_edit(session, req):
+    """`layerctl gen PROMPT` with --init / --mask / --hires / --controlnet: writes PNGs, returns OutputRecords."""
+    job = plan_gen_edit(session, req)
+    return write_edit(session, job, run_edit(session, job))
+
+
+def upscale(session, req: UpscaleRequest):
+    """`layerctl upscale IMAGE --scale F`: writes the refined, larger RGBA PNG; returns OutputRecords."""
+    job = plan_upscale(session, req)
+    return write_edit(session, job, run_edit(session, job))
