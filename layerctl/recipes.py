@@ -1065,6 +1065,7 @@ def _meta_mismatch(job: Job, meta: dict) -> Optional[str]:
         "mode": job.mode if job.kind == "gen" else None,
         "fg_prompt": getattr(req, "fg_prompt", None),
         "bg_prompt": getattr(req, "bg_prompt", None),
+        "tta": getattr(req, "tta", None),
     }
     for key, want in checks.items():
         if want is None or key not in meta or meta[key] is None:
@@ -1078,6 +1079,10 @@ def _meta_mismatch(job: Job, meta: dict) -> Optional[str]:
                 pass
         if have != want and str(have) != str(want):
             return f"its {key} is {have!r}, the job's is {want!r}"
+    lw = getattr(req, "layer_weights", None)
+    used = meta.get("layer_weights")
+    if lw and isinstance(used, list) and Path(lw).name not in used:
+        return f"it was made with layer weights {used}, the job asks for {Path(lw).name}"
     w, h = getattr(req, "width", None), getattr(req, "height", None)
     size = meta.get("size")
     if w and h and isinstance(size, (list, tuple)) and len(size) == 2 and (int(size[0]), int(size[1])) != (w, h):

@@ -101,7 +101,8 @@ def _summary(results, quiet: bool) -> None:
             table.add_column(h, overflow="fold")
         style = {"done": "green", "skipped": "cyan", "failed": "red", "not run": "yellow"}
         for r in sorted(show, key=lambda r: r.index):
-            detail = r.reason if r.status != "done" else ", ".join(str(p) for p in r.outputs.values())
+            outs = [str(p) for p in r.outputs.values()]
+            detail = r.reason if r.status != "done" else (outs[0] + (f" (+{len(outs) - 1})" if len(outs) > 1 else "") if outs else "")
             table.add_row(str(r.index), r.job, f"[{style[r.status]}]{r.status}[/]", f"{r.seconds:.1f}s" if r.seconds else "", detail)
         con.print(table)
     else:
