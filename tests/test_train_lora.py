@@ -465,3 +465,34 @@ def test_layers_run_writes_the_joint_layout_that_gen_loads(tmp_path):
                             "--out-dir", tmp_path / "joint", "--seed", "1", "--steps", "2", "--no-tta")
     assert code == 0, err
     assert read_metadata(tmp_path / "joint" / "fg.png")["layer_weights"] == [T.LAYERS_FILE]
+
+
+def test_two_process_cpu_run_matches_one_process_and_its_lora_loads(tmp_path, tiny):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): 2 x batch 2 == 1 x batch 4."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from layerctl.lora import apply_lora_file
+    from layerctl.training import lora as T
+
+    one = T.train(_cfg(tmp_path, out_dir=str(tmp_path / "one"), steps=2, batch_size=4), quiet=True)
+    assert one["world_size"] == 1
+    cfg = _cfg(tmp_path, out_dir=str(tmp_path / "two"), steps=2, batch_size=2, cpu_threads=1)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    # without GPUs, --multi_gpu is what makes accelerate start N processes (--cpu starts one)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerctl", "train-lora", "r.yaml", "--json", "--quiet"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert len(rows) == 1 and rows[0]["world_size"] == 2 and rows[0]["steps"] == 2  # the main process reports
+    np.testing.assert_allclose(np.array(_train_rows(tmp_path / "two")), np.array(_train_rows(tmp_path / "one")), rtol=1e-5)
+    base = _weights(tiny.unet)
+    with apply_lora_file(tiny.unet, tmp_path / "two" / T.LORA_FILE, 1.0) as h:
+        assert h.pairs == 88 and _maxdiff(base, _weights(tiny.unet)) > 0
+    assert _maxdiff(base, _weights(tiny.unet)) == 0.0

@@ -37,6 +37,8 @@ def train_lora(
     if resume and resume_from:
         raise LayerctlError("give --resume or --resume-from, not both")
     summary = train(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, quiet=quiet)
+    if not summary.get("main_process", True):
+        return  # the other processes of a multi-process run: the main one reports
     if as_json:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
     else:

@@ -1465,6 +1465,7 @@ def train(
         decoder=decoder_name,
         encoder=encoder_name,
         world_size=world,
+        main_process=main,
         val_loss_start=(summary["baseline"] or {}).get("val_loss"),
         val_loss_end=(summary["last_val"] or {}).get("val_loss"),
     )
