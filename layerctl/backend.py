@@ -132,6 +132,7 @@ def available_backends() -> dict[str, type]:
     for name, target in {
         "tiny": "layerctl.backends.tiny:TinyBackend",
         "tiny-xl": "layerctl.backends.tiny:TinyXLBackend",
+        "toy": "layerctl.backends.toy:ToyBackend",
         "sd15": "layerctl.backends.sd15:SD15Backend",
         "sdxl": "layerctl.backends.sdxl:SDXLBackend",
     }.items():

@@ -1,0 +1,236 @@
+"""Pre-train the toy base model (VAE, then text encoder + UNet) from scratch on procedural scenes.
+
+No layerctl command trains a base model, so this is one visible loop per stage
+(nanoGPT style). Every shipped base weight file comes from here:
+
+    # 1. the VAE, as a plain autoencoder (L1 + small KL) on RGB scenes and fg-over-grey images
+    python recipes/toy/pretrain_base.py vae --steps 1500 --seed 1
+    # 2. (layerctl train-vae recipes/toy/train-vae.yaml: the transparency encoder/decoder)
+    # 3. text encoder + UNet, epsilon prediction, caption dropout for CFG; fg prompts learn the
+    #    transparent latents of the encoder from step 2 (the "text -> RGBA" task)
+    python recipes/toy/pretrain_base.py unet --steps 4000 --seed 2 \
+        --transparent-encoder layerctl/toy_weights/transparent_encoder.safetensors
+
+Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
+--save-minutes and at the end (atomically), fp32 training state into --run-dir.
+Ctrl-C saves and stops. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from layerctl.backends import toy  # noqa: E402
+from layerctl.training.scenes import SceneSource  # noqa: E402
+
+STOP = False
+
+
+def _sigint(*_):
+    global STOP
+    STOP = True
+
+
+def save_fp16(module, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator):
+    """Scenes start..start+n as (pixels [n,3,64,64] in [-1,1], captions, roles, fg RGBA [n,64,64,4]).
+
+    Each row is the blended scene (45%), the background alone (15%) or the foreground over mid grey
+    (40%: the premultiplied picture, what the frozen VAE sees of an RGBA image); half are mirrored.
+    """
+    imgs, caps, roles, fgs = [], [], [], []
+    for i in range(start, start + n):
+        s = src(i)
+        u = rng.random()
+        fg = s.fg
+        if u < 0.45:
+            img, cap, role = s.blended, s.caption, "blended"
+        elif u < 0.6:
+            img, cap, role = s.bg, s.bg_caption, "bg"
+        else:
+            a = fg[..., 3:4]
+            img, cap, role = fg[..., :3] * a + 0.5 * (1 - a), s.fg_caption, "fg"
+        if rng.random() < 0.5:
+            img, fg = img[:, ::-1], fg[:, ::-1]
+        imgs.append(np.ascontiguousarray(img))
+        fgs.append(np.ascontiguousarray(fg))
+        caps.append(cap)
+        roles.append(role)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() * 2 - 1
+    return x, caps, roles, np.stack(fgs)
+
+
+def train_vae(args):
+    vae, text, unet = toy.build_components(args.seed)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
+    src = SceneSource(args.seed)
+    rng = np.random.default_rng(args.seed)
+    t0, last_save = time.time(), time.time()
+    for step in range(1, args.steps + 1):
+        x = scene_batch(src, (step - 1) * args.batch, args.batch, rng)[0]
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / (4 * 8 * 8)
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = (args.lr or 1e-3) * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        opt.step()
+        if step % 20 == 0:
+            psnr = -10 * math.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() + 1e-12)
+            print(f"vae step {step}/{args.steps} loss {loss.item():.4f} psnr {psnr:.2f} kl {kl.item():.3f} "
+                  f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
+            export_vae(vae, text, unet, args, step, time.time() - t0)
+            last_save = time.time()
+            if STOP:
+                break
+
+
+@torch.no_grad()
+def latent_std(vae, src, seed) -> float:
+    x = scene_batch(src, 10_000_000, 64, np.random.default_rng(seed))[0]
+    return float(vae.encode(x).latent_dist.mean.std())
+
+
+def export_vae(vae, text, unet, args, step, seconds):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vae.eval()
+    scale = 1.0 / latent_std(vae, SceneSource(args.seed), args.seed)
+    vae.train()
+    save_fp16(vae, out / toy.FILES["vae"], {"scaling_factor": f"{scale:.5f}", "step": step, "seed": args.seed})
+    # placeholders so the backend loads for train-vae before the UNet stage has run
+    for key, mod in (("text_encoder", text), ("unet", unet)):
+        if not (out / toy.FILES[key]).is_file():
+            save_fp16(mod, out / toy.FILES[key], {"placeholder": "untrained"})
+    _log_stage(out, "vae", step, seconds, args, extra={"scaling_factor": scale})
+    print(f"saved vae (step {step}, scaling_factor {scale:.4f})", file=sys.stderr, flush=True)
+
+
+def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=None):
+    p = out / "training.json"
+    info = json.loads(p.read_text()) if p.is_file() else {}
+    info[stage] = dict(steps=step, seconds=round(seconds), seed=args.seed, batch=args.batch, lr=args.lr, **(extra or {}))
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def train_unet(args):
+    from diffusers import DDPMScheduler
+
+    from layerctl import transparent_vae as tv
+
+    out = Path(args.out)
+    pipe = toy.load_toy("cpu", torch.float32, out, with_unet=False)
+    vae, tok = pipe.vae, pipe.tokenizer
+    scale = float(vae.config.scaling_factor)
+    _, text, unet = toy.build_components(args.seed)
+    if args.resume:
+        toy._load_into(text, out / toy.FILES["text_encoder"])
+        toy._load_into(unet, out / toy.FILES["unet"])
+    enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr or 5e-4, weight_decay=0.01)
+    src = SceneSource(args.seed)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    t0, last_save = time.time(), time.time()
+    ema = None
+    unet.train(), text.train()
+    for step in range(1, args.steps + 1):
+        x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            mean, std = post.mean, post.std
+            lat = mean + std * torch.randn(mean.shape, generator=gen)
+            if enc is not None:  # fg rows: the latent-transparency offset replaces the sampling noise
+                rows = [i for i, r in enumerate(roles) if r == "fg"]
+                if rows:
+                    rgba = torch.from_numpy(fgs[rows]).permute(0, 3, 1, 2).float()
+                    lat[rows] = mean[rows] + std[rows] * tv.encode_offset(enc, rgba)
+            lat = lat * scale
+        drop = rng.random(len(caps))
+        caps = [("" if rng.random() < 0.5 else "bad, ugly") if d < 0.1 else c for c, d in zip(caps, drop)]
+        ids = tok(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        hidden = text(ids)[0]
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
+        noisy = sched.add_noise(lat, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = (args.lr or 5e-4) * min(1.0, step / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        if ema is None:
+            ema = loss.item()
+        ema = 0.98 * ema + 0.02 * loss.item()
+        if step % 20 == 0:
+            print(f"unet step {step}/{args.steps} loss {loss.item():.4f} ema {ema:.4f} lr {lr:.2e} {time.time() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
+        if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
+            out.mkdir(parents=True, exist_ok=True)
+            save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed})
+            save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"})
+            _log_stage(out, "unet", step, time.time() - t0, args,
+                       extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc)})
+            print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
+            last_save = time.time()
+            if STOP:
+                break
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["vae", "unet"])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "layerctl" / "toy_weights"))
+    ap.add_argument("--save-minutes", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--transparent-encoder", default=None)
+    ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out")
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGINT, _sigint)
+    signal.signal(signal.SIGTERM, _sigint)
+    (train_vae if args.stage == "vae" else train_unet)(args)
+
+
+if __name__ == "__main__":
+    main()
