@@ -1,0 +1,262 @@
+"""Shared helpers for the layerctl benchmarks (timing, ratios, machine facts, peak memory).
+
+Every benchmark interleaves its cases (A B A B ...), so a slow spell of a shared
+machine hits all cases alike, and reports medians and the median of the
+per-pair ratios. Import as `from common import ...` (the scripts put bench/ on
+sys.path); nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+
+
+# ---------------------------------------------------------------- machine facts
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_gb() -> Optional[float]:
+    try:
+        m = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
+        return round(int(m.group(1)) / 1024**2, 1) if m else None
+    except OSError:
+        return None
+
+
+def loadavg() -> Optional[tuple[float, float, float]]:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())  # type: ignore[return-value]
+    except OSError:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return f"{sha}{' (tracked files modified)' if dirty else ''}" if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(torch_facts: bool = True) -> dict:
+    info = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": mem_total_gb(),
+        "loadavg": loadavg(),
+    }
+    if torch_facts:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            import diffusers
+
+            info["diffusers"] = diffusers.__version__
+        except ImportError:
+            pass
+    return info
+
+
+def print_header(name: str, info: dict) -> None:
+    parts = [f"{k}={v}" for k, v in info.items()]
+    print(f"# bench/{name}: " + ", ".join(parts), flush=True)
+    load = info.get("loadavg")
+    cores = info.get("cores") or 1
+    if load and load[0] > cores:
+        print(f"# note: load average {load[0]} on {cores} cores: the machine is busy, timings are noisy "
+              "(cases are interleaved, so ratios suffer less than absolute times)", flush=True)
+
+
+def set_threads(n: Optional[int]) -> None:
+    """Pin torch's intra-op threads (on a busy machine 1 thread avoids OpenMP spin-wait stalls)."""
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def interleave(cases: Sequence[tuple[str, Callable[[], object]]], reps: int, warmup: int = 1,
+               sync: Optional[Callable[[], None]] = None, log: bool = True) -> dict[str, list[float]]:
+    """Run every case `warmup` times untimed, then `reps` rounds of A B C ... A B C; seconds per run."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for _, fn in cases:
+            fn()
+            sync()
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for r in range(reps):
+        for name, fn in cases:
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        if log:
+            line = "  ".join(f"{name}={times[name][-1]:.3f}s" for name, _ in cases)
+            print(f"#   round {r + 1}/{reps}: {line}", file=sys.stderr, flush=True)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def pair_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    return [a / b for a, b in zip(times[num], times[den]) if b > 0]
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.3f} s"
+
+
+class Report:
+    """Collects the lines a benchmark prints (and writes them as JSON with --json)."""
+
+    def __init__(self, name: str, info: dict):
+        self.name = name
+        self.info = info
+        self.ratios: list[dict] = []
+        self.values: list[dict] = []
+        self.notes: list[str] = []
+
+    def ratio(self, label: str, times: dict[str, list[float]], num: str, den: str,
+              target: Optional[float] = None) -> dict:
+        rs = pair_ratios(times, num, den)
+        r = median(rs)
+        entry = {
+            "label": label, "ratio": round(r, 4), "pairs": len(rs),
+            "spread": [round(min(rs), 3), round(max(rs), 3)],
+            "num": num, "num_median_s": round(median(times[num]), 5),
+            "den": den, "den_median_s": round(median(times[den]), 5),
+            "target": target,
+            "met": None if target is None else bool(r <= target),
+        }
+        self.ratios.append(entry)
+        verdict = "" if target is None else f"  target <= {target:.2f}x: {'MET' if r <= target else 'MISSED'}"
+        print(f"ratio {label}: {r:.3f}x  (median of {len(rs)} pairs, range {min(rs):.3f}-{max(rs):.3f}; "
+              f"{num} {fmt_s(median(times[num]))} vs {den} {fmt_s(median(times[den]))}){verdict}", flush=True)
+        return entry
+
+    def value(self, label: str, value, unit: str = "", target: Optional[str] = None,
+              met: Optional[bool] = None) -> dict:
+        entry = {"label": label, "value": value, "unit": unit, "target": target, "met": met}
+        self.values.append(entry)
+        verdict = "" if target is None else f"  target {target}: {'MET' if met else 'MISSED'}"
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        print(f"value {label}: {shown}{(' ' + unit) if unit else ''}{verdict}", flush=True)
+        return entry
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"note: {text}", flush=True)
+
+    def skip(self, text: str) -> None:
+        self.notes.append("SKIPPED: " + text)
+        print(f"skip: {text}", flush=True)
+
+    def dump(self, path: Optional[str]) -> None:
+        if not path:
+            return
+        data = {"bench": self.name, "machine": self.info, "ratios": self.ratios, "values": self.values,
+                "notes": self.notes}
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, p)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        m = re.search(field + r":\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_extra_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Peak resident memory while fn runs, above the resident memory before it (MiB).
+
+    Meant to run in a fresh child process (see run_child): memory the allocator kept
+    from earlier work in the same process would hide part of the peak.
+    """
+    import gc
+
+    gc.collect()
+    if not reset_peak_rss():
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024.0
+
+
+def run_child(script: Path, args: Sequence[str], timeout: float = 3600,
+              env: Optional[dict] = None) -> Optional[dict]:
+    """Run `python script --child ARGS...` and parse the last JSON line it prints (None if it failed)."""
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    print(f"# child {' '.join(args)} failed (rc {proc.returncode}): {' | '.join(tail)}", file=sys.stderr)
+    return None
+
+
+def cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,102 @@
+"""Smoke test of the benchmarks under bench/: each main runs with --quick and prints its ratio lines.
+
+In-process (torch and diffusers are imported once), tiny sizes; the timings
+themselves are not checked, only that every benchmark measures what it says
+and prints it. The GPU benchmark must skip cleanly without CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+RATIO = re.compile(r"^ratio (.+?): (\d+\.\d+)x ", re.M)
+
+
+def load(name: str):
+    if not (BENCH / f"{name}.py").exists():
+        pytest.skip(f"bench/{name}.py not present")
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ratios(text: str) -> dict[str, float]:
+    return {label: float(r) for label, r in RATIO.findall(text)}
+
+
+def test_cli_startup_quick(capsys, tmp_path):
+    mod = load("cli_startup")
+    out_json = tmp_path / "cli.json"
+    assert mod.main(["--quick", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    r = ratios(out)
+    assert "layerctl --help / python -c pass" in r and "layerctl --version / python -c pass" in r
+    # starting layerctl costs something on top of a bare interpreter: a ratio below 1 means broken timing
+    assert all(v > 1.0 for v in r.values()), r
+    assert re.search(r"^value layerctl --help median: [\d.]+ s  target < 0.3 s: (MET|MISSED)$", out, re.M)
+    assert "value heavy modules imported by layerctl.cli: none" in out
+    data = json.loads(out_json.read_text())
+    assert data["bench"] == "cli_startup" and len(data["ratios"]) == 2 and data["machine"]["commit"]
+
+
+def test_gen_overhead_quick(capsys):
+    mod = load("gen_overhead")
+    assert mod.main(["--quick", "--families", "sd15"]) == 0
+    out = capsys.readouterr().out
+    r = ratios(out)
+    for label in ("sd15: layerctl / plain-bare, decode excluded",
+                  "sd15: layerctl / plain-same (orchestration only), decode excluded",
+                  "sd15: layerctl+decode / plain+decode"):
+        assert label in r and r[label] > 0, out
+    # layerctl's loop and diffusers' loop, given the same UNet, produce the same latents
+    m = re.search(r"^value sd15: max \|latent\(layerctl\) - latent\(plain-same\)\|: (\S+) ", out, re.M)
+    assert m and float(m.group(1)) < 1e-3, out
+    # the decode-included run is slower than the one with the decode stubbed out
+    assert r["sd15: layerctl+decode / plain+decode"] > r["sd15: layerctl / plain-bare, decode excluded"]
+
+
+def test_decode_quick(capsys):
+    mod = load("decode")
+    assert mod.main(["--quick", "--no-memory", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    r = ratios(out)
+    assert "cpu fp32 64px batch8 / seq8 (one batch of 8 vs 8 single passes)" in r, out
+    assert "cpu fp32 64px seq8 / single (cost of 8-way TTA)" in r
+    # 8 passes cost more than one
+    assert r["cpu fp32 64px seq8 / single (cost of 8-way TTA)"] > 1.5
+    # batching the passes changes the arithmetic order only
+    m = re.search(r"^value cpu fp32 64px max \|batch8 - seq8\| output: (\S+)", out, re.M)
+    assert m and float(m.group(1)) < 1e-4
+    assert re.search(r"^note: cpu fp32 64px: measured best chunk [18], default 1: (agrees|DISAGREES)$", out, re.M)
+
+
+def test_decode_memory_child(capsys):
+    """The peak-memory probe (normally a child process) measures a batch of 8 above a single pass."""
+    mod = load("decode")
+    assert mod.child_main(["128", "single,batch8", "cpu", "1", "1", "1"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    peaks = data["peak_mb"]
+    if peaks["single"] is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert peaks["batch8"] > peaks["single"] > 0
+
+
+def test_gpu_sdxl_quick_skips_without_cuda(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the GPU benchmark is too long for a smoke test")
+    mod = load("gpu_sdxl")
+    assert mod.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^skip: no CUDA device here", out, re.M)
