@@ -4,7 +4,8 @@
 :meth:`layerctl.api.Session.gen` (:func:`gen_edit`); `layerctl upscale` calls :func:`upscale`.
 
 img2img (``--init IMAGE --strength S``)
-    The image (RGBA; RGB is opaque) goes through ``pad_rgb`` and the latent-transparency
+    The output keeps the image's size (the run mirrors it up to multiples of 64 and crops
+    back) unless --width/--height ask for another. The image (RGBA; RGB is opaque) goes through ``pad_rgb`` and the latent-transparency
     encoder into a transparent latent (``mean + std * 300 * E_a(...)`` of the frozen VAE's
     posterior, DESIGN.md §1), is noised to the level where the last ``round(steps * S)``
     sampler steps begin (at least one), denoised with the transparent weights and decoded
@@ -21,10 +22,10 @@ inpainting (``--mask MASK``, white = repaint)
     A mask must be greyscale (colour is an error); transparent mask pixels count as black.
 
 hires (``--hires F [--hires-strength S]``) and ``upscale``
-    The RGBA result (or the given image) is resized by F (Lanczos on premultiplied colour,
-    the size rounded to multiples of 64), encoded again with the transparent encoder and
-    refined by img2img at the larger size; the transparent decoder then decodes a real
-    alpha at the final size.
+    The RGBA result (or the given image) is resized to round(size x F) (Lanczos on
+    premultiplied colour), mirrored up to multiples of 64, encoded again with the transparent
+    encoder and refined by img2img at the larger size; the transparent decoder then decodes
+    a real alpha at the final size, which is cropped back to round(size x F).
 
 ControlNet (``--controlnet MODEL --control-image IMG [--control-scale X]``, repeatable)
     see :mod:`layerctl.controlnet`; used in every pass (control images refitted per size).
@@ -110,27 +111,33 @@ def round64(x: float) -> int:
 
 def edit_size(img_w: int, img_h: int, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
     """Output size for an init image: --width/--height (one given: the other from the aspect
-    ratio), else the image's own size rounded to multiples of 64."""
+    ratio, a multiple of 64), else the image's own size (run padded to multiples of 64)."""
     if width or height:
         from layerctl.modes import auto_size
 
         return auto_size(img_w, img_h, 64, width, height)
-    return round64(img_w), round64(img_h)
+    return int(img_w), int(img_h)
+
+
+def ceil64(x: int) -> int:
+    """Smallest multiple of 64 >= x."""
+    return max(64, -(-int(x) // 64) * 64)
 
 
 def hires_size(width: int, height: int, factor: float) -> tuple[int, int]:
-    """width x height times factor, rounded to multiples of 64; one-line errors when not larger or too big."""
+    """round(width * factor) x round(height * factor); one-line errors when not larger or too big.
+
+    The refinement runs at that size padded up to multiples of 64 (see :func:`pad_reflect`)
+    and is cropped back, so any factor gives the exact size."""
     if not (factor > 1.0) or factor == float("inf"):
         raise LayerctlError(f"hires factor must be > 1 (got {factor})")
-    w2, h2 = round64(width * factor), round64(height * factor)
-    if max(w2, h2) > MAX_SIDE:
+    w2, h2 = int(round(width * factor)), int(round(height * factor))
+    if max(ceil64(w2), ceil64(h2)) > MAX_SIDE:
         raise LayerctlError(
             f"x{factor:g} of {width}x{height} is {w2}x{h2}, over the limit of {MAX_SIDE} px a side"
         )
-    if w2 * h2 <= width * height:
-        raise LayerctlError(
-            f"x{factor:g} of {width}x{height} rounds to {w2}x{h2} (multiples of 64), not larger: use a bigger factor"
-        )
+    if w2 <= width and h2 <= height:
+        raise LayerctlError(f"x{factor:g} of {width}x{height} is {w2}x{h2}, not larger: use a bigger factor")
     return w2, h2
 
 
@@ -204,6 +211,20 @@ def upscale_rgba(rgba, width: int, height: int):
         arr = img.detach().float().cpu().permute(1, 2, 0).numpy()
         outs.append(torch.from_numpy(np.ascontiguousarray(fit_image(arr, width, height, "stretch").transpose(2, 0, 1))))
     return torch.stack(outs)
+
+
+def pad_reflect(t, width: int, height: int):
+    """[N,C,h,w] tensor -> [N,C,height,width]: extended right and down by mirroring (any amount).
+
+    The hires pass pads to multiples of 64 this way (the content continues, no hard edge for
+    the model to draw) and crops the result back to [:h, :w]."""
+    import torch
+
+    n, c, h, w = t.shape
+    if (w, h) == (width, height):
+        return t
+    arr = np.pad(t.detach().cpu().numpy(), ((0, 0), (0, 0), (0, height - h), (0, width - w)), mode="symmetric")
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(t.device, t.dtype)
 
 
 def to_tensor(arr: np.ndarray):
@@ -369,7 +390,7 @@ def plan_gen_edit(session, req) -> EditJob:
     notes = []
     if init is not None:
         width, height = edit_size(*init.size, req.width, req.height)
-        if max(width, height) > MAX_SIDE:
+        if max(ceil64(width), ceil64(height)) > MAX_SIDE:
             raise LayerctlError(f"the init image gives an output of {width}x{height}, over the limit of {MAX_SIDE} px a side")
         if mask is not None and (mask.shape[1], mask.shape[0]) != init.size:
             if not _resize_given(req):
@@ -508,7 +529,9 @@ def _inpaint_concat(session, job: EditJob, init_rgba, pixel_mask, n: int):
 
 
 def _denoise(session, job: EditJob, active, width: int, height: int, init=None, strength: float = 1.0,
-             latent_mask_t=None, concat=None, label: str = "generating"):
+             latent_mask_t=None, concat=None, label: str = "generating", content: Optional[tuple[int, int]] = None):
+    """Denoise at width x height (multiples of 64); `content` is the part that is kept (control
+    images are fitted to it and mirrored into the rest, like the image)."""
     from layerctl.controlnet import residual_hook
     from layerctl.pipeline import DenoiseSpec, denoise, make_noise
     from layerctl.progress import steps_bar
@@ -524,8 +547,11 @@ def _denoise(session, job: EditJob, active, width: int, height: int, init=None, 
         patcher.set_control(None)
         patcher.set_prompt_overrides(None)
         patcher.set_cond_mark(make_cond_mark([True] * n + [False] * n if use_cfg else [False] * n, 1))
+    cw, ch = content or (width, height)
     for c in job.controls:
-        c.fit(width, height)
+        c.fit(cw, ch)
+        if (cw, ch) != (width, height):
+            c.cond = pad_reflect(c.cond, width, height)
     hook = residual_hook(job.controls, use_cfg) if job.controls else None
     try:
         with steps_bar(label, session.quiet) as bar:
@@ -554,21 +580,24 @@ def run_edit(session, job: EditJob) -> EditResult:
     nine = int(model.unet.config.in_channels) == 9
     base_rgba = base_lat = None
     if job.kind == "gen":
-        init_lat = lm = concat = None
+        w, h = job.width, job.height
+        pw, ph = ceil64(w), ceil64(h)  # an init image keeps its size: mirrored up to 64s, cropped back
+        init_lat = lm = concat = mask_p = None
         init_t = to_tensor(job.init_rgba) if job.init_rgba is not None else None
-        if init_t is not None:
-            init_lat = encode_transparent(session, job, init_t).expand(n, -1, -1, -1).contiguous()
+        init_p = pad_reflect(init_t, pw, ph) if init_t is not None else None
+        if init_p is not None:
+            init_lat = encode_transparent(session, job, init_p).expand(n, -1, -1, -1).contiguous()
         if job.mask is not None:
             job.mask_method = "inpainting-unet" if nine else "latent-blend"
+            mask_p = pad_reflect(torch.from_numpy(job.mask)[None, None], pw, ph)[0, 0].numpy()
             if not nine:
-                lm = torch.from_numpy(latent_mask(job.mask))[None, None].expand(n, -1, -1, -1)
+                lm = torch.from_numpy(latent_mask(mask_p))[None, None].expand(n, -1, -1, -1)
         if nine:
-            concat = _inpaint_concat(session, job, init_t if init_t is not None else torch.zeros(1, 4, job.height, job.width),
-                                     job.mask, n)
+            concat = _inpaint_concat(session, job, init_p if init_p is not None else torch.zeros(1, 4, ph, pw), mask_p, n)
         label = "inpainting" if job.mask is not None else ("img2img" if init_t is not None else "generating")
-        base_lat = _denoise(session, job, active, job.width, job.height, init=init_lat, strength=job.strength,
-                            latent_mask_t=lm, concat=concat, label=label)
-        base_rgba = decode(session, job, base_lat)
+        base_lat = _denoise(session, job, active, pw, ph, init=init_lat, strength=job.strength,
+                            latent_mask_t=lm, concat=concat, label=label, content=(w, h))
+        base_rgba = decode(session, job, base_lat)[:, :, :h, :w].contiguous()
         if job.mask is not None:
             base_rgba = paste_outside(base_rgba, init_t.expand(n, -1, -1, -1), torch.from_numpy(job.mask)[None, None])
         if job.hires_wh is None:
@@ -577,14 +606,17 @@ def run_edit(session, job: EditJob) -> EditResult:
     else:
         source = to_tensor(job.init_rgba)
     w2, h2 = job.hires_wh
-    big = upscale_rgba(source, w2, h2)
+    pw, ph = ceil64(w2), ceil64(h2)
+    big = pad_reflect(upscale_rgba(source, w2, h2), pw, ph)
     big_lat = encode_transparent(session, job, big)
     if big_lat.shape[0] != n:
         big_lat = big_lat.expand(n, -1, -1, -1).contiguous()
     concat = _inpaint_concat(session, job, big[:1], None, n) if nine else None
     label = "upscale" if job.kind == "upscale" else f"hires x{job.hires:g}"
-    lat = _denoise(session, job, active, w2, h2, init=big_lat, strength=job.hires_strength, concat=concat, label=label)
-    return EditResult(rgba=decode(session, job, lat), latent=lat, base_rgba=base_rgba, base_latent=base_lat)
+    lat = _denoise(session, job, active, pw, ph, init=big_lat, strength=job.hires_strength, concat=concat, label=label,
+                   content=(w2, h2))
+    rgba = decode(session, job, lat)[:, :, :h2, :w2].contiguous()
+    return EditResult(rgba=rgba, latent=lat, base_rgba=base_rgba, base_latent=base_lat)
 
 
 # ================================================================= writing

@@ -11,7 +11,7 @@ from layerctl.commands.gen import MODEL_HELP, build_request, emit
 
 def upscale(
     image: str = typer.Argument(..., help="The RGBA (or RGB) image to upscale."),
-    scale: float = typer.Option(2.0, "--scale", "-s", help="Upscale factor (> 1); the size is rounded to multiples of 64."),
+    scale: float = typer.Option(2.0, "--scale", "-s", help="Upscale factor (> 1): the output is round(width x F) x round(height x F)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What the image shows (guides the refinement)."),
     negative: str = typer.Option("bad, ugly", "--negative", help="Negative prompt."),
     strength: float = typer.Option(0.5, "--strength", help="How much the refinement may change, in (0, 1]."),
