@@ -237,7 +237,7 @@ def load_controls(session, model, options: Sequence[tuple[str, str, float]], wid
         if key not in cache:
             config = read_config(ref)
             if config is not None:
-                fam = check_fits(config, ref, model)
+                check_fits(config, ref, model)  # before any weights load
             net = load_net(ref, model.device, model.dtype)
             fam = check_fits(dict(net.config), ref, model)
             cache[key] = (net, fam)
