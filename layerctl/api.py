@@ -264,7 +264,7 @@ class Session:
             from layerctl import modes
 
             return modes.gen_layers(self, req, mode)
-        if req.init or req.hires or req.controlnet:
+        if req.init or req.mask or req.hires or req.controlnet:
             from layerctl import edit
 
             return edit.gen_edit(self, req)

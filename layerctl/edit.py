@@ -271,21 +271,8 @@ def read_mask(path: str) -> tuple[np.ndarray, str]:
 
 
 def _resize_given(req) -> bool:
-    """Whether --resize / `resize:` was given explicitly (the gen command always passes its default,
-    so under the CLI ask click where the value came from)."""
-    if "resize" not in getattr(req, "model_fields_set", set()):
-        return False
-    for mod in ("typer._click.globals", "click.globals"):
-        try:
-            import importlib
-
-            ctx = importlib.import_module(mod).get_current_context(silent=True)
-        except Exception:  # noqa: BLE001 - no click here: trust the request
-            continue
-        if ctx is not None and "resize" in ctx.params:
-            src = ctx.get_parameter_source("resize")
-            return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
-    return True
+    """Whether --resize / `resize:` was given explicitly (the CLI leaves it unset unless typed)."""
+    return "resize" in getattr(req, "model_fields_set", set())
 
 
 # ================================================================= the job

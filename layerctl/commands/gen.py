@@ -77,7 +77,7 @@ def gen(
     fg_name: Optional[str] = typer.Option(None, "--fg-name", help="Layer modes: file name of the foreground (fg.png)."),
     bg_name: Optional[str] = typer.Option(None, "--bg-name", help="Layer modes: file name of the background (bg.png)."),
     blended_name: Optional[str] = typer.Option(None, "--blended-name", help="Layer modes: file name of the blended picture (blended.png)."),
-    resize: str = typer.Option("crop", "--resize", help="Fit conditioning images: crop, fit or stretch."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="Fit conditioning images and masks: crop (default), fit or stretch."),
     stop_at: float = typer.Option(1.0, "--stop-at", help="Fraction of steps using the SDXL conditional weights."),
     weight: float = typer.Option(1.0, "--weight", help="Strength of the layer weights."),
     init: Optional[str] = typer.Option(None, "--init", help="img2img: start from this RGBA/RGB image."),
