@@ -243,7 +243,7 @@ def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypa
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(backend, "load_model", boom)
-    # transparent: 2 opaque images, 3 RGBA of which 1 has a .txt caption and 1 a metadata.jsonl one... no metadata here
+    # transparent: 2 opaque images and 3 RGBA ones, of which only one has a caption (a sidecar .txt)
     imgs = _rgba_folder(tmp_path / "imgs", 5, opaque=2)
     imgs[2].with_suffix(".txt").write_text("a red ball\n")
     with pytest.raises(LayerctlError, match=r"2 of 3 image\(s\) have no caption.*img3.png"):
