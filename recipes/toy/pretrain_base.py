@@ -3,16 +3,16 @@
 No layerctl command trains a base model, so this is one visible loop per stage
 (nanoGPT style). Every shipped base weight file comes from here:
 
-    # 1. the VAE, as a plain autoencoder (L1 + small KL) on RGB scenes and fg-over-grey images
-    python recipes/toy/pretrain_base.py vae --steps 1500 --seed 1
-    # 2. (layerctl train-vae recipes/toy/train-vae.yaml: the transparency encoder/decoder)
-    # 3. text encoder + UNet, epsilon prediction, caption dropout for CFG; fg prompts learn the
-    #    transparent latents of the encoder from step 2 (the "text -> RGBA" task)
-    python recipes/toy/pretrain_base.py unet --steps 4000 --seed 2 \
-        --transparent-encoder layerctl/toy_weights/transparent_encoder.safetensors
+    # 1. the VAE, as a plain autoencoder (L1 + MSE + small KL) on RGB scenes and fg-over-grey images
+    python recipes/toy/pretrain_base.py vae --steps 450 --batch 16 --lr 2e-3 --seed 1
+    # 2. text encoder + UNet from scratch, epsilon prediction, 10% caption dropout (CFG);
+    #    rows: blended scene + its caption, background alone + "table"/"sky"/..., foreground over
+    #    grey + "glass cup"/"red ball". The shipped run stopped early (see docs/toy-model.md):
+    python recipes/toy/pretrain_base.py unet --steps 2500 --batch 32 --lr 1e-3 --seed 2 --stop-after N
+    # (--transparent-encoder FILE: fold the text -> RGBA task into the base instead of a LoRA; unused)
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
---save-minutes and at the end (atomically), fp32 training state into --run-dir.
+--save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
 Ctrl-C saves and stops. Logs go to stderr.
 """
 
@@ -144,6 +144,7 @@ def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=Non
 
 
 def train_unet(args):
+    global STOP
     from diffusers import DDPMScheduler
 
     from layerctl import transparent_vae as tv
@@ -200,6 +201,8 @@ def train_unet(args):
         if step % 20 == 0:
             print(f"unet step {step}/{args.steps} loss {loss.item():.4f} ema {ema:.4f} lr {lr:.2e} {time.time() - t0:.0f}s",
                   file=sys.stderr, flush=True)
+        if args.stop_after and step >= args.stop_after:
+            STOP = True
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
             out.mkdir(parents=True, exist_ok=True)
             save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed})
@@ -223,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--transparent-encoder", default=None)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="unet: stop (and save) after this step; the schedule still spans --steps")
     ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
