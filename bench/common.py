@@ -111,24 +111,32 @@ def set_threads(n: Optional[int]) -> None:
 # ---------------------------------------------------------------- timing
 
 
-def interleave(cases: Sequence[tuple[str, Callable[[], object]]], reps: int, warmup: int = 1,
+def interleave(cases: Sequence[tuple], reps: int, warmup: int = 1,
                sync: Optional[Callable[[], None]] = None, log: bool = True) -> dict[str, list[float]]:
-    """Run every case `warmup` times untimed, then `reps` rounds of A B C ... A B C; seconds per run."""
+    """Run every case `warmup` times untimed, then `reps` rounds of A B C ... A B C; seconds per run.
+
+    A case is (name, fn) or (name, fn, setup): setup runs untimed before every call of fn.
+    """
     sync = sync or (lambda: None)
+    norm = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in cases]
     for _ in range(warmup):
-        for _, fn in cases:
+        for _, fn, setup in norm:
+            if setup:
+                setup()
             fn()
             sync()
-    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in norm}
     for r in range(reps):
-        for name, fn in cases:
+        for name, fn, setup in norm:
+            if setup:
+                setup()
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
         if log:
-            line = "  ".join(f"{name}={times[name][-1]:.3f}s" for name, _ in cases)
+            line = "  ".join(f"{name}={times[name][-1]:.3f}s" for name, _, _ in norm)
             print(f"#   round {r + 1}/{reps}: {line}", file=sys.stderr, flush=True)
     return times
 
@@ -159,8 +167,9 @@ class Report:
               target: Optional[float] = None) -> dict:
         rs = pair_ratios(times, num, den)
         r = median(rs)
+        r_min = min(times[num]) / min(times[den]) if min(times[den]) > 0 else float("nan")
         entry = {
-            "label": label, "ratio": round(r, 4), "pairs": len(rs),
+            "label": label, "ratio": round(r, 4), "ratio_of_minimums": round(r_min, 4), "pairs": len(rs),
             "spread": [round(min(rs), 3), round(max(rs), 3)],
             "num": num, "num_median_s": round(median(times[num]), 5),
             "den": den, "den_median_s": round(median(times[den]), 5),
@@ -169,7 +178,8 @@ class Report:
         }
         self.ratios.append(entry)
         verdict = "" if target is None else f"  target <= {target:.2f}x: {'MET' if r <= target else 'MISSED'}"
-        print(f"ratio {label}: {r:.3f}x  (median of {len(rs)} pairs, range {min(rs):.3f}-{max(rs):.3f}; "
+        print(f"ratio {label}: {r:.3f}x  (median of {len(rs)} pairs, range {min(rs):.3f}-{max(rs):.3f}, "
+              f"ratio of fastest runs {r_min:.3f}; "
               f"{num} {fmt_s(median(times[num]))} vs {den} {fmt_s(median(times[den]))}){verdict}", flush=True)
         return entry
 

@@ -100,3 +100,16 @@ def test_gpu_sdxl_quick_skips_without_cuda(capsys):
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^skip: no CUDA device here", out, re.M)
+
+
+def test_attention_sharing_quick(capsys):
+    mod = load("attention_sharing")
+    assert mod.main(["--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    r = ratios(out)
+    assert "shared-1f / bare (1-frame attention sharing over the base UNet)" in r, out
+    assert "fast-1f / shared-1f (prototype over layerctl's unit)" in r
+    assert "shared-3f / bare-3 (3-frame joint over the base UNet, same rows)" in r
+    # the folded 1-frame prototype computes the same UNet output as layerctl's unit
+    m = re.search(r"^value max \|fast-1f - shared-1f\| UNet output \(relative to max \|output\|\): (\S+) ", out, re.M)
+    assert m and float(m.group(1)) < 1e-3, out
