@@ -239,6 +239,15 @@ def test_recipes_validate_and_schema_errors_have_line_numbers(tmp_path):
     assert "bad.yaml:5: data.resolution" in msg and "multiple of 64" in msg
 
 
+def test_resume_config_changes_are_named():
+    from layerctl.training.vae import VAETrainConfig, config_changes
+
+    a = VAETrainConfig().model_dump(mode="json")
+    b = VAETrainConfig.model_validate({"steps": 5, "log_every": 1, "batch_size": 8, "optim": {"lr_decoder": 1e-3}}).model_dump(mode="json")
+    assert config_changes(a, b) == ["batch_size 4 -> 8", "optim.lr_decoder 0.0001 -> 0.001"]  # steps, log_every: free
+    assert config_changes(a, a) == []
+
+
 def test_bad_data_fails_before_any_model_loads(tmp_path, monkeypatch):
     from layerctl.training import vae as V
 
@@ -254,6 +263,11 @@ def test_bad_data_fails_before_any_model_loads(tmp_path, monkeypatch):
     Image.new("L", (64, 64)).save(rgb / "b.webp")
     with pytest.raises(LayerctlError, match=r"read 2 image\(s\), 2 without an alpha channel"):
         V.train(_cfg(tmp_path, data={"source": str(rgb)}), quiet=True)
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(LayerctlError, match="needs the tensorboard package"):
+            V.train(_cfg(tmp_path, tensorboard=True), quiet=True)
     # the same through the CLI: exit 2, one line, no traceback
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"out_dir: {tmp_path / 'cli'}\ndata:\n  source: {tmp_path / 'empty'}\n")

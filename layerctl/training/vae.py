@@ -649,6 +649,33 @@ class StopFlag:
 # ---------------------------------------------------------------- the loop
 
 
+# settings that may change on resume without changing what an uninterrupted run would compute
+RESUME_FREE = {"steps", "out_dir", "checkpoint_every", "keep_last", "val_every", "val_at_start", "val_batch_size", "val_tta",
+               "log_every", "tensorboard", "cpu_threads", "data.workers", "model.init_encoder", "model.init_decoder", "model.device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'key old -> new' for each setting that differs between a checkpoint's config and this one."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in RESUME_FREE or a.get(k) == b.get(k):
+            continue
+        out.append(f"{k} {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
 def _mixed_precision(name: str) -> str:
     import torch
 
@@ -691,6 +718,11 @@ def train(
         if not overwrite:
             raise LayerctlError(f"{out_dir} already holds a run (use --resume to continue it, or --overwrite to start over)")
         shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
+    if cfg.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise LayerctlError("tensorboard: true needs the tensorboard package (pip install 'layerctl[tensorboard]')")
     plan = DataPlan(cfg)
     for note in plan.scan_notes:
         console.print(f"data: {note}")
@@ -746,6 +778,13 @@ def train(
         start_step = int(info["step"])
         bad_files = set(info.get("bad_files", []))
         console.print(f"resuming from {ckpt_path} (step {start_step})")
+        changed = config_changes(info.get("config", {}), cfg.model_dump(mode="json"))
+        if info.get("world_size", 1) != accelerator.num_processes:
+            changed.append(f"processes {info.get('world_size', 1)} -> {accelerator.num_processes}")
+        if changed:
+            console.print(
+                "[yellow]resuming with changed settings[/] (the run will differ from an uninterrupted one): " + "; ".join(changed)
+            )
         if start_step >= cfg.steps:
             console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
 
@@ -850,109 +889,114 @@ def train(
     )
     status = "completed"
     g_unwrapped_disc = raw_disc
-    with StopFlag(console if main else None) as stop, progress:
-        task = progress.add_task("train", total=cfg.steps, completed=step, rate="", loss="")
-        rate_t0, rate_n = time.time(), 0
-        while step < cfg.steps:
-            use_adv = cfg.loss.disc_weight > 0 and step >= cfg.loss.disc_start
-            factor = lr_factor(step, cfg.optim, cfg.steps)
-            for opt in (opt_g, opt_d):
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-            sums = {"loss": 0.0, "identity": 0.0, "recon": 0.0, "adv": 0.0, "disc": 0.0}
-            for _micro in range(cfg.grad_accum):
-                try:
-                    batch = next(batches)
-                except Exception:
-                    if stop.stop:  # a DataLoader worker died from the same Ctrl-C
-                        break
-                    raise
-                bad_files.update(batch["bad"])
-                rgba = batch["rgba"].to(device)
-                padded = batch["padded"].to(device)
-                prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
-                with accelerator.accumulate(pair, disc):
-                    with accelerator.autocast():
-                        mean, std = model.vae_encode(prem)
-                        if cfg.loss.identity_target == "vae":
-                            with torch.no_grad():
-                                id_target = frozen_decode(model, mean)
-                        else:
-                            id_target = prem
-                        latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn)
-                        target = decoder_target(rgba, padded)
-                        l_id = L.identity_loss(decoded, id_target)
-                        l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
-                        loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
-                        if use_adv:
-                            g_unwrapped_disc.requires_grad_(False)
-                            l_adv = L.g_loss(g_unwrapped_disc(L.to_disc_input(pred.float())), cfg.loss.disc_loss)
-                            g_unwrapped_disc.requires_grad_(True)
-                            loss = loss + cfg.loss.disc_weight * l_adv
-                        else:
-                            l_adv = torch.zeros((), device=device)
-                    g_vals = accelerator.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
-                    check_finite(g_vals[0], step)  # before any gradient of this step is applied
-                    accelerator.backward(loss)
-                    if use_adv:
+    try:
+        with StopFlag(console if main else None) as stop, progress:
+            task = progress.add_task("train", total=cfg.steps, completed=step, rate="", loss="")
+            rate_t0, rate_n = time.time(), 0
+            while step < cfg.steps:
+                use_adv = cfg.loss.disc_weight > 0 and step >= cfg.loss.disc_start
+                factor = lr_factor(step, cfg.optim, cfg.steps)
+                for opt in (opt_g, opt_d):
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
+                sums = {"loss": 0.0, "identity": 0.0, "recon": 0.0, "adv": 0.0, "disc": 0.0}
+                for _micro in range(cfg.grad_accum):
+                    try:
+                        batch = next(batches)
+                    except Exception:
+                        if stop.stop:  # a DataLoader worker died from the same Ctrl-C
+                            break
+                        raise
+                    bad_files.update(batch["bad"])
+                    rgba = batch["rgba"].to(device)
+                    padded = batch["padded"].to(device)
+                    prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
+                    with accelerator.accumulate(pair, disc):
                         with accelerator.autocast():
-                            logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
-                            n = target.shape[0]
-                            l_d = L.d_loss(logits[:n], logits[n:], cfg.loss.disc_loss)
-                        d_val = accelerator.reduce(l_d.detach().float(), "mean")
-                        check_finite(d_val, step, "discriminator loss")
-                        accelerator.backward(l_d)
-                    else:
-                        d_val = torch.zeros((), device=device)
-                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                        accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
+                            mean, std = model.vae_encode(prem)
+                            if cfg.loss.identity_target == "vae":
+                                with torch.no_grad():
+                                    id_target = frozen_decode(model, mean)
+                            else:
+                                id_target = prem
+                            latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn)
+                            target = decoder_target(rgba, padded)
+                            l_id = L.identity_loss(decoded, id_target)
+                            l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
+                            loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
+                            if use_adv:
+                                g_unwrapped_disc.requires_grad_(False)
+                                l_adv = L.g_loss(g_unwrapped_disc(L.to_disc_input(pred.float())), cfg.loss.disc_loss)
+                                g_unwrapped_disc.requires_grad_(True)
+                                loss = loss + cfg.loss.disc_weight * l_adv
+                            else:
+                                l_adv = torch.zeros((), device=device)
+                        g_vals = accelerator.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
+                        check_finite(g_vals[0], step)  # before any gradient of this step is applied
+                        accelerator.backward(loss)
                         if use_adv:
-                            accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
-                    opt_g.step()
-                    opt_g.zero_grad(set_to_none=True)
-                    if use_adv:
-                        opt_d.step()
-                        opt_d.zero_grad(set_to_none=True)
-                for k, v in zip(sums, g_vals.tolist() + [float(d_val)]):
-                    sums[k] += v / cfg.grad_accum
-            else:
-                # all micro-batches done: one optimizer step was taken
-                if ema is not None:
-                    ema.update(raw_pair)
-                step += 1
-                rate_n += 1
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    now = time.time()
-                    row = {"kind": "train", "step": step, "lr_factor": factor, **{k: v for k, v in sums.items()}}
-                    row["steps_per_s"] = rate_n / max(now - rate_t0, 1e-9)
-                    log.write(row)
-                    progress.update(task, rate=f"{row['steps_per_s']:.2f} step/s", loss=f"loss {sums['loss']:.4f}")
-                    if not sys.stderr.isatty() and main and not quiet:
-                        console.print(
-                            f"step {step}/{cfg.steps} loss {sums['loss']:.4f} (id {sums['identity']:.4f} rec {sums['recon']:.4f}"
-                            + (f" adv {sums['adv']:.3f} d {sums['disc']:.3f}" if use_adv else "")
-                            + f") {row['steps_per_s']:.2f} step/s"
-                        )
-                    rate_t0, rate_n = now, 0
-                progress.update(task, completed=step)
-                if step % cfg.val_every == 0 or step == cfg.steps:
-                    summary["last_val"] = validate(step)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    last_ckpt = checkpoint(step)
-                    last_ckpt_step = step
-                if stop_after is not None and step >= stop_after:
-                    stop.stop = True
-                if stop.stop:
-                    status = "interrupted"
-                    break
-                continue
-            status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
-            break
-    if status == "interrupted" and last_ckpt_step != step:
-        last_ckpt = checkpoint(step)
-        last_ckpt_step = step
-        console.print(f"stopped at step {step}; checkpoint written: {last_ckpt} (continue with --resume)")
-    log.close()
+                            with accelerator.autocast():
+                                logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
+                                n = target.shape[0]
+                                l_d = L.d_loss(logits[:n], logits[n:], cfg.loss.disc_loss)
+                            d_val = accelerator.reduce(l_d.detach().float(), "mean")
+                            check_finite(d_val, step, "discriminator loss")
+                            accelerator.backward(l_d)
+                        else:
+                            d_val = torch.zeros((), device=device)
+                        if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                            accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
+                            if use_adv:
+                                accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
+                        opt_g.step()
+                        opt_g.zero_grad(set_to_none=True)
+                        if use_adv:
+                            opt_d.step()
+                            opt_d.zero_grad(set_to_none=True)
+                    for k, v in zip(sums, g_vals.tolist() + [float(d_val)]):
+                        sums[k] += v / cfg.grad_accum
+                else:
+                    # all micro-batches done: one optimizer step was taken
+                    if ema is not None:
+                        ema.update(raw_pair)
+                    step += 1
+                    rate_n += 1
+                    if step % cfg.log_every == 0 or step == cfg.steps:
+                        now = time.time()
+                        row = {"kind": "train", "step": step, "lr_factor": factor, **{k: v for k, v in sums.items()}}
+                        row["steps_per_s"] = rate_n / max(now - rate_t0, 1e-9)
+                        log.write(row)
+                        progress.update(task, rate=f"{row['steps_per_s']:.2f} step/s", loss=f"loss {sums['loss']:.4f}")
+                        if not sys.stderr.isatty() and main and not quiet:
+                            console.print(
+                                f"step {step}/{cfg.steps} loss {sums['loss']:.4f} (id {sums['identity']:.4f} rec {sums['recon']:.4f}"
+                                + (f" adv {sums['adv']:.3f} d {sums['disc']:.3f}" if use_adv else "")
+                                + f") {row['steps_per_s']:.2f} step/s"
+                            )
+                        rate_t0, rate_n = now, 0
+                    progress.update(task, completed=step)
+                    t_side = time.time()
+                    if step % cfg.val_every == 0 or step == cfg.steps:
+                        summary["last_val"] = validate(step)
+                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        last_ckpt = checkpoint(step)
+                        last_ckpt_step = step
+                    rate_t0 += time.time() - t_side  # steps/s counts training time only
+                    if stop_after is not None and step >= stop_after:
+                        stop.stop = True
+                    if stop.stop:
+                        status = "interrupted"
+                        break
+                    continue
+                status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
+                break
+    finally:
+        log.close()
+    if status == "interrupted":
+        if last_ckpt_step != step:
+            last_ckpt = checkpoint(step)
+            last_ckpt_step = step
+        console.print(f"stopped at step {step}; the checkpoint is {last_ckpt} (continue with --resume)")
     elapsed = time.time() - t_start
     summary.update(
         main_process=main,
