@@ -111,3 +111,27 @@ def test_generate_one_image_and_vocabulary_warning(tmp_path, capsys, monkeypatch
     img = np.asarray(Image.open(out))
     assert img.shape == (64, 64, 4)
     assert img[..., 3].std() > 0  # not a constant alpha
+
+
+def test_joint_layers_on_toy(tmp_path, monkeypatch):
+    """The shipped joint layer model (train-lora mode: layers) drives gen --joint on toy."""
+    from layerctl.backends.toy import weight_path
+
+    d = _weights()
+    if not weight_path("joint", d).is_file():
+        pytest.skip("toy joint weights not built")
+    _narrow_decoders(monkeypatch)
+    from PIL import Image
+
+    from layerctl.api import Session
+    from layerctl.requests import GenRequest
+
+    with Session(quiet=True) as s:
+        recs = s.gen(GenRequest(prompt="red ball on a table", fg_prompt="red ball", bg_prompt="table", joint=True,
+                                model="toy", out_dir=str(tmp_path), seed=2, steps=3, device="cpu", tta=False,
+                                transparent_decoder=str(weight_path("decoder", d)), layer_weights=str(weight_path("joint", d))))
+    roles = {r.role: r.path for r in recs}
+    assert {"fg", "bg", "blended"} <= set(roles)
+    fg = np.asarray(Image.open(roles["fg"]))
+    assert fg.shape == (64, 64, 4)
+    assert np.asarray(Image.open(roles["bg"])).shape[:2] == (64, 64)
