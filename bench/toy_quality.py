@@ -126,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--model", default="toy")
-    ap.add_argument("--vae-run", default=str(ROOT / "runs" / "toy" / "train-vae"))
+    ap.add_argument("--vae-run", default=str(ROOT / "runs" / "toy" / "train-vae-2"))
     ap.add_argument("--keep", default=None, help="folder to keep the generated PNGs in")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
