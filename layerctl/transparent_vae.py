@@ -336,8 +336,9 @@ def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
             raise LayerctlError(f"{path} is not a {what}: unexpected key {key}")
 
 
-def _load(factory: Callable[[], nn.Module], path, what: str, device, dtype) -> nn.Module:
-    state = _read_safetensors(path, what)
+def _load(factory: Callable[[], nn.Module], path, what: str, device, dtype, state=None) -> nn.Module:
+    if state is None:
+        state = _read_safetensors(path, what)
     with torch.device("meta"):
         module = factory()
     _check_state(module.state_dict(), state, path, what)
@@ -349,7 +350,21 @@ def _load(factory: Callable[[], nn.Module], path, what: str, device, dtype) -> n
 def load_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransparentDecoder:
     """Load an official-layout transparent decoder (vae_transparent_decoder.safetensors or
     layer_sd15_vae_transparent_decoder.safetensors), strictly; eval mode, no grad."""
-    return _load(TransparentDecoder, path, "LayerDiffuse transparent decoder", device, dtype)  # type: ignore[return-value]
+    what = "LayerDiffuse transparent decoder"
+    state = _read_safetensors(path, what)
+    chans = decoder_channels_from_state(state)
+    return _load(lambda: TransparentDecoder(block_out_channels=chans), path, what, device, dtype, state)  # type: ignore[return-value]
+
+
+def decoder_channels_from_state(state) -> tuple[int, ...]:
+    """The block widths a decoder state dict was saved with (narrow decoders, e.g. the toy model's);
+    the official widths when they cannot be read off (strict loading then names what is wrong)."""
+    chans = []
+    while f"down_blocks.{len(chans)}.resnets.0.conv1.weight" in state:
+        chans.append(int(state[f"down_blocks.{len(chans)}.resnets.0.conv1.weight"].shape[0]))
+    if len(chans) <= LATENT_LEVEL or any(c % 8 for c in chans):
+        return tuple(DECODER_BLOCK_OUT_CHANNELS)
+    return tuple(chans)
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransparentEncoder:

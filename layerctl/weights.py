@@ -34,7 +34,10 @@ def find_official(filenames: list[str], wdir: Optional[str]) -> list[Path]:
     d = weights_dir(wdir)
     found: dict[str, Path] = {}
     for name in filenames:
-        if d is not None and (d / name).is_file():
+        if Path(name).is_absolute():  # a backend that ships its own files (e.g. toy)
+            if Path(name).is_file():
+                found[name] = Path(name)
+        elif d is not None and (d / name).is_file():
             found[name] = d / name
     missing = [n for n in filenames if n not in found]
     if missing:
@@ -44,7 +47,7 @@ def find_official(filenames: list[str], wdir: Optional[str]) -> list[Path]:
             hf_hub_download = None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         for name in list(missing):
-            if hf_hub_download is None:
+            if hf_hub_download is None or Path(name).is_absolute():
                 break
             for local_only in (True, False):
                 if not local_only and offline:
