@@ -127,11 +127,11 @@ class Session:
         if env:
             return env
         log(
-            "layerctl: no --model given (nor LAYERCTL_MODEL): using the built-in 'tiny' model, whose pictures are "
-            "noise. For real images pass --model with an SD1.5/SDXL diffusers folder, hub id or .safetensors file.",
+            "layerctl: no --model given (nor LAYERCTL_MODEL): using the bundled 'toy' model (64x64 toy world). "
+            "For real images pass --model with an SD1.5/SDXL diffusers folder, hub id or .safetensors file.",
             self.quiet,
         )
-        return "tiny"
+        return "toy"
 
     def precheck_files(self, opts) -> None:
         """Fail fast (before any model loads) on weight files that are named but missing."""

@@ -167,3 +167,21 @@ def test_gen_psd_has_the_rgba_layer(tmp_path):
     layer = np.asarray(layers[0].topil().convert("RGBA"))
     assert layer.shape == png.shape
     assert np.array_equal(layer[..., 3], png[..., 3])
+
+
+def test_gen_without_model_falls_back_to_toy_with_a_notice(tmp_path, monkeypatch):
+    monkeypatch.delenv("LAYERCTL_MODEL", raising=False)
+    out = tmp_path / "cup.png"
+    code, stdout, stderr = run_cli("gen", "glass cup", "--out", out, "--seed", "1", "--steps", "4")
+    assert code == 0, stderr
+    assert "no --model given" in stderr and "'toy'" in stderr
+    with Image.open(out) as im:
+        assert im.mode == "RGBA"
+        meta = json.loads(im.info["layerctl"])
+    assert meta["backend"] == "toy"
+
+
+def test_configured_model_is_honoured_and_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERCTL_MODEL", str(tmp_path / "no-such-model"))
+    code, _, stderr = run_cli("gen", "glass cup", "--out", tmp_path / "x.png")
+    assert code == 2 and "unknown model reference" in stderr and "toy" not in stderr.split("error:")[0]
