@@ -25,7 +25,7 @@ from layerctl.training import losses as L
 from layerctl.training import metrics as M
 from layerctl.training.synthetic import SyntheticSource
 
-NARROW = [4, 4, 8, 8, 8, 8, 8]
+NARROW = [8, 8, 8, 8, 8, 8, 8]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -111,6 +111,21 @@ def test_gan_and_reconstruction_losses():
     assert L.recon_loss(pred * 2, target, "l1").item() == pytest.approx(0.5)
     d = L.PatchDiscriminator(4, 8, 2)
     assert d(torch.zeros(2, 4, 64, 64)).shape[:2] == (2, 1)
+
+
+def test_decoder_views_are_the_tta_passes():
+    from layerctl import transparent_vae as tv
+    from layerctl.training.vae import apply_view, decoder_views, unview
+
+    x = torch.randn(8, 3, 8, 8)
+    views = list(tv.TTA_PASSES)
+    y = apply_view(x, views)
+    for i, (flip, rot) in enumerate(views):
+        assert torch.equal(y[i : i + 1], tv._augment(x[i : i + 1], flip, rot))
+    assert torch.equal(unview(y, views), x)
+    v = decoder_views(0, range(64))
+    assert v == decoder_views(0, range(64)) and len(set(v)) == 8  # deterministic, all 8 used
+    assert decoder_views(0, [5]) == [v[5]]  # by position, whatever the batch
 
 
 # ---------------------------------------------------------------- data
@@ -341,8 +356,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert [s for s, _ in V.list_checkpoints(tmp_path / "run")] == [2]
 
 
-def test_folder_training_checkpoint_loads_in_eval_vae(tmp_path):
-    """A short run on a folder with an unreadable file; the weights load in eval-vae (and report the file)."""
+def test_folder_training_checkpoint_loads_in_eval_vae_and_gen(tmp_path):
+    """A short run on a folder with an unreadable file; the weights load in eval-vae (which reports the file) and gen."""
     from layerctl.training import vae as V
 
     imgs = tmp_path / "imgs"
@@ -369,6 +384,14 @@ def test_folder_training_checkpoint_loads_in_eval_vae(tmp_path):
         assert math.isfinite(res["metrics"][key]), key
     # the training run met the unreadable file only if it drew it; eval always does
     assert bad.name in " ".join(res["skipped"])
+    # and gen draws with them
+    code, out, err = run_cli(
+        "gen", "glass cup", "--model", "tiny", "--steps", "1", "--seed", "1", "--out", tmp_path / "cup.png",
+        "--transparent-decoder", dec, "--transparent-encoder", enc,
+    )
+    assert code == 0, err
+    with Image.open(tmp_path / "cup.png") as im:
+        assert im.mode == "RGBA" and im.size == (64, 64)
 
 
 def test_eval_vae_bad_input(tmp_path):

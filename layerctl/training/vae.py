@@ -114,8 +114,8 @@ class ModelOptions(_Section):
     @field_validator("decoder_channels")
     @classmethod
     def _chans(cls, v):
-        if v is not None and (len(v) != 7 or any(c <= 0 or c % 4 for c in v)):
-            raise ValueError("decoder_channels needs 7 positive multiples of 4 (official: 32, 32, 64, 128, 256, 512, 512)")
+        if v is not None and (len(v) != 7 or any(c <= 0 or c % 8 for c in v)):
+            raise ValueError("decoder_channels needs 7 positive multiples of 8 (official: 32, 32, 64, 128, 256, 512, 512)")
         return v
 
 
@@ -128,6 +128,9 @@ class LossOptions(_Section):
     recon_weight: float = Field(1.0, ge=0)
     recon: Literal["l2", "l1"] = "l2"
     alpha_weight: float = Field(1.0, ge=0, description="weight of the alpha channel in the reconstruction loss")
+    decoder_views: bool = Field(
+        True, description="show the decoder a random one of the 8 flip/rot90 views of its inputs (undone on its output), as the TTA decode does"
+    )
     disc_weight: float = Field(0.01, ge=0)
     disc_start: int = Field(2000, ge=0, description="steps before the adversarial term switches on")
     disc_loss: Literal["hinge", "bce"] = "hinge"
@@ -274,16 +277,52 @@ def make_pair(encoder, decoder):
             self.encoder = enc
             self.decoder = dec
 
-        def forward(self, enc_in, mean, std, decode):
+        def forward(self, enc_in, mean, std, decode, views: Optional[list] = None):
             # the same as transparent_vae.encode_offset, with the padding already done by the loader
             offset = self.encoder(enc_in) * OFFSET_SCALE
             latent = mean + std * offset.float()
             decoded = decode(latent)  # [-1,1]
             pixels = (decoded / 2 + 0.5).clamp(0, 1)
-            pred = self.decoder(pixels, latent)  # [alpha, R, G, B], not clipped
+            if views is None:
+                pred = self.decoder(pixels, latent)  # [alpha, R, G, B], not clipped
+            else:  # per image one of the 8 test-time views, undone afterwards (as decode_tta does per pass)
+                pred = unview(self.decoder(apply_view(pixels, views), apply_view(latent, views)), views)
             return latent, decoded, pred
 
     return Pair(encoder, decoder)
+
+
+def _view1(x, flip: bool, rot: int, inverse: bool):
+    import torch
+
+    if inverse:
+        x = torch.rot90(x, k=-rot, dims=(-2, -1))
+        return torch.flip(x, dims=(-1,)) if flip else x
+    if flip:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k=rot, dims=(-2, -1))
+
+
+def apply_view(x, views: list):
+    """Per image of [B,C,H,W] (square), views[i] = (flip width, rot90 k): the passes of the TTA decode."""
+    import torch
+
+    return torch.stack([_view1(x[i], f, r, False) for i, (f, r) in enumerate(views)])
+
+
+def unview(x, views: list):
+    import torch
+
+    return torch.stack([_view1(x[i], f, r, True) for i, (f, r) in enumerate(views)])
+
+
+def decoder_views(seed: int, positions) -> list:
+    """The TTA view the decoder sees for each data position: a pure function of (seed, position)."""
+    import numpy as np
+
+    from layerctl.transparent_vae import TTA_PASSES
+
+    return [TTA_PASSES[int(np.random.default_rng([seed & 0xFFFFFFFF, 0x7E57, int(p)]).integers(0, len(TTA_PASSES)))] for p in positions]
 
 
 def decoder_channels_of(state: dict) -> tuple[int, ...]:
@@ -298,30 +337,19 @@ def decoder_channels_of(state: dict) -> tuple[int, ...]:
 
 
 def load_decoder_any(path, device="cpu", dtype=None):
-    """A transparent decoder file of any width (official layout or narrower), loaded strictly."""
+    """A transparent decoder file of any width (official layout or narrower), loaded strictly.
+
+    Does what `transparent_vae.load_decoder` does (widths read off the file) without calling it,
+    so code that swaps `transparent_vae.load_decoder` for this function keeps working.
+    """
     import torch
 
     from layerctl import transparent_vae as tv
 
-    dtype = dtype or torch.float32
-    chans = ()
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            keys = set(f.keys())
-            shapes = {k: f.get_slice(k).get_shape() for k in keys if k.startswith("down_blocks.") and k.endswith("resnets.0.conv1.weight")}
-        chans = decoder_channels_of(shapes)
-    except Exception:  # noqa: BLE001 - let the official loader report what is wrong
-        chans = ()
-    if not chans or chans == tuple(tv.DECODER_BLOCK_OUT_CHANNELS):
-        return tv.load_decoder(path, device=device, dtype=dtype)
-    state = tv._read_safetensors(path, "LayerDiffuse transparent decoder")
-    with torch.device("meta"):
-        module = tv.TransparentDecoder(block_out_channels=chans)
-    tv._check_state(module.state_dict(), state, path, "LayerDiffuse transparent decoder")
-    module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    what = "LayerDiffuse transparent decoder"
+    state = tv._read_safetensors(path, what)
+    chans = decoder_channels_of(state) or tuple(tv.DECODER_BLOCK_OUT_CHANNELS)
+    return tv._load(lambda: tv.TransparentDecoder(block_out_channels=chans), path, what, device, dtype or torch.float32, state)
 
 
 def build_nets(cfg: VAETrainConfig):
@@ -901,6 +929,7 @@ def train(
                         g["lr"] = g["base_lr"] * factor
                 sums = {"loss": 0.0, "identity": 0.0, "recon": 0.0, "adv": 0.0, "disc": 0.0}
                 for _micro in range(cfg.grad_accum):
+                    micro = step * cfg.grad_accum + _micro  # the global micro-batch index (the data position)
                     try:
                         batch = next(batches)
                     except Exception:
@@ -919,7 +948,11 @@ def train(
                                     id_target = frozen_decode(model, mean)
                             else:
                                 id_target = prem
-                            latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn)
+                            views = None
+                            if cfg.loss.decoder_views:
+                                first = (micro * world + rank) * cfg.batch_size  # as data.PositionBatches
+                                views = decoder_views(cfg.seed, range(first, first + rgba.shape[0]))
+                            latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn, views)
                             target = decoder_target(rgba, padded)
                             l_id = L.identity_loss(decoded, id_target)
                             l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
