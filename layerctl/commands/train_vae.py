@@ -54,7 +54,7 @@ def eval_vae(
     images: str = typer.Argument(..., metavar="IMAGES_DIR", help="Folder of RGBA images (recursive; or an HF imagefolder), or 'synthetic'."),
     transparent_decoder: Optional[str] = typer.Option(None, "--transparent-decoder", help="Decoder .safetensors (official layout); default: the model's official/tiny one."),
     transparent_encoder: Optional[str] = typer.Option(None, "--transparent-encoder", help="Encoder .safetensors (official layout); default: the model's official/tiny one."),
-    model: str = typer.Option("tiny", "--model", "-m", help=MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: env LAYERCTL_MODEL, else tiny."),
     weights_dir: Optional[str] = typer.Option(None, "--weights-dir", help="Folder with the official LayerDiffuse files."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Centre-crop and resize to this square size (multiple of 64); default: each image's own size, cropped to multiples of 64."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images."),
@@ -78,6 +78,15 @@ def eval_vae(
         raise LayerctlError("--limit must be > 0")
     if batch_size <= 0 or count <= 0:
         raise LayerctlError("--batch-size and --count must be > 0")
+    if not model:
+        import os
+
+        model = os.environ.get("LAYERCTL_MODEL") or "tiny"
+        if model == "tiny":
+            sys.stderr.write(
+                "layerctl: no --model: measuring against the tiny model's random VAE; pass the base model "
+                "the weights were trained for (--model) for meaningful numbers\n"
+            )
     res = run_eval(
         images,
         decoder=transparent_decoder,
