@@ -103,10 +103,6 @@ def generate(prompts: list[str], seeds: list[int], steps: int, cfg: float | None
 
     from layerctl.backends.toy import weight_path
 
-    import layerctl.transparent_vae as tv
-    from layerctl.training.vae import load_decoder_any
-
-    tv.load_decoder = load_decoder_any  # the toy decoder is narrower than the official layout
     files = dict(transparent_decoder=str(weight_path("decoder")), layer_weights=str(weight_path("rgba")))
     alphas, times = {}, []
     with Session(quiet=True) as s:

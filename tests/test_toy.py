@@ -77,18 +77,8 @@ def test_shipped_weights_small_and_fp16():
             assert str(f.get_tensor(k).dtype) == "torch.float16", p.name
 
 
-def _narrow_decoders(monkeypatch):
-    """The toy decoder is narrower than the official layout; until the session loads any width
-    (layerctl.training.vae.load_decoder_any), load it that way here."""
-    import layerctl.transparent_vae as tv
-    from layerctl.training.vae import load_decoder_any
-
-    monkeypatch.setattr(tv, "load_decoder", load_decoder_any)
-
-
 def test_generate_one_image_and_vocabulary_warning(tmp_path, capsys, monkeypatch):
     _weights()
-    _narrow_decoders(monkeypatch)
     from PIL import Image
 
     from layerctl.api import Session
@@ -120,7 +110,6 @@ def test_joint_layers_on_toy(tmp_path, monkeypatch):
     d = _weights()
     if not weight_path("joint", d).is_file():
         pytest.skip("toy joint weights not built")
-    _narrow_decoders(monkeypatch)
     from PIL import Image
 
     from layerctl.api import Session
