@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ("layerctl --help", _runner(lc + ["--help"])),
         ("layerctl --version", _runner(lc + ["--version"])),
     ]
-    times = interleave(cases, reps=reps, warmup=1)
+    times = interleave(cases, reps=reps, warmup=1, cpu_clock="children")
     rep.ratio("layerctl --help / python -c pass", times, "layerctl --help", "python -c pass")
     rep.ratio("layerctl --version / python -c pass", times, "layerctl --version", "python -c pass")
     help_s = median(times["layerctl --help"])

@@ -111,12 +111,39 @@ def set_threads(n: Optional[int]) -> None:
 # ---------------------------------------------------------------- timing
 
 
+class Times(dict):
+    """name -> wall seconds per run (time.perf_counter); `.cpu`: name -> CPU seconds per run
+    (this process's CPU time, or its children's for subprocess cases), empty when not taken."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cpu: dict[str, list[float]] = {}
+
+
+def _cpu_clock(kind: Optional[str]) -> Callable[[], float]:
+    if kind == "children":
+        import resource
+
+        def children() -> float:
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return ru.ru_utime + ru.ru_stime
+
+        return children
+    return time.process_time
+
+
 def interleave(cases: Sequence[tuple], reps: int, warmup: int = 1,
-               sync: Optional[Callable[[], None]] = None, log: bool = True) -> dict[str, list[float]]:
+               sync: Optional[Callable[[], None]] = None, log: bool = True,
+               cpu_clock: Optional[str] = "process") -> Times:
     """Run every case `warmup` times untimed, then `reps` rounds of A B C ... A B C; seconds per run.
 
     A case is (name, fn) or (name, fn, setup): setup runs untimed before every call of fn.
+    Besides wall time, CPU time is recorded (cpu_clock "process": this process, "children":
+    waited-for subprocesses; None or a `sync` (GPU) turns it off): on a shared machine CPU
+    time hardly depends on what else runs, wall time does.
     """
+    use_cpu = cpu_clock is not None and sync is None
+    clock = _cpu_clock(cpu_clock)
     sync = sync or (lambda: None)
     norm = [(c[0], c[1], c[2] if len(c) > 2 else None) for c in cases]
     for _ in range(warmup):
@@ -125,18 +152,24 @@ def interleave(cases: Sequence[tuple], reps: int, warmup: int = 1,
                 setup()
             fn()
             sync()
-    times: dict[str, list[float]] = {name: [] for name, _, _ in norm}
+    times = Times({name: [] for name, _, _ in norm})
+    if use_cpu:
+        times.cpu = {name: [] for name, _, _ in norm}
     for r in range(reps):
         for name, fn, setup in norm:
             if setup:
                 setup()
             sync()
+            c0 = clock()
             t0 = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
+            if use_cpu:
+                times.cpu[name].append(clock() - c0)
         if log:
-            line = "  ".join(f"{name}={times[name][-1]:.3f}s" for name, _, _ in norm)
+            line = "  ".join(f"{name}={times[name][-1]:.3f}s" + (f"/{times.cpu[name][-1]:.3f}cpu" if use_cpu else "")
+                             for name, _, _ in norm)
             print(f"#   round {r + 1}/{reps}: {line}", file=sys.stderr, flush=True)
     return times
 
@@ -176,12 +209,33 @@ class Report:
             "target": target,
             "met": None if target is None else bool(r <= target),
         }
+        cpu = getattr(times, "cpu", None) or {}
+        cpu_txt = ""
+        if num in cpu and den in cpu and cpu[num]:
+            rc = median(pair_ratios(cpu, num, den))
+            entry.update(cpu_ratio=round(rc, 4), cpu_num_median_s=round(median(cpu[num]), 5),
+                         cpu_den_median_s=round(median(cpu[den]), 5),
+                         cpu_met=None if target is None else bool(rc <= target))
+            cpu_txt = f"; CPU-time ratio {rc:.3f}x"
         self.ratios.append(entry)
-        verdict = "" if target is None else f"  target <= {target:.2f}x: {'MET' if r <= target else 'MISSED'}"
+        verdict = ""
+        if target is not None:
+            verdict = f"  target <= {target:.2f}x: {'MET' if r <= target else 'MISSED'}"
+            if "cpu_met" in entry:
+                verdict += f" (CPU time: {'MET' if entry['cpu_met'] else 'MISSED'})"
         print(f"ratio {label}: {r:.3f}x  (median of {len(rs)} pairs, range {min(rs):.3f}-{max(rs):.3f}, "
-              f"ratio of fastest runs {r_min:.3f}; "
+              f"ratio of fastest runs {r_min:.3f}{cpu_txt}; "
               f"{num} {fmt_s(median(times[num]))} vs {den} {fmt_s(median(times[den]))}){verdict}", flush=True)
         return entry
+
+    def difference(self, label: str, times: dict[str, list[float]], a: str, b: str) -> dict:
+        """Median of the per-round differences a - b, in milliseconds."""
+        ds = [(x - y) * 1000 for x, y in zip(times[a], times[b])]
+        cpu = getattr(times, "cpu", None) or {}
+        if a in cpu and b in cpu and cpu[a]:
+            dc = median([(x - y) * 1000 for x, y in zip(cpu[a], cpu[b])])
+            self.value(label + " (CPU time)", round(dc, 2), "ms")
+        return self.value(label, round(median(ds), 2), "ms")
 
     def value(self, label: str, value, unit: str = "", target: Optional[str] = None,
               met: Optional[bool] = None) -> dict:

@@ -241,8 +241,8 @@ def bench_device(device: str, sizes: list[int], variants: list[str], reps: int, 
             rep.note(f"{tag} {size}px: faster TTA schedule is {faster}")
         base_tta = "seq8" if "seq8" in names else ("batch8" if "batch8" in names else None)
         if "single" in names:
-            for name in names:
-                if name != "single" and parse_variant(name, device)["tta"] and not name.endswith(("-cl", "-bf16", "-fp16", "-fp32", "-compile")):
+            for name in ("seq8", "batch8"):
+                if name in names:
                     rep.ratio(f"{tag} {size}px {name} / single (cost of 8-way TTA)", times, name, "single")
         for name in names:
             if "-" in name:

@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                       "plain-same", TARGET)
             rep.ratio(f"{fam}: plain-same / plain-bare (cost of running the layer weights)", times, "plain-same",
                       "plain-bare")
+            rep.difference(f"{fam}: layerctl - plain-same per gen (layerctl's fixed cost)", times, "layerctl",
+                           "plain-same")
             if not args.no_decode:
                 rep.ratio(f"{fam}: layerctl+decode / plain+decode", times, "layerctl+decode", "plain+decode")
                 dec = median(switch.decode_s[-args.reps:])
