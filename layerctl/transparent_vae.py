@@ -378,24 +378,10 @@ def save_module(module: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
     atomically: a temporary file in the same folder, then os.replace."""
     from safetensors.torch import save_file
 
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise LayerctlError(f"{p} exists (use --overwrite to replace it)")
-    parent = p.parent if str(p.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    from layerctl.imageio import atomic_write
+
     state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in module.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return p
+    return atomic_write(path, lambda tmp: save_file(state, tmp), overwrite=overwrite, suffix=".tmp")
 
 
 def _seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
