@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Sequence
