@@ -724,6 +724,13 @@ def _clean_previous(out: Path) -> int:
     return removed
 
 
+def _earlier_runs(out: Path, run_id: str) -> dict[str, dict]:
+    """The rows finished by earlier runs. Rows of this run are left out: with several processes another
+    one may already have written some, and seeing them would make this process's choices (which of two
+    near-duplicates is kept) depend on timing."""
+    return latest_by_key(r for r in read_parts(out) if r.get("run") != run_id)
+
+
 def _prepare(out: Path, kind: str, settings: dict, mode: str, shard: Shard) -> str:
     """Main process: clean (overwrite), write the state file and a run id; every process returns the run id."""
     if shard.main:
@@ -908,7 +915,7 @@ def build_rgba_dataset(req: RgbaDatasetRequest, on_event: Event = _noop, shard: 
     run_id = _prepare(out, "rgba", req.settings(), mode, shard)
 
     plan_keys = [s.key for s in sources]
-    previous = latest_by_key(read_parts(out))
+    previous = _earlier_runs(out, run_id)
     kept = [(r["phash"], r["source"]) for r in previous.values() if r["status"] == "ok" and r.get("phash")]
     part = _state(out) / f"part-{shard.rank}.jsonl"
     mine = sources[shard.rank :: shard.world]
@@ -1367,7 +1374,7 @@ def build_layers_dataset(req: LayersDatasetRequest, on_event: Event = _noop, sha
         for d in LAYER_DIRS:
             (out / d).mkdir(exist_ok=True)
     plan_keys = [j.key for j in jobs] + [f"{rel}#-" for rel in unprompted]
-    previous = latest_by_key(read_parts(out))
+    previous = _earlier_runs(out, run_id)
     part = _state(out) / f"part-{shard.rank}.jsonl"
     if shard.main and unprompted:
         for rel in unprompted:

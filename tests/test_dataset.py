@@ -211,10 +211,23 @@ def test_rgba_sharded_each_record_once(mixed_folder, tmp_path):
     req = ds.RgbaDatasetRequest(sources=[str(mixed_folder)], out=str(out), resolution=64)
     seen, results, errors = [], {}, []
     barrier = threading.Barrier(2, timeout=60)
+    rank0_done = threading.Event()
+
+    def on_event(ev):
+        seen.append(ev)
+        if ev.get("rank") == 0 and ev.get("done") == ev.get("total"):
+            rank0_done.set()
+
+    def late_barrier(calls=[0]):  # noqa: B006 - rank 1 starts its records only after rank 0 wrote all of its own
+        barrier.wait()
+        calls[0] += 1
+        if calls[0] == 2:
+            rank0_done.wait(60)
 
     def process(rank):  # what each `accelerate launch` process does, with a real barrier between them
         try:
-            results[rank] = ds.build_rgba_dataset(req, on_event=seen.append, shard=ds.Shard(rank, 2, barrier.wait))
+            wait = late_barrier if rank == 1 else barrier.wait
+            results[rank] = ds.build_rgba_dataset(req, on_event=on_event, shard=ds.Shard(rank, 2, wait))
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
             barrier.abort()
