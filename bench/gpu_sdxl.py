@@ -146,8 +146,8 @@ def write_sd15_weights(unet, wdir: Path, rank: int) -> None:
 
     save_module(new_decoder(seed=0), wdir / OFFICIAL_FILES["sd15"]["decoder"], overwrite=True)
     for role, frames in (("rgba", 1), ("joint", 3)):
-        unet_cpu = unet
-        patcher = AttentionSharingPatcher(unet_cpu, frames, False, rank=rank)
+        with torch.device("meta"):  # only the shapes are needed; values are drawn below
+            patcher = AttentionSharingPatcher(unet, frames, False, rank=rank)
         g = torch.Generator("cpu").manual_seed(frames)
         sd = {}
         for k, v in patcher.state_dict().items():
@@ -285,6 +285,17 @@ def part_sdxl(args, rep: Report, tmp: Path, sync) -> None:
                 rep.note(f"{tag}: peak memory is measured on CUDA only")
     del plain
     session.close()
+    _free()
+
+
+def _free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def part_attention(args, rep: Report, tmp: Path, sync) -> None:
@@ -315,6 +326,7 @@ def part_attention(args, rep: Report, tmp: Path, sync) -> None:
     times = interleave(cases, reps=args.reps, warmup=1, sync=sync)
     rep.ratio(f"sdxl {args.size}px b1: --attention xformers / sdpa", times, "xformers", "sdpa")
     session.close()
+    _free()
 
 
 def part_joint(args, rep: Report, tmp: Path, sync) -> None:
@@ -330,7 +342,7 @@ def part_joint(args, rep: Report, tmp: Path, sync) -> None:
     folder, wdir = tmp / "sd15-model", tmp / "sd15-weights"
     wdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    src = build_pipeline_folder("sd15", folder, "cpu", torch.float32, args.tiny)
+    src = build_pipeline_folder("sd15", folder, dev, dt, args.tiny)
     write_sd15_weights(src.unet, wdir, rank=4 if args.tiny else 256)
     del src
     rep.note(f"joint: random SD1.5 folder and weight files made in {time.perf_counter() - t0:.1f} s")
@@ -364,6 +376,7 @@ def part_joint(args, rep: Report, tmp: Path, sync) -> None:
     del plain
     s_joint.close()
     s_single.close()
+    _free()
 
 
 def main(argv: list[str] | None = None) -> int:

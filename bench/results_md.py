@@ -19,6 +19,10 @@ def machine_line(m: dict) -> str:
     return ", ".join(f"{k} {m[k]}" for k in keys if k in m and m[k] is not None)
 
 
+def cell(text) -> str:
+    return str(text).replace("|", "\\|")
+
+
 def section(data: dict) -> str:
     out = [f"### bench/{data['bench']}", "", f"Run: {machine_line(data['machine'])}.", ""]
     extra = {k: v for k, v in data["machine"].items()
@@ -36,7 +40,7 @@ def section(data: dict) -> str:
                     target += f", CPU {'met' if r['cpu_met'] else '**missed**'}"
             cpu = f"{r['cpu_ratio']:.3f}x" if "cpu_ratio" in r else "-"
             out.append(
-                f"| {r['label']} | {r['ratio']:.3f}x ({r['spread'][0]:.3f}-{r['spread'][1]:.3f}, {r['pairs']}) "
+                f"| {cell(r['label'])} | {r['ratio']:.3f}x ({r['spread'][0]:.3f}-{r['spread'][1]:.3f}, {r['pairs']}) "
                 f"| {r.get('ratio_of_minimums', float('nan')):.3f}x | {cpu} | {r['num']} {fmt_time(r['num_median_s'])} "
                 f"| {r['den']} {fmt_time(r['den_median_s'])} | {target} |")
         out.append("")
@@ -46,7 +50,7 @@ def section(data: dict) -> str:
             val = v["value"]
             shown = f"{val:.4g}" if isinstance(val, float) else str(val)
             target = "" if v["target"] is None else f"{v['target']}: {'met' if v['met'] else '**missed**'}"
-            out.append(f"| {v['label']} | {shown} {v['unit']} | {target} |")
+            out.append(f"| {cell(v['label'])} | {shown} {v['unit']} | {target} |")
         out.append("")
     for n in data["notes"]:
         out.append(f"- {n}")
