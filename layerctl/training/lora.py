@@ -64,6 +64,12 @@ from layerctl.training.vae import (
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: pipe.load_lora_weights(OUT) finds it
 LAYERS_FILE = "layers_joint.safetensors"  # attention-sharing units in the official layer_sd15_joint layout
 FRAMES = ("fg", "bg", "blended")  # the joint model's frame order (official)
+# layers.kind -> (frames in the official order, the known layer fed to the control encoder)
+LAYER_KINDS = {
+    "joint": (FRAMES, None),
+    "fg2bg": (("bg", "blended"), "fg"),  # layer_sd15_fg2bg: the foreground (flattened on grey) is the control
+    "bg2fg": (("fg", "blended"), "bg"),  # layer_sd15_bg2fg: the background is the control
+}
 VAL_DIR = "validation"
 
 __all__ = ["LoraTrainConfig", "load_config", "train", "read_log", "LORA_FILE", "LAYERS_FILE"]
@@ -105,10 +111,15 @@ class LoraOptions(_Section):
 
 
 class LayersOptions(_Section):
-    """The attention-sharing joint model of `mode: layers`."""
+    """The attention-sharing layer model of `mode: layers`."""
 
+    kind: Literal["joint", "fg2bg", "bg2fg"] = Field(
+        "joint",
+        description="joint: fg, bg, blended together (layer_sd15_joint); fg2bg / bg2fg: two frames with the "
+        "known layer through a control encoder (layer_sd15_fg2bg / layer_sd15_bg2fg)",
+    )
     rank: int = Field(256, gt=0, description="per-frame LoRA rank (official: 256)")
-    clean_probability: float = Field(0.5, ge=0, le=1, description="chance that one layer of a triplet is kept clean")
+    clean_probability: float = Field(0.5, ge=0, le=1, description="joint: chance that one layer of a triplet is kept clean")
     clean_layers: list[Literal["fg", "bg", "blended"]] = Field(default_factory=lambda: ["fg", "bg", "blended"])
     init_from: Optional[str] = Field(None, description="start from an attention-sharing file (e.g. layer_sd15_joint.safetensors)")
 
@@ -505,6 +516,26 @@ def layer_texts(fg_prompt: str, bg_prompt: str, prompt: str) -> tuple[str, str, 
     return t["fg"], t["bg"], t["blended"]
 
 
+def frames_of(cfg) -> tuple[str, ...]:
+    """The frames of one training sample, in the order the UNet batch holds them."""
+    return ("rgba",) if cfg.mode == "transparent" else LAYER_KINDS[cfg.layers.kind][0]
+
+
+def control_of(cfg) -> Optional[str]:
+    """The layer fed to the control encoder (fg2bg: 'fg', bg2fg: 'bg'), None without one."""
+    return None if cfg.mode == "transparent" else LAYER_KINDS[cfg.layers.kind][1]
+
+
+def control_pixels(batch: dict, role: str):
+    """The control image of every group: [b,3,H,W] in [0,1]; a foreground flattened on grey 0.5
+    (as `gen --fg` feeds it), a background as it is."""
+    x = batch[role].float()
+    if role == "fg":
+        a = x[:, 3:4]
+        return 0.5 + (x[:, :3] - 0.5) * a
+    return x[:, :3]
+
+
 class TrainStream:
     """Map-style dataset: position p -> one training item, a pure function of (seed, p).
 
@@ -552,7 +583,8 @@ class TrainStream:
             pr = d.prompt
         elif d.prompt and not (fp or bp or pr):
             pr = d.prompt
-        return layer_texts(fp, bp, pr)
+        texts = dict(zip(FRAMES, layer_texts(fp, bp, pr)))
+        return tuple(texts[f] for f in frames_of(self.cfg))
 
     def __getitem__(self, pos: int) -> dict:
         import torch
@@ -565,7 +597,7 @@ class TrainStream:
         if self.train and self.cfg.data.caption_dropout > 0:
             texts = ["" if rng.random() < self.cfg.data.caption_dropout else t for t in texts]
         clean = -1
-        if self.train and self.mode == "layers":
+        if self.train and self.mode == "layers" and self.cfg.layers.kind == "joint":
             lay = self.cfg.layers
             if lay.clean_layers and rng.random() < lay.clean_probability:
                 clean = FRAMES.index(lay.clean_layers[int(rng.integers(len(lay.clean_layers)))])
@@ -709,7 +741,8 @@ class DataPlan:
                     out.append((p if isinstance(p, str) else (p.prompt or p.fg),))
                 else:
                     lp = LayerPrompt(prompt=p) if isinstance(p, str) else p
-                    out.append(layer_texts(lp.fg, lp.bg, lp.prompt))
+                    texts = dict(zip(FRAMES, layer_texts(lp.fg, lp.bg, lp.prompt)))
+                    out.append(tuple(texts[f] for f in frames_of(cfg)))
             return out
         n = v.count if self.n is None else min(v.count, self.n)
         for i in range(n):
@@ -739,8 +772,19 @@ def make_denoiser(unet, patcher=None):
         def base(self):
             return self.unet if self._unet_ref is None else self._unet_ref[0]
 
-        def forward(self, x, t, hidden, extra):
-            return self.base(x, t, encoder_hidden_states=hidden, **extra).sample
+        def forward(self, x, t, hidden, extra, control=None):
+            if control is None:
+                return self.base(x, t, encoder_hidden_states=hidden, **extra).sample
+            # one control image per group; encoded here so that its encoder trains with the units
+            signals = self.patcher.kwargs_encoder.encode(control * 2 - 1)
+            units = self.patcher.units
+            for u in units:
+                u.control_signals = signals
+            try:
+                return self.base(x, t, encoder_hidden_states=hidden, **extra).sample
+            finally:
+                for u in units:
+                    u.control_signals = None
 
     return _Denoiser(unet, patcher)
 
@@ -853,28 +897,37 @@ def _slice_embeds(emb, j: int):
     return PromptEmbeds(hidden=sl(emb.hidden), extra=sl(emb.extra))
 
 
-def encode_pixels(model, encoder, mode: str, batch: dict, device):
-    """Batch -> latent statistics, unscaled: (mean [N,4,h,w], std or None) per row, frame-fastest in
-    layers mode. Transparent frames are deterministic (mean + std * offset, std None); RGB frames
-    give the posterior (mean, std) to sample from."""
+def encode_pixels(model, encoder, frames: tuple, batch: dict, device):
+    """Batch -> latent statistics, unscaled: (mean [N,4,h,w], std or None) per row, frame-fastest.
+    Transparent frames ('rgba', 'fg') are deterministic (mean + std * offset; std None in
+    transparent mode, zeros in a layer group); RGB frames give the posterior (mean, std) to sample from."""
     import torch
 
     from layerctl.transparent_vae import transparent_latent
 
     p = next(encoder.parameters())
     with torch.no_grad():
-        if mode == "transparent":
+        if frames == ("rgba",):
             rgba = batch["rgba"].to(device, torch.float32)
             lat = transparent_latent(encoder, rgba.to(p.device, p.dtype), model.vae_encode).float()
             return lat, None
-        fg = batch["fg"].to(device, torch.float32)
-        lat_fg = transparent_latent(encoder, fg.to(p.device, p.dtype), model.vae_encode).float()
-        b = fg.shape[0]
-        rgb = torch.cat([batch["bg"], batch["blended"]]).to(device, torch.float32)
-        mean, std = model.vae_encode(rgb * 2 - 1)
-        means = torch.stack([lat_fg, mean[:b], mean[b:]], 1).flatten(0, 1)
-        stds = torch.stack([torch.zeros_like(lat_fg), std[:b], std[b:]], 1).flatten(0, 1)
-        return means, stds
+        means, stds = [], []
+        rgb_roles = [f for f in frames if f != "fg"]
+        if rgb_roles:
+            rgb = torch.cat([batch[r] for r in rgb_roles]).to(device, torch.float32)
+            mean, std = model.vae_encode(rgb * 2 - 1)
+            b = rgb.shape[0] // len(rgb_roles)
+        for f in frames:
+            if f == "fg":
+                fg = batch["fg"].to(device, torch.float32)
+                lat = transparent_latent(encoder, fg.to(p.device, p.dtype), model.vae_encode).float()
+                means.append(lat)
+                stds.append(torch.zeros_like(lat))
+            else:
+                k = rgb_roles.index(f)
+                means.append(mean[k * b : (k + 1) * b].float())
+                stds.append(std[k * b : (k + 1) * b].float())
+        return torch.stack(means, 1).flatten(0, 1), torch.stack(stds, 1).flatten(0, 1)
 
 
 def sample_generator(seed: int, pos: int, salt: int = 0):
@@ -902,13 +955,15 @@ def draw_noise(seed: int, positions, frames: int, shape, num_timesteps: int, sal
     return {"t": torch.cat(t), "eps": torch.cat(eps), "noise": torch.cat(noise), "offset": torch.cat(off)}
 
 
-def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, frames: int, device, latent_scale: float):
+def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, frames: int, device, latent_scale: float,
+                   control=None):
     """The standard diffusion loss of a batch; returns (loss, per-row loss).
 
     ``mean``/``std``: unscaled latent statistics [N,4,h,w] (std None: deterministic latents);
     ``clean``: per group the frame kept clean (-1: none): its noise is zeroed and it is left out
     of the loss; ``rand``: :func:`draw_noise`. Each group's loss is the mean over its noised
-    frames; the batch loss is the mean over groups.
+    frames; the batch loss is the mean over groups. ``control``: [groups,3,H,W] control images in
+    [0,1] (fg2bg / bg2fg) or None.
     """
     import torch
     import torch.nn.functional as F
@@ -937,7 +992,10 @@ def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, f
         target = x0
     else:
         raise LayerctlError(f"unsupported prediction type '{ptype}' in the model's scheduler")
-    pred = denoiser(noisy, t, embeds.hidden, embeds.extra).float()
+    if control is None:
+        pred = denoiser(noisy, t, embeds.hidden, embeds.extra).float()
+    else:
+        pred = denoiser(noisy, t, embeds.hidden, embeds.extra, control.to(device)).float()
     per = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.loss.snr_gamma:
         ac = sched.alphas_cumprod.to(device)[t]
@@ -959,7 +1017,9 @@ def _save_dtype(name: str):
 
 
 def weights_file(cfg: LoraTrainConfig) -> str:
-    return LORA_FILE if cfg.mode == "transparent" else LAYERS_FILE
+    if cfg.mode == "transparent":
+        return LORA_FILE
+    return LAYERS_FILE if cfg.layers.kind == "joint" else f"layers_{cfg.layers.kind}.safetensors"
 
 
 def file_info(cfg: LoraTrainConfig, model, step: int) -> dict:
@@ -981,7 +1041,9 @@ def file_info(cfg: LoraTrainConfig, model, step: int) -> dict:
     if cfg.mode == "transparent":
         info.update(rank=cfg.lora.rank, alpha=cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank)
     else:
-        info.update(rank=cfg.layers.rank, frames=len(FRAMES), frame_order=list(FRAMES), layout="layer_sd15_joint")
+        fr = frames_of(cfg)
+        info.update(rank=cfg.layers.rank, frames=len(fr), frame_order=list(fr), layout=f"layer_sd15_{cfg.layers.kind}",
+                    control=control_of(cfg))
     return info
 
 
@@ -1040,8 +1102,9 @@ def export_final(out_dir: Path, ckpt: Path, name: str) -> Path:
 # ---------------------------------------------------------------- validation
 
 
-def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int) -> dict:
-    """One validation sample: role -> [C,H,W] float in [0,1] (fg/rgba RGBA, others RGB)."""
+def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int, control=None) -> dict:
+    """One validation sample: role -> [C,H,W] float in [0,1] (fg/rgba RGBA, others RGB).
+    ``control``: the [1,3,H,W] control image of fg2bg / bg2fg."""
     from layerctl.pipeline import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
 
     v = cfg.validation
@@ -1052,27 +1115,36 @@ def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size:
         return {"rgba": decode_transparent(model, decoder, lat, tta=v.tta)[0].float().cpu()}
     from layerctl.layers import make_cond_mark, repeat_frames
 
-    F_ = len(FRAMES)
-    embeds = model.encode_prompt([texts[2]], [v.negative], use_cfg, size, size)
+    frames = frames_of(cfg)
+    F_ = len(frames)
+    embeds = model.encode_prompt([texts[frames.index("blended")]], [v.negative], use_cfg, size, size)
     embeds.hidden = repeat_frames(embeds.hidden, F_)
     overrides = [model.encode_prompt([t], [v.negative], False, size, size).hidden[:1] for t in texts]
     try:
         patcher.set_cond_mark(make_cond_mark([True, False] if use_cfg else [False], F_))
         patcher.set_prompt_overrides(overrides)
+        if control is not None:
+            patcher.set_control(control)
         lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], F_, size, size), steps=v.steps,
                                          cfg=v.cfg, frames=F_))
     finally:
         patcher.set_prompt_overrides(None)
         patcher.set_cond_mark(None)
-    return {
-        "fg": decode_transparent(model, decoder, lat[0:1], tta=v.tta)[0].float().cpu(),
-        "bg": decode_rgb(model, lat[1:2])[0].float().cpu(),
-        "blended": decode_rgb(model, lat[2:3])[0].float().cpu(),
-    }
+        if control is not None:
+            patcher.set_control(None)
+    out = {}
+    for f, role in enumerate(frames):
+        if role == "fg":
+            out[role] = decode_transparent(model, decoder, lat[f : f + 1], tta=v.tta)[0].float().cpu()
+        else:
+            out[role] = decode_rgb(model, lat[f : f + 1])[0].float().cpu()
+    return out
 
 
-def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step: int, decoder_name: str) -> list[str]:
-    """Fixed prompts and seeds -> RGBA/RGB PNGs with metadata under OUT/validation/step-N/."""
+def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step: int, decoder_name: str,
+                      controls=None) -> list[str]:
+    """Fixed prompts and seeds -> RGBA/RGB PNGs with metadata under OUT/validation/step-N/.
+    ``controls``: per prompt, the [1,3,H,W] control image (fg2bg / bg2fg; held-out samples)."""
     from layerctl import __version__
     from layerctl.api import rgba_to_uint8
     from layerctl.imageio import save_png
@@ -1083,13 +1155,13 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
     written = []
     for i, texts in enumerate(prompts):
         for seed in v.seeds:
-            imgs = _denoise_images(cfg, model, patcher, decoder, texts, seed, size)
+            imgs = _denoise_images(cfg, model, patcher, decoder, texts, seed, size, None if controls is None else controls[i])
             for role, img in imgs.items():
                 name = f"{i:02d}-seed{seed}.png" if role == "rgba" else f"{i:02d}-seed{seed}-{role}.png"
-                prompt = texts[0] if cfg.mode == "transparent" else texts[FRAMES.index(role)]
+                prompt = texts[0] if cfg.mode == "transparent" else texts[frames_of(cfg).index(role)]
                 meta = {
                     "prompt": prompt, "negative": v.negative, "seed": seed, "steps": v.steps, "cfg": v.cfg,
-                    "size": [size, size], "model": cfg.model.model, "mode": "rgba" if cfg.mode == "transparent" else "joint",
+                    "size": [size, size], "model": cfg.model.model, "mode": "rgba" if cfg.mode == "transparent" else cfg.layers.kind,
                     "role": role, "train_step": step, "trained_weights": weights_file(cfg), "transparent_decoder": decoder_name,
                     "tta": v.tta, "layerctl_version": __version__, "source": "layerctl train-lora validation",
                 }
@@ -1225,13 +1297,14 @@ def train(
     else:
         from layerctl.layers import AttentionSharingPatcher, load_attention_sharing
 
+        n_frames, use_control = len(frames_of(cfg)), control_of(cfg) is not None
         if cfg.layers.init_from:
-            patcher = load_attention_sharing(unet, cfg.layers.init_from, frames=len(FRAMES), use_control=False,
+            patcher = load_attention_sharing(unet, cfg.layers.init_from, frames=n_frames, use_control=use_control,
                                              device=device, dtype=torch.float32)
             if patcher.rank != cfg.layers.rank:
                 console.print(f"layers.init_from has rank {patcher.rank}: training at that rank (layers.rank {cfg.layers.rank} ignored)")
         else:
-            patcher = AttentionSharingPatcher(unet, len(FRAMES), False, rank=cfg.layers.rank).to(device)
+            patcher = AttentionSharingPatcher(unet, n_frames, use_control, rank=cfg.layers.rank).to(device)
         patcher.float().requires_grad_(True)
         patcher.install()
         params = list(patcher.parameters())
@@ -1259,6 +1332,9 @@ def train(
         info = json.loads((ckpt_path / "state.json").read_text())
         if info.get("mode", cfg.mode) != cfg.mode:
             raise LayerctlError(f"{ckpt_path} is a mode: {info.get('mode')} checkpoint; this recipe has mode: {cfg.mode}")
+        old_kind = ((info.get("config") or {}).get("layers") or {}).get("kind", "joint")
+        if cfg.mode == "layers" and old_kind != cfg.layers.kind:
+            raise LayerctlError(f"{ckpt_path} is a layers.kind: {old_kind} checkpoint; this recipe has layers.kind: {cfg.layers.kind}")
         set_trainable(st["trainable"])
         optimizer.load_state_dict(st["optimizer"])
         _set_rng_state(st["rng"])
@@ -1269,7 +1345,8 @@ def train(
 
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
-    frames = 1 if cfg.mode == "transparent" else len(FRAMES)
+    frames = len(frames_of(cfg))
+    ctrl_role = control_of(cfg)
     num_t = int(sched.config.num_train_timesteps)
     texts = TextCache(model, cfg.data.resolution, cfg.data.cache_text)
 
@@ -1304,12 +1381,15 @@ def train(
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
 
     def stats_of(batch):
+        """(mean, std, control images or None) of a batch."""
         if latent_cache:
             ms = [latent_cache[i] for i in batch["index"]]
-            mean = torch.cat([m for m, _ in ms]).to(device)
-            std = None if ms[0][1] is None else torch.cat([s for _, s in ms]).to(device)
-            return mean, std
-        return encode_pixels(model, encoder, cfg.mode, batch, device)
+            mean = torch.cat([m[0] for m in ms]).to(device)
+            std = None if ms[0][1] is None else torch.cat([m[1] for m in ms]).to(device)
+            ctrl = None if ctrl_role is None else torch.cat([m[2] for m in ms])
+            return mean, std, ctrl
+        mean, std = encode_pixels(model, encoder, frames_of(cfg), batch, device)
+        return mean, std, None if ctrl_role is None else control_pixels(batch, ctrl_role)
 
     def embeds_of(batch):
         flat = [t for row in batch["texts"] for t in row]  # frame-fastest
@@ -1318,6 +1398,10 @@ def train(
 
     # -- fixed validation samples: their latent statistics, captions, noise and timesteps never change
     val_fixed = _val_fixed(cfg, plan, model, encoder, device, texts) if plan.val_loss_count else None
+    # fg2bg / bg2fg validation images: each prompt with the control layer of a held-out sample
+    val_controls = None
+    if ctrl_role is not None:
+        val_controls = [control_pixels(collate([plan.val[i]]), ctrl_role) for i in range(len(plan.val_prompts))]
 
     def val_loss() -> Optional[float]:
         if val_fixed is None:
@@ -1327,7 +1411,7 @@ def train(
         with torch.no_grad(), accelerator.autocast():
             for chunk in val_fixed:
                 loss, per = diffusion_loss(cfg, sched, denoiser, chunk["mean"], chunk["std"], chunk["embeds"], chunk["clean"],
-                                           chunk["rand"], frames, device, model.latent_scale)
+                                           chunk["rand"], frames, device, model.latent_scale, chunk.get("control"))
                 total += float(per.sum())
                 count += per.numel()
         denoiser.train()
@@ -1343,7 +1427,8 @@ def train(
             if cfg.validation.images and plan.val_prompts:
                 denoiser.eval()
                 with accelerator.autocast():
-                    res["images"] = validation_images(cfg, model, patcher, decoder, plan.val_prompts, out_dir, step, decoder_name)
+                    res["images"] = validation_images(cfg, model, patcher, decoder, plan.val_prompts, out_dir, step, decoder_name,
+                                                      val_controls)
                 denoiser.train()
             log.write({k: v for k, v in res.items() if k != "images"})
             console.print(
@@ -1401,12 +1486,12 @@ def train(
                         break
                     raise
                 with accelerator.accumulate(denoiser):
-                    mean, std = stats_of(batch)
+                    mean, std, ctrl = stats_of(batch)
                     emb = embeds_of(batch)
                     rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
                     with accelerator.autocast():
                         loss, _per = diffusion_loss(cfg, sched, denoiser, mean, std, emb, batch["clean"], rand, frames, device,
-                                                    model.latent_scale)
+                                                    model.latent_scale, ctrl)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                         accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -1486,10 +1571,12 @@ def _cache_latents(cfg, plan, model, encoder, device, rank, world, accelerator, 
     for start in range(0, len(idxs), max(cfg.batch_size, 4)):
         chunk = idxs[start : start + max(cfg.batch_size, 4)]
         batch = collate([stream[i] for i in chunk])
-        mean, std = encode_pixels(model, encoder, cfg.mode, batch, device)
-        f = 1 if cfg.mode == "transparent" else len(FRAMES)
+        mean, std = encode_pixels(model, encoder, frames_of(cfg), batch, device)
+        ctrl = control_pixels(batch, control_of(cfg)) if control_of(cfg) else None
+        f = len(frames_of(cfg))
         for j, i in enumerate(chunk):
-            mine[i] = (mean[j * f : (j + 1) * f].cpu(), None if std is None else std[j * f : (j + 1) * f].cpu())
+            mine[i] = (mean[j * f : (j + 1) * f].cpu(), None if std is None else std[j * f : (j + 1) * f].cpu(),
+                       None if ctrl is None else ctrl[j : j + 1].cpu())
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -1515,11 +1602,13 @@ def _val_fixed(cfg, plan, model, encoder, device, texts) -> list[dict]:
     for start in range(0, n, bs):
         items = [plan.val[p] for p in range(start, min(n, start + bs))]
         batch = collate(items)
-        mean, std = encode_pixels(model, encoder, cfg.mode, batch, device)
+        mean, std = encode_pixels(model, encoder, frames_of(cfg), batch, device)
+        ctrl = control_pixels(batch, control_of(cfg)) if control_of(cfg) else None
         flat = [t for row in batch["texts"] for t in row]
         emb = texts.encode(flat)
-        f = 1 if cfg.mode == "transparent" else len(FRAMES)
+        f = len(frames_of(cfg))
         for j, t in enumerate(ts):
             rand = draw_noise(cfg.seed + 1, batch["pos"], f, tuple(mean.shape[1:]), T, salt=j + 1, timestep=t)
-            chunks.append({"mean": mean, "std": std, "embeds": emb, "clean": torch.full((len(items),), -1), "rand": rand})
+            chunks.append({"mean": mean, "std": std, "embeds": emb, "clean": torch.full((len(items),), -1), "rand": rand,
+                           "control": ctrl})
     return chunks
