@@ -76,7 +76,7 @@ FRAME_ORDER: dict[str, tuple[str, ...]] = {
     "bg2fg": ("fg", "blend"),
 }
 
-CONTROL_CHANNELS = 256  # channels of every control-encoder output
+CONTROL_CHANNELS = 256  # channels of every control-encoder output (official; narrower for small models)
 TEMPORAL_LN_EPS = 1e-6  # official LayerNorm eps (pinned by the attn1_f1_small fixture)
 
 
@@ -129,13 +129,20 @@ class ControlEncoder(nn.Module):
     ``blocks_0``: eight 3x3 convs 3->32->32->64->64->128->128->256->256 (the 3rd, 5th and 7th with
     stride 2), each followed by SiLU.  ``blocks_1..3``: 3x3 stride-2 conv, SiLU, 3x3 conv, SiLU (256 ch).
     The output of every block is returned keyed by its token count ``h*w``.
+
+    ``width`` (default the official 256) scales every layer (w/8, w/4, w/2, w): layerctl's own small
+    models (the bundled toy) use a narrower encoder with the same key names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = CONTROL_CHANNELS) -> None:
         super().__init__()
-        c = CONTROL_CHANNELS
+        c = int(width)
+        if c < 8 or c % 8:
+            raise LayerctlError(f"control encoder width must be a multiple of 8 (got {c})")
+        self.width = c
+        c8, c4, c2 = c // 8, c // 4, c // 2
         self.blocks_0 = _conv_silu_stack(
-            [(3, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, c, 2), (c, c, 1)]
+            [(3, c8, 1), (c8, c8, 1), (c8, c4, 2), (c4, c4, 1), (c4, c2, 2), (c2, c2, 1), (c2, c, 2), (c, c, 1)]
         )
         self.blocks_1 = _conv_silu_stack([(c, c, 2), (c, c, 1)])
         self.blocks_2 = _conv_silu_stack([(c, c, 2), (c, c, 1)])
@@ -208,7 +215,8 @@ class AttentionSharingUnit(nn.Module):
     context tensors, used by attn2 for cond rows only).
     """
 
-    def __init__(self, attn: nn.Module, frames: int, use_control: bool, rank: int = 256, name: str = "") -> None:
+    def __init__(self, attn: nn.Module, frames: int, use_control: bool, rank: int = 256, name: str = "",
+                 control_width: int = CONTROL_CHANNELS) -> None:
         super().__init__()
         if frames < 1:
             raise LayerctlError(f"frames must be >= 1, got {frames}")
@@ -238,9 +246,9 @@ class AttentionSharingUnit(nn.Module):
         if use_control:
             self.control_convs = nn.ModuleList(
                 nn.Sequential(
-                    nn.Conv2d(CONTROL_CHANNELS, CONTROL_CHANNELS, kernel_size=3, padding=1),
+                    nn.Conv2d(control_width, control_width, kernel_size=3, padding=1),
                     nn.SiLU(),
-                    nn.Conv2d(CONTROL_CHANNELS, channels, kernel_size=1),
+                    nn.Conv2d(control_width, channels, kernel_size=1),
                 )
                 for _ in range(frames)
             )
@@ -450,7 +458,8 @@ class AttentionSharingPatcher(nn.Module):
     ``kwargs_encoder.*``.  The UNet is not part of the module tree.
     """
 
-    def __init__(self, unet: nn.Module, frames: int, use_control: bool, rank: int = 256) -> None:
+    def __init__(self, unet: nn.Module, frames: int, use_control: bool, rank: int = 256,
+                 control_width: int = CONTROL_CHANNELS) -> None:
         super().__init__()
         targets = attention_sharing_targets(unet)
         if not targets:
@@ -459,11 +468,13 @@ class AttentionSharingPatcher(nn.Module):
         self.frames = int(frames)
         self.use_control = bool(use_control)
         self.rank = int(rank)
+        self.control_width = int(control_width)
         self.unit_names = [name for name, _ in targets]
         self.hookers = _HookerLayers(
-            [AttentionSharingUnit(attn, frames, use_control, rank, name=name) for name, attn in targets]
+            [AttentionSharingUnit(attn, frames, use_control, rank, name=name, control_width=control_width)
+             for name, attn in targets]
         )
-        self.kwargs_encoder = ControlEncoder() if use_control else None
+        self.kwargs_encoder = ControlEncoder(control_width) if use_control else None
         self._originals: Optional[list] = None
         self._hook = None
         self._control_size: Optional[tuple[int, int]] = None
@@ -647,8 +658,10 @@ def load_attention_sharing(
             use_control = file_control if use_control is None else bool(use_control)
             if rank is None:
                 rank = int(shapes.get("hookers.layers.0.to_q_lora.0.down.weight", (256,))[0])
+            # official files: 256; layerctl's small models may have a narrower control encoder
+            width = int(shapes.get("kwargs_encoder.blocks_1.0.weight", (CONTROL_CHANNELS,))[0])
             with torch.device("meta"):
-                patcher = AttentionSharingPatcher(unet, frames, use_control, rank)
+                patcher = AttentionSharingPatcher(unet, frames, use_control, rank, control_width=width)
             expected = {k: tuple(v.shape) for k, v in patcher.state_dict().items()}
             check_state_dict_layout(expected, shapes, path)
             state = {k: fh.get_tensor(k) for k in keys}

@@ -467,12 +467,12 @@ def test_layers_run_writes_the_joint_layout_that_gen_loads(tmp_path):
     assert read_metadata(tmp_path / "joint" / "fg.png")["layer_weights"] == [T.LAYERS_FILE]
 
 
-@pytest.mark.parametrize("kind,control,frame_roles,flag", [("fg2bg", "fg", ("bg", "blended"), "--fg"),
-                                                             ("bg2fg", "bg", ("fg", "blended"), "--bg")])
-def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, kind, control, frame_roles, flag):
+@pytest.mark.parametrize("kind,control,frame_roles,flag,width", [("fg2bg", "fg", ("bg", "blended"), "--fg", 256),
+                                                                   ("bg2fg", "bg", ("fg", "blended"), "--bg", 16)])
+def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, kind, control, frame_roles, flag, width):
     """layers.kind fg2bg / bg2fg: two frames plus the control encoder (official layouts); the control
     encoder gets gradients (its weights move), the validation images are the two frames, and gen
-    --fg / --bg runs the exported file."""
+    --fg / --bg runs the exported file (official control width 256, or a narrow one read back from the file)."""
     import torch
     from safetensors import safe_open
 
@@ -480,7 +480,7 @@ def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, k
     from layerctl.training import lora as T
 
     cfg = _cfg(tmp_path, mode="layers", steps=2, batch_size=2, checkpoint_every=2,
-               layers={"rank": 4, "kind": kind},
+               layers={"rank": 4, "kind": kind, "control_width": width},
                validation={"every": 2, "at_start": False, "images": True, "steps": 2, "cfg": 2.0, "loss_samples": 2,
                            "prompts": [{"prompt": "a scene", "fg": "a ball", "bg": "a wall"}]})
     assert T.frames_of(cfg) == frame_roles and T.control_of(cfg) == control
@@ -493,6 +493,7 @@ def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, k
         keys = list(f.keys())
         info = json.loads(f.metadata()["layerctl"])
         enc_w = f.get_tensor("kwargs_encoder.blocks_0.0.weight").float()
+        assert f.get_slice("kwargs_encoder.blocks_1.0.weight").get_shape()[0] == width
     assert detect_attention_sharing_file(keys) == (2, True)
     assert info["layout"] == f"layer_sd15_{kind}" and info["frame_order"] == list(frame_roles) and info["control"] == control
     # the control encoder trained: differs from a fresh patcher's initial draw with the same seed
@@ -501,7 +502,7 @@ def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, k
 
     model = load_model("tiny", device="cpu", dtype="fp32")
     torch.manual_seed(cfg.seed)
-    fresh = AttentionSharingPatcher(model.unet, 2, True, rank=4)
+    fresh = AttentionSharingPatcher(model.unet, 2, True, rank=4, control_width=width)
     assert not torch.allclose(fresh.kwargs_encoder.blocks_0[0].weight.float(), enc_w)
     imgs = sorted(p.name for p in (tmp_path / "run" / "validation" / "step-0000002").iterdir())
     assert imgs == sorted(f"00-seed0-{r}.png" for r in frame_roles)

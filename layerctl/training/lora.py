@@ -119,6 +119,8 @@ class LayersOptions(_Section):
         "known layer through a control encoder (layer_sd15_fg2bg / layer_sd15_bg2fg)",
     )
     rank: int = Field(256, gt=0, description="per-frame LoRA rank (official: 256)")
+    control_width: int = Field(256, ge=8, multiple_of=8,
+                               description="fg2bg / bg2fg: control encoder width (official: 256; small models may use less)")
     clean_probability: float = Field(0.5, ge=0, le=1, description="joint: chance that one layer of a triplet is kept clean")
     clean_layers: list[Literal["fg", "bg", "blended"]] = Field(default_factory=lambda: ["fg", "bg", "blended"])
     init_from: Optional[str] = Field(None, description="start from an attention-sharing file (e.g. layer_sd15_joint.safetensors)")
@@ -1304,7 +1306,8 @@ def train(
             if patcher.rank != cfg.layers.rank:
                 console.print(f"layers.init_from has rank {patcher.rank}: training at that rank (layers.rank {cfg.layers.rank} ignored)")
         else:
-            patcher = AttentionSharingPatcher(unet, n_frames, use_control, rank=cfg.layers.rank).to(device)
+            patcher = AttentionSharingPatcher(unet, n_frames, use_control, rank=cfg.layers.rank,
+                                              control_width=cfg.layers.control_width).to(device)
         patcher.float().requires_grad_(True)
         patcher.install()
         params = list(patcher.parameters())
