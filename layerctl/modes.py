@@ -236,9 +236,12 @@ def _cannot(model, what: str, why: str = "") -> LayerctlError:
     )
 
 
-def check_gen_mode(model, mode: str) -> None:
+def check_gen_mode(model, mode: str, own_weights: bool = False) -> None:
+    """`own_weights`: --layer-weights names the files (SD1.5: their layout is checked when loaded)."""
     if model.family not in ("sd15", "sdxl"):
         raise _cannot(model, f"run layer mode '{mode}'", " (layer modes exist for the sd15 and sdxl families)")
+    if own_weights and model.family == "sd15":
+        return
     if mode not in getattr(model, "modes", ()) or (model.family == "sdxl" and mode == "joint"):
         why = " (no official SDXL joint model)" if model.family == "sdxl" and mode == "joint" else ""
         raise _cannot(model, f"run 'gen {'--joint' if mode == 'joint' else ('--bg' if mode == 'bg2fg' else '--fg')}'", why)
@@ -357,7 +360,7 @@ def plan_gen(session, req, mode: str) -> LayerJob:
     base_seed = req.seed if req.seed is not None else new_seed()
     seeds = [base_seed + i for i in range(req.batch)]
     model = session.model(req)
-    check_gen_mode(model, mode)
+    check_gen_mode(model, mode, own_weights=bool(getattr(req, "layer_weights", None)))
     first = next(iter(known.values()), None)
     if first is not None:
         width, height = auto_size(*first.size, model.native_size, req.width, req.height)

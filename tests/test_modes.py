@@ -384,3 +384,17 @@ def test_sdxl_layer_weights_with_wrong_input_channels(imgs, tmp_path, session):
     with pytest.raises(LayerctlError, match=r"8 input channels; 'bgble2fg' needs 12"):
         session.decompose(req)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_mode_check_trusts_explicit_sd15_layer_weights_only():
+    """A backend without a mode's file refuses it, unless --layer-weights names the file (SD1.5:
+    the file's layout is checked when it loads); SDXL still needs the mode's official files."""
+    import types
+
+    sd15 = types.SimpleNamespace(family="sd15", backend="toy", modes=("rgba", "joint"))
+    with pytest.raises(LayerctlError, match="cannot run 'gen --fg'"):
+        modes.check_gen_mode(sd15, "fg2bg")
+    modes.check_gen_mode(sd15, "fg2bg", own_weights=True)
+    sdxl = types.SimpleNamespace(family="sdxl", backend="sdxl", modes=("rgba",))
+    with pytest.raises(LayerctlError, match="cannot run 'gen --bg'"):
+        modes.check_gen_mode(sdxl, "bg2fg", own_weights=True)
