@@ -384,6 +384,11 @@ class AttentionSharingUnit(nn.Module):
         ln = self.temporal_n
         x = F.layer_norm(big_s, ln.normalized_shape, ln.weight.to(big_s), ln.bias.to(big_s), ln.eps)
         x = self._temporal_linear(self.temporal_i, x)
+        if frames == 1:
+            # attention over a single frame: the softmax weight is exactly 1, the output is v
+            # (the one-frame transparent model skips temporal_q/k and the attention call)
+            x = self._temporal_linear(self.temporal_o, self._temporal_linear(self.temporal_v, x))
+            return (big_s + x) - h
         x = x.reshape(b, frames, n, c).transpose(1, 2).reshape(b * n, frames, c)  # (b f) n c -> (b n) f c
         q = self._temporal_linear(self.temporal_q, x)
         k = self._temporal_linear(self.temporal_k, x)
