@@ -143,6 +143,60 @@ def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=Non
     os.replace(tmp, p)
 
 
+@torch.no_grad()
+def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64) -> dict:
+    """Encode n scene rows once (latent mean/std, caption, role): the frozen VAE then costs nothing per step."""
+    means, stds, caps, roles = [], [], [], []
+    t0 = time.time()
+    for start in range(0, n, chunk):
+        x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng)
+        post = vae.encode(x).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+        caps += c
+        roles += r
+        if (start // chunk) % 50 == 0:
+            print(f"cache {start + len(c)}/{n} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "caps": caps, "roles": roles}
+
+
+class ParamAverage:
+    """Exponential moving average of parameters; `swapped()` puts the average in place for saving."""
+
+    def __init__(self, params, decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - self.decay)
+
+    def swapped(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            live = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, s in zip(self.params, self.shadow):
+                    p.copy_(s)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, v in zip(self.params, live):
+                        p.copy_(v)
+
+        return ctx()
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def train_unet(args):
     global STOP
     from diffusers import DDPMScheduler
@@ -164,15 +218,24 @@ def train_unet(args):
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    cache = encode_cache(vae, src, args.cache, rng) if args.cache and enc is None else None
+    avg = ParamAverage(params, args.ema) if args.ema else None
     t0, last_save = time.time(), time.time()
     ema = None
     unet.train(), text.train()
     for step in range(1, args.steps + 1):
-        x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            mean, std = post.mean, post.std
+        if cache is not None:  # rows drawn from the pre-encoded scenes (the VAE is frozen)
+            idx = torch.randint(0, cache["mean"].shape[0], (args.batch,), generator=gen)
+            mean, std = cache["mean"][idx], cache["std"][idx]
+            caps, roles = [cache["caps"][i] for i in idx], [cache["roles"][i] for i in idx]
             lat = mean + std * torch.randn(mean.shape, generator=gen)
+        else:
+            x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng)
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+                mean, std = post.mean, post.std
+                lat = mean + std * torch.randn(mean.shape, generator=gen)
+        with torch.no_grad():
             if enc is not None:  # fg rows: the latent-transparency offset replaces the sampling noise
                 rows = [i for i, r in enumerate(roles) if r == "fg"]
                 if rows:
@@ -195,6 +258,8 @@ def train_unet(args):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
+        if avg is not None:
+            avg.update()
         if ema is None:
             ema = loss.item()
         ema = 0.98 * ema + 0.02 * loss.item()
@@ -205,10 +270,12 @@ def train_unet(args):
             STOP = True
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
             out.mkdir(parents=True, exist_ok=True)
-            save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed})
-            save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"})
+            with avg.swapped() if avg is not None else _nothing():  # the averaged weights are what ships
+                save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed})
+                save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"})
             _log_stage(out, "unet", step, time.time() - t0, args,
-                       extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc)})
+                       extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
+                              "cache": args.cache, "ema": args.ema})
             print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
             last_save = time.time()
             if STOP:
@@ -229,6 +296,9 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=int, default=None,
                     help="unet: stop (and save) after this step; the schedule still spans --steps")
     ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out")
+    ap.add_argument("--cache", type=int, default=0,
+                    help="unet: encode this many scene rows once and train on them (much faster per step)")
+    ap.add_argument("--ema", type=float, default=0.0, help="unet: save an exponential moving average (e.g. 0.999)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
