@@ -299,6 +299,25 @@ class AttentionSharingUnit(nn.Module):
     def clear_merged(self) -> None:
         self._merged.clear()
 
+    def _folded_temporal(self):
+        """One-frame units: (W, b) of temporal_o . temporal_v . temporal_i, folded in float64 and cached
+        (recomputed when a weight changes); (None, None) while these weights train."""
+        lins = (self.temporal_i, self.temporal_v, self.temporal_o)
+        tensors = [t for lin in lins for t in (lin.weight, lin.bias)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None, None
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        hit = self._merged.get(("temporal", 0))
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.no_grad():  # float64 on the CPU (not every accelerator has it), then back
+            wi, bi, wv, bv, wo, bo = (t.detach().to("cpu", torch.float64) for t in tensors)
+            place = dict(device=self.temporal_i.weight.device, dtype=self.temporal_i.weight.dtype)
+            w = (wo @ wv @ wi).to(**place)
+            b = (wo @ (wv @ bi + bv) + bo).to(**place)
+        self._merged[("temporal", 0)] = (stamp, (w, b))
+        return w, b
+
     # ---- the maths
 
     def _control_add(self, s: torch.Tensor) -> torch.Tensor:
@@ -383,12 +402,17 @@ class AttentionSharingUnit(nn.Module):
 
         ln = self.temporal_n
         x = F.layer_norm(big_s, ln.normalized_shape, ln.weight.to(big_s), ln.bias.to(big_s), ln.eps)
-        x = self._temporal_linear(self.temporal_i, x)
         if frames == 1:
-            # attention over a single frame: the softmax weight is exactly 1, the output is v
-            # (the one-frame transparent model skips temporal_q/k and the attention call)
-            x = self._temporal_linear(self.temporal_o, self._temporal_linear(self.temporal_v, x))
+            # attention over a single frame: the softmax weight is exactly 1, the output is v, so the
+            # branch is temporal_o . temporal_v . temporal_i after the LayerNorm: one folded linear
+            w, b_ = self._folded_temporal()
+            if w is None:  # training: keep the three linears in the graph
+                x = self._temporal_linear(self.temporal_i, x)
+                x = self._temporal_linear(self.temporal_o, self._temporal_linear(self.temporal_v, x))
+            else:
+                x = F.linear(x, w.to(x), b_.to(x))
             return (big_s + x) - h
+        x = self._temporal_linear(self.temporal_i, x)
         x = x.reshape(b, frames, n, c).transpose(1, 2).reshape(b * n, frames, c)  # (b f) n c -> (b n) f c
         q = self._temporal_linear(self.temporal_q, x)
         k = self._temporal_linear(self.temporal_k, x)
