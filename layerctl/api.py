@@ -177,6 +177,8 @@ class Session:
                 net = tv.load_decoder(src, device=model.device, dtype=dtype)
             else:
                 net = tv.load_encoder(src, device=model.device, dtype=dtype)
+            if kind == "decoder" and model.device.type == "cpu":
+                net = tv.use_channels_last(net)  # faster on CPU (bench/RESULTS.md: decode)
             self._vae_nets[key] = (net.eval(), src.name if src else f"tiny-{kind}")
         return self._vae_nets[key]
 

@@ -275,6 +275,24 @@ def test_tta_takes_the_lower_median():
     assert torch.allclose(out, torch.full_like(out, 0.2))
 
 
+def test_channels_last_decoder_gives_the_same_decode():
+    """use_channels_last (the CPU default in gen): same TTA and single-pass output within float noise."""
+    from layerctl.transparent_vae import _is_channels_last, use_channels_last
+
+    g = torch.Generator().manual_seed(3)
+    dec = new_decoder(2, block_out_channels=(8, 8, 8, 8, 16, 16, 16)).eval()
+    with torch.no_grad():
+        dec.latent_conv_in.weight.normal_(0, 0.1, generator=g)  # not the zero start: the latent matters
+    px, lat = torch.rand(1, 3, 64, 64, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    plain_tta, plain_one = decode_tta(dec, px, lat), decode_tta(dec, px, lat, tta=False)
+    assert not _is_channels_last(dec)
+    cl = use_channels_last(dec)
+    assert _is_channels_last(cl)
+    for tta, want in ((True, plain_tta), (False, plain_one)):
+        got = decode_tta(cl, px, lat, tta=tta)
+        assert got.is_contiguous() and torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
 def test_default_tta_chunk():
     assert default_tta_chunk("cpu") == 1
     assert default_tta_chunk(torch.device("cuda", 0)) == 8
