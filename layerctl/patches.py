@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -699,17 +698,10 @@ def write_patch(patch: Patch, path: Union[str, os.PathLike], *, dtype: torch.dty
         raise LayerctlError("patch has two entries for the same weight")
     tensors = {k: sd[k].detach().to("cpu", dtype).contiguous().clone() for k in sorted(sd)}
     meta = {str(k): str(v) for k, v in {**patch.metadata, **(metadata or {})}.items()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta or None)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    from layerctl.imageio import atomic_write
+
+    # the shared writer: temporary file, normal permissions, rename (overwrite was checked above)
+    return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta or None), overwrite=True, suffix=".tmp")
 
 
 # --------------------------------------------------------------------------- info

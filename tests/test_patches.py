@@ -241,6 +241,9 @@ def test_read_patch_errors(tmp_path):
     patch = P.Patch(P.lora_to_patch_entries({"input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (up, down)},
                                             naming="ldm"))
     P.write_patch(patch, good)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert good.stat().st_mode & 0o777 == 0o666 & ~umask  # like a plain open(), not mkstemp's 0600
     data = good.read_bytes()
     trunc = tmp_path / "trunc.safetensors"
     trunc.write_bytes(data[:-16])
