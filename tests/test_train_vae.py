@@ -435,3 +435,22 @@ def test_accelerate_two_processes_match_one_with_the_double_batch(tmp_path):
     assert info["world_size"] == 2 and info["data_position"] == 8
     enc = V.load_decoder_any(tmp_path / "two" / V.DECODER_FILE)
     assert V.decoder_channels_of(enc.state_dict()) == tuple(NARROW)
+
+
+def test_lr_encoder_zero_trains_the_decoder_alone(tmp_path):
+    """optim.lr_encoder: 0 keeps the encoder exactly as it started (init_encoder), the decoder moves."""
+    import torch
+    from safetensors.torch import load_file
+
+    from layerctl.training import vae as V
+
+    first = V.train(_cfg(tmp_path / "a", steps=2), quiet=True)
+    assert first["status"] == "completed"
+    enc0, dec0 = tmp_path / "a" / "run" / V.ENCODER_FILE, tmp_path / "a" / "run" / V.DECODER_FILE
+    cfg = _cfg(tmp_path / "b", steps=3, save_dtype="fp32", model={"init_encoder": str(enc0), "init_decoder": str(dec0)},
+               optim={"lr_encoder": 0.0})
+    assert V.train(cfg, quiet=True)["status"] == "completed"
+    a, b = load_file(str(enc0)), load_file(str(tmp_path / "b" / "run" / V.ENCODER_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    da, db = load_file(str(dec0)), load_file(str(tmp_path / "b" / "run" / V.DECODER_FILE))
+    assert any(not torch.equal(da[k], db[k]) for k in da)

@@ -139,7 +139,7 @@ class LossOptions(_Section):
 
 
 class OptimOptions(_Section):
-    lr_encoder: float = Field(1e-4, gt=0)
+    lr_encoder: float = Field(1e-4, ge=0, description="0 keeps the encoder fixed (fine-tune the decoder alone; the latents a LoRA learned stay valid)")
     lr_decoder: float = Field(1e-4, gt=0)
     lr_disc: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
