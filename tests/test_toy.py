@@ -124,3 +124,77 @@ def test_joint_layers_on_toy(tmp_path, monkeypatch):
     fg = np.asarray(Image.open(roles["fg"]))
     assert fg.shape == (64, 64, 4)
     assert np.asarray(Image.open(roles["bg"])).shape[:2] == (64, 64)
+
+
+def _run_default(tmp_path, prompt, seed, monkeypatch):
+    """`layerctl gen PROMPT --out X.png` exactly as a new user types it: no --model, no LAYERCTL_MODEL."""
+    from PIL import Image
+
+    from clihelp import run_cli
+
+    monkeypatch.delenv("LAYERCTL_MODEL", raising=False)
+    out = tmp_path / f"{prompt.replace(' ', '_')}-{seed}.png"
+    code, _out, err = run_cli("gen", prompt, "--out", out, "--seed", seed)
+    assert code == 0, err
+    img = Image.open(out)
+    assert img.mode == "RGBA" and img.size == (64, 64)
+    return np.asarray(img, dtype=np.float32)[..., 3] / 255.0, err
+
+
+def test_main_job_falls_back_to_toy_and_shows_real_transparency(tmp_path, monkeypatch):
+    """Issue 9's check, with the shipped weights: the fallback notice; "glass cup" gives a partly
+    transparent body, "red ball" an opaque round object (most of 3 seeds). (Whether the glass body
+    is cup-shaped is measured over 100 seeds by bench/toy_quality.py, see docs/toy-model.md: the
+    toy model draws it in a minority of seeds, so it is not asserted here.)"""
+    from layerctl.training.toy_metrics import body_alpha_mean, classify
+
+    _weights()
+    cups, balls = [], []
+    for seed in (1, 2, 3):
+        alpha, err = _run_default(tmp_path, "glass cup", seed, monkeypatch)
+        assert "using the bundled 'toy' model" in err
+        cups.append((classify(alpha)[0], body_alpha_mean(alpha)))
+        alpha, _ = _run_default(tmp_path, "red ball", seed, monkeypatch)
+        balls.append((classify(alpha)[0], body_alpha_mean(alpha)))
+    assert all(0.2 < a < 0.8 for _shape, a in cups), cups
+    assert sum(shape == "ball" and a > 0.85 for shape, a in balls) >= 2, balls
+    # and the two materials are told apart on every seed
+    assert all(b[1] - c[1] > 0.25 for c, b in zip(cups, balls)), (cups, balls)
+
+
+def test_every_layer_mode_runs_on_toy(tmp_path):
+    """gen --bg, gen --fg, gen --joint and decompose run on the shipped toy weights (no explicit files),
+    with --psd; the outputs have the model's size and the foreground has alpha."""
+    from PIL import Image
+
+    from clihelp import run_cli
+    from layerctl.backends.toy import weight_path
+    from layerctl.training.scenes import SceneSource
+
+    d = _weights()
+    for role in ("joint", "fg2bg", "bg2fg"):
+        if not weight_path(role, d).is_file():
+            pytest.skip(f"toy {role} weights not built")
+    s = SceneSource(seed=99)(5)
+    Image.fromarray((s.fg * 255).round().astype(np.uint8), "RGBA").save(tmp_path / "fg.png")
+    Image.fromarray((s.bg * 255).round().astype(np.uint8), "RGB").save(tmp_path / "bg.png")
+    Image.fromarray((s.blended * 255).round().astype(np.uint8), "RGB").save(tmp_path / "pic.png")
+    common = ["--model", "toy", "--seed", "1", "--steps", "6", "--no-tta"]
+    runs = {
+        "bg2fg": (["gen", "--bg", str(tmp_path / "bg.png"), s.caption, "--fg-prompt", s.fg_caption], {"fg", "blended"}),
+        "fg2bg": (["gen", "--fg", str(tmp_path / "fg.png"), s.caption, "--bg-prompt", s.bg_caption], {"bg", "blended"}),
+        "joint": (["gen", "--joint", s.caption, "--fg-prompt", s.fg_caption, "--bg-prompt", s.bg_caption], {"fg", "bg", "blended"}),
+        "decompose": (["decompose", str(tmp_path / "pic.png"), "--prompt", s.caption], {"fg", "bg"}),
+    }
+    for name, (args, roles) in runs.items():
+        out = tmp_path / name
+        code, _out, err = run_cli(*args, *common, "--out-dir", out, "--psd", tmp_path / f"{name}.psd")
+        assert code == 0, (name, err)
+        pngs = {p.stem for p in out.glob("*.png")}
+        assert roles <= pngs, (name, pngs)
+        assert (tmp_path / f"{name}.psd").stat().st_size > 0, name
+        for r in roles:
+            im = Image.open(out / f"{r}.png")
+            assert im.size == (64, 64)
+            if r == "fg":
+                assert im.mode == "RGBA" and np.asarray(im)[..., 3].std() > 0
