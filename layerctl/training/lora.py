@@ -20,7 +20,10 @@ clean latent: its noise is zeroed (``x_t = sqrt(abar_t) x0``) and it is left out
 so the one model learns joint generation and fg->bg, bg->fg, blended->layers. Each frame gets its
 own caption (``layerctl.modes.layer_prompts``: fg = "fg prompt, prompt", bg = "bg prompt,
 prompt", blended = prompt). Trained: an ``AttentionSharingPatcher`` (per-frame LoRAs and the
-cross-frame attention), saved in the official layout.
+cross-frame attention), saved in the official layout. ``layers.kind: fg2bg`` / ``bg2fg`` train the
+two-frame control models instead (``layer_sd15_fg2bg`` / ``bg2fg`` layouts): frames [bg, blended] or
+[fg, blended], the known layer of the same triplet (fg flattened on grey, or bg) fed per group to
+the control encoder, which trains with the units; no clean frame.
 
 Randomness is a pure function of position: sample p's crop, flip, caption dropout and clean
 frame come from (seed, p); micro-batch m's timesteps and noise from (seed, m, rank). A resumed
