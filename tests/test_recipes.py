@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clihelp import free_port
 from layerctl import recipes
 from layerctl.errors import JobFailed, LayerctlError
 
@@ -553,6 +554,7 @@ def test_accelerate_two_processes_match_one(batch_run, tmp_path):
     # without GPUs, --multi_gpu is what makes accelerate start N processes (torchrun); layerctl asks
     # accelerate for a CPU (gloo) process group when no GPU is there
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerctl", "run", "r.yaml", "--json", "--quiet"]
     r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

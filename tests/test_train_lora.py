@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clihelp import run_cli
+from clihelp import free_port, run_cli
 from layerctl.errors import JobFailed, LayerctlError
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffuse-v1"
@@ -534,6 +534,7 @@ def test_two_process_cpu_run_matches_one_process_and_its_lora_loads(tmp_path, ti
     env.setdefault("OMP_NUM_THREADS", "1")
     # without GPUs, --multi_gpu is what makes accelerate start N processes (--cpu starts one)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerctl", "train-lora", "r.yaml", "--json", "--quiet"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

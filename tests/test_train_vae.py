@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clihelp import run_cli
+from clihelp import free_port, run_cli
 from layerctl.errors import JobFailed, LayerctlError
 from layerctl.training import data as D
 from layerctl.training import losses as L
@@ -423,6 +423,7 @@ def test_accelerate_two_processes_match_one_with_the_double_batch(tmp_path):
     # without GPUs, --multi_gpu is what makes accelerate start N processes (torchrun); the Accelerator
     # then runs on the CPU with a gloo process group
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port()),
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "layerctl", "train-vae", "r.yaml", "--json", "--quiet"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
