@@ -45,10 +45,11 @@ def _sigint(*_):
     STOP = True
 
 
-def save_fp16(module, path: Path, metadata: dict | None = None) -> None:
+def save_fp16(module, path: Path, metadata: dict | None = None, state: dict | None = None) -> None:
+    """The module's weights (or `state`, e.g. an EMA's shadow copy of them) as fp16, atomically."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in (state or module.state_dict()).items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
@@ -160,43 +161,6 @@ def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk:
     return {"mean": torch.cat(means), "std": torch.cat(stds), "caps": caps, "roles": roles}
 
 
-class ParamAverage:
-    """Exponential moving average of parameters; `swapped()` puts the average in place for saving."""
-
-    def __init__(self, params, decay: float):
-        self.params, self.decay = list(params), decay
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self):
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - self.decay)
-
-    def swapped(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            live = [p.detach().clone() for p in self.params]
-            with torch.no_grad():
-                for p, s in zip(self.params, self.shadow):
-                    p.copy_(s)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for p, v in zip(self.params, live):
-                        p.copy_(v)
-
-        return ctx()
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def train_unet(args):
     global STOP
     from diffusers import DDPMScheduler
@@ -219,7 +183,9 @@ def train_unet(args):
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     cache = encode_cache(vae, src, args.cache, rng) if args.cache and enc is None else None
-    avg = ParamAverage(params, args.ema) if args.ema else None
+    from layerctl.training.vae import EMA
+
+    avg = {"text": EMA(text, args.ema), "unet": EMA(unet, args.ema)} if args.ema else None
     t0, last_save = time.time(), time.time()
     ema = None
     unet.train(), text.train()
@@ -259,7 +225,8 @@ def train_unet(args):
             g["lr"] = lr
         opt.step()
         if avg is not None:
-            avg.update()
+            avg["text"].update(text)
+            avg["unet"].update(unet)
         if ema is None:
             ema = loss.item()
         ema = 0.98 * ema + 0.02 * loss.item()
@@ -270,9 +237,11 @@ def train_unet(args):
             STOP = True
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
             out.mkdir(parents=True, exist_ok=True)
-            with avg.swapped() if avg is not None else _nothing():  # the averaged weights are what ships
-                save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed})
-                save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"})
+            # with --ema the averaged weights are what ships
+            save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed},
+                      state=avg["text"].shadow if avg else None)
+            save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"},
+                      state=avg["unet"].shadow if avg else None)
             _log_stage(out, "unet", step, time.time() - t0, args,
                        extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
                               "cache": args.cache, "ema": args.ema})
