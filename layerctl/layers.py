@@ -278,16 +278,19 @@ class AttentionSharingUnit(nn.Module):
         up, down = pair.up.weight, pair.down.weight
         if torch.is_grad_enabled() and (weight.requires_grad or up.requires_grad or down.requires_grad):
             return pair.merged(weight)  # training: no cache, keep the graph
-        stamp = tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in (weight, up, down)
-        )
-        hit = self._merged.get((proj, frame))
+        return self._cached((proj, frame), (weight, up, down), lambda: pair.merged(weight))
+
+    def _cached(self, key, inputs, compute):
+        """``compute()`` (under no_grad), cached under ``key`` until any input tensor changes
+        (storage, in-place version, dtype, device or shape)."""
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in inputs)
+        hit = self._merged.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
         with torch.no_grad():
-            merged = pair.merged(weight)
-        self._merged[(proj, frame)] = (stamp, merged)
-        return merged
+            value = compute()
+        self._merged[key] = (stamp, value)
+        return value
 
     def merge_weights(self) -> None:
         """Form every frame's merged weights now (done by ``install``)."""
@@ -306,17 +309,13 @@ class AttentionSharingUnit(nn.Module):
         tensors = [t for lin in lins for t in (lin.weight, lin.bias)]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None, None
-        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        hit = self._merged.get(("temporal", 0))
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        with torch.no_grad():  # float64 on the CPU (not every accelerator has it), then back
+
+        def fold():  # float64 on the CPU (not every accelerator has it), then back
             wi, bi, wv, bv, wo, bo = (t.detach().to("cpu", torch.float64) for t in tensors)
             place = dict(device=self.temporal_i.weight.device, dtype=self.temporal_i.weight.dtype)
-            w = (wo @ wv @ wi).to(**place)
-            b = (wo @ (wv @ bi + bv) + bo).to(**place)
-        self._merged[("temporal", 0)] = (stamp, (w, b))
-        return w, b
+            return (wo @ wv @ wi).to(**place), (wo @ (wv @ bi + bv) + bo).to(**place)
+
+        return self._cached(("temporal", 0), tensors, fold)
 
     # ---- the maths
 
@@ -497,7 +496,6 @@ class AttentionSharingPatcher(nn.Module):
         self.frames = int(frames)
         self.use_control = bool(use_control)
         self.rank = int(rank)
-        self.control_width = int(control_width)
         self.unit_names = [name for name, _ in targets]
         self.hookers = _HookerLayers(
             [AttentionSharingUnit(attn, frames, use_control, rank, name=name, control_width=control_width)
