@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from layerctl.backend import OFFICIAL_FILES, Backend, SD15Model, default_scheduler, load_diffusers_pipeline
+from layerctl.core.frames import OFFICIAL_FILES
+from layerctl.backends.base import Backend, SD15Model, default_scheduler, load_diffusers_pipeline
 
 
 class SD15Backend(Backend):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from layerctl.backend import OFFICIAL_FILES, Backend, SDXLModel, default_scheduler, load_diffusers_pipeline
+from layerctl.core.frames import OFFICIAL_FILES
+from layerctl.backends.base import Backend, SDXLModel, default_scheduler, load_diffusers_pipeline
 
 
 class SDXLBackend(Backend):

@@ -10,7 +10,7 @@ so the official-layout transparent VAE nets plug in unchanged.
 
 from __future__ import annotations
 
-from layerctl.backend import Backend, SD15Model, SDXLModel, default_scheduler
+from layerctl.backends.base import Backend, SD15Model, SDXLModel, default_scheduler
 
 SEED = 20240301
 NOTE = "tiny model: random weights, the pictures are noise (for tests and a first run)"

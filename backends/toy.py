@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from layerctl.backend import Backend, SD15Model, default_scheduler
+from layerctl.backends.base import Backend, SD15Model, default_scheduler
 from layerctl.errors import LayerctlError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "layerctl" / "toy_weights"

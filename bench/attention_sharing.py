@@ -58,7 +58,7 @@ class FastOneFrameProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         import torch.nn.functional as F
 
-        from layerctl.layers import _heads_attention
+        from layerctl.models.attention_sharing import _heads_attention
 
         u = self.unit
         h = hidden_states
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from layerctl.layers import AttentionSharingPatcher
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and device != "cuda":

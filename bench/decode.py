@@ -5,7 +5,7 @@
     python bench/decode.py --sizes 512 --variants single,seq8,batch8,chunk2,chunk4,seq8-cl,seq8-bf16
 
 Official layout (7 levels, 32..512 channels, attention on the 3 coarsest
-levels), random weights. Calls layerctl.transparent_vae.decode_tta exactly as
+levels), random weights. Calls layerctl.models.transparent_vae.decode_tta exactly as
 `layerctl gen` does. Times are in-process (time.perf_counter, CUDA
 synchronised), cases interleaved per size. Peak memory: on CPU the peak
 resident set above the resident set before the decode, in a fresh child
@@ -73,7 +73,7 @@ NARROW = (8, 8, 16, 16, 32, 32, 32)  # --quick: same structure, narrow widths (s
 def build_decoder(device: str, dtype, channels_last: bool = False, compile_: bool = False, narrow: bool = False):
     import torch
 
-    from layerctl.transparent_vae import new_decoder
+    from layerctl.models.transparent_vae import new_decoder
 
     kw = {"block_out_channels": NARROW} if narrow else {}
     dec = new_decoder(seed=0, **kw).eval().requires_grad_(False).to(device=device, dtype=dtype)
@@ -102,7 +102,7 @@ def make_inputs(size: int, device: str, channels_last: bool = False, batch: int 
 
 
 def runner(dec, v: dict, pixels, latent):
-    from layerctl.transparent_vae import decode_tta
+    from layerctl.models.transparent_vae import decode_tta
 
     def run():
         return decode_tta(dec, pixels, latent, tta=v["tta"], chunk=v["chunk"])
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = (args.variants or (CUDA_VARIANTS if device == "cuda" else CPU_VARIANTS)).split(",")
         bench_device(device, sizes, [v.strip() for v in variants if v.strip()], args.reps, args.reps_large,
                      not args.no_memory, args.threads or 0, rep, narrow=args.quick, batch=args.batch)
-    from layerctl.transparent_vae import default_tta_chunk
+    from layerctl.models.transparent_vae import default_tta_chunk
 
     rep.note(f"layerctl default_tta_chunk: cpu={default_tta_chunk('cpu')}, cuda={default_tta_chunk('cuda')}")
     for r in rep.ratios:

@@ -46,11 +46,11 @@ FAMILIES = {"sd15": "tiny", "sdxl": "tiny-xl"}
 
 
 class DecodeSwitch:
-    """Wraps layerctl.pipeline.decode_transparent: records the latents and the decode time;
+    """Wraps layerctl.pipelines.sampling.decode_transparent: records the latents and the decode time;
     with `stub` set it returns zeros instead of decoding (decode excluded)."""
 
     def __init__(self):
-        import layerctl.pipeline as lp
+        import layerctl.pipelines.sampling as lp
 
         self.lp = lp
         self.real = lp.decode_transparent
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from layerctl.api import Session
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
     from layerctl.requests import GenRequest
 
     info = machine_info()

@@ -86,7 +86,7 @@ def build_pipeline_folder(family: str, folder: Path, device: str, dtype, tiny: b
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from layerctl.backend import default_scheduler
+    from layerctl.backends.base import default_scheduler
     from layerctl.backends import tiny as tb
 
     torch.manual_seed(0)
@@ -119,9 +119,9 @@ def write_sdxl_weights(unet, wdir: Path, rank: int) -> None:
     """Random official-layout files: vae_transparent_decoder and layer_xl_transparent_attn (LoRA)."""
     import torch
 
-    from layerctl.backend import OFFICIAL_FILES
-    from layerctl.patches import Patch, lora_to_patch_entries, write_patch
-    from layerctl.transparent_vae import new_decoder, save_module
+    from layerctl.core.frames import OFFICIAL_FILES
+    from layerctl.models.patches import Patch, lora_to_patch_entries, write_patch
+    from layerctl.models.transparent_vae import new_decoder, save_module
 
     save_module(new_decoder(seed=0), wdir / OFFICIAL_FILES["sdxl"]["decoder"], overwrite=True)
     g = torch.Generator("cpu").manual_seed(0)
@@ -140,9 +140,9 @@ def write_sd15_weights(unet, wdir: Path, rank: int) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from layerctl.backend import OFFICIAL_FILES
-    from layerctl.layers import AttentionSharingPatcher
-    from layerctl.transparent_vae import new_decoder, save_module
+    from layerctl.core.frames import OFFICIAL_FILES
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
+    from layerctl.models.transparent_vae import new_decoder, save_module
 
     save_module(new_decoder(seed=0), wdir / OFFICIAL_FILES["sd15"]["decoder"], overwrite=True)
     for role, frames in (("rgba", 1), ("joint", 3)):
@@ -204,7 +204,7 @@ def part_sdxl(args, rep: Report, tmp: Path, sync) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     from layerctl.api import Session
-    from layerctl.backend import default_scheduler
+    from layerctl.backends.base import default_scheduler
     from layerctl.requests import GenRequest
 
     dev, dt = args.device, (torch.float16 if args.device == "cuda" else torch.float32)
@@ -334,7 +334,7 @@ def part_joint(args, rep: Report, tmp: Path, sync) -> None:
     from diffusers import StableDiffusionPipeline
 
     from layerctl.api import Session
-    from layerctl.backend import default_scheduler
+    from layerctl.backends.base import default_scheduler
     from layerctl.requests import GenRequest
 
     dev, dt = args.device, (torch.float16 if args.device == "cuda" else torch.float32)

@@ -65,9 +65,9 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242) -> dict:
     """Shipped transparency encoder/decoder vs the zero-initialised pair, on n held-out scenes."""
     import torch
 
-    from layerctl import transparent_vae as tv
+    from layerctl.models import transparent_vae as tv
     from layerctl.backends.toy import weight_path
-    from layerctl.imagemath import pad_rgb
+    from layerctl.core.imagemath import pad_rgb
     from layerctl.training.scenes import SceneSource
     from layerctl.training.vae import evaluate, load_decoder_any, load_frozen_vae
 

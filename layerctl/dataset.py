@@ -47,8 +47,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerctl import __version__
+from layerctl.core.naming import slug
 from layerctl.errors import LayerctlError
-from layerctl.imagemath import composite_over, flatten_on_grey, to_uint8
+from layerctl.core.imagemath import composite_over, flatten_on_grey, to_uint8
 
 IMAGE_EXTS = (".png", ".webp", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
 METADATA = "metadata.jsonl"
@@ -425,11 +426,6 @@ def place_on_canvas(rgba: np.ndarray, size: Optional[tuple[int, int]] = None, st
     return out
 
 
-def slug(text: str, limit: int = 40) -> str:
-    s = re.sub(r"[^a-zA-Z0-9]+", "-", text or "").strip("-").lower()
-    return s[:limit].strip("-") or "image"
-
-
 def sha16(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -681,7 +677,7 @@ def _append_line(path: Path, row: dict) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from layerctl.imageio import atomic_write
+    from layerctl.io.imageio import atomic_write
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -739,7 +735,7 @@ def _prepare(out: Path, kind: str, settings: dict, mode: str, shard: Shard) -> s
         _state(out).mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex[:12]
         state = {"kind": kind, "settings": settings, "layerctl_version": __version__, "run": run_id}
-        from layerctl.imageio import atomic_write
+        from layerctl.io.imageio import atomic_write
 
         atomic_write(
             _state(out) / STATE_FILE,
@@ -840,7 +836,7 @@ def _read_source(src: Source) -> tuple[Optional[bytes], Optional[str]]:
 
 def _ingest_one(src: Source, data: Optional[bytes], req: RgbaDatasetRequest, out: Path, captions, kept: list[tuple[str, str]]) -> dict:
     """Process one source file (its bytes already read) -> a part row (status ok/skipped)."""
-    from layerctl.imageio import load_image, save_png
+    from layerctl.io.imageio import load_image, save_png
 
     row = {"key": src.key, "source": str(src.path)}
     if data is None:
@@ -1237,7 +1233,7 @@ def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, nega
     Returns uint8 arrays: fg, intermediate, mask (the blend weight * 255), bg,
     blended, and a 'stages' list.
     """
-    from layerctl.inpaint import inpaint
+    from layerctl.pipelines.inpaint import inpaint
 
     fg8 = np.ascontiguousarray(rgba, dtype=np.uint8)
     fgf = fg8.astype(np.float32) / 255.0
@@ -1265,7 +1261,7 @@ def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, nega
 
 
 def _layer_one(job: LayerJob, req: LayersDatasetRequest, model, out: Path, model_ref: str, progress=None) -> dict:
-    from layerctl.imageio import load_image, save_png
+    from layerctl.io.imageio import load_image, save_png
 
     row = {"key": job.key, "source": str(job.fg.path)}
     try:
@@ -1401,7 +1397,7 @@ def build_layers_dataset(req: LayersDatasetRequest, on_event: Event = _noop, sha
         on_event({"event": "resume", "done": done, "total": len(mine), "rank": shard.rank})
     try:
         if todo and model is None:
-            from layerctl.backend import load_model
+            from layerctl.backends.registry import load_model
 
             device = req.device
             if shard.world > 1 and device == "auto" and shard.device:

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from layerctl import yamlio
+from layerctl.io import yamlio
+from layerctl.core.naming import slug
 from layerctl.errors import JobFailed, LayerctlError
 from layerctl.requests import DecomposeRequest, GenRequest
 
@@ -315,13 +316,6 @@ class _Errors:
             raise LayerctlError("\n".join(head + lines))
 
 
-def slugify(text: Optional[str], max_len: int = 40) -> str:
-    """'A glass cup, high quality!' -> 'a-glass-cup-high-quality'."""
-    s = re.sub(r"[^a-z0-9]+", "-", str(text or "").lower()).strip("-")
-    s = s[:max_len].rstrip("-")
-    return s or "untitled"
-
-
 def _prompt_of(req) -> Optional[str]:
     for k in ("prompt", "fg_prompt", "bg_prompt"):
         v = getattr(req, k, None)
@@ -381,12 +375,15 @@ def gen_outputs(req: GenRequest, mode: str) -> dict:
         out["rgba"] = Path(req.out)
     else:
         d = Path(req.out_dir)
-        made = {"joint": ("fg", "bg", "blended"), "bg2fg": ("fg", "blended"), "fg2bg": ("bg", "blended")}[mode]
-        for role in made:
+        from layerctl.core.frames import GEN_OUTPUTS
+
+        for role in GEN_OUTPUTS[mode]:
             out[role] = d / getattr(req, f"{role}_name")
-    if req.preview:  # api writes NAME.preview.png next to each transparent layer
+    if req.preview:  # NAME.preview.png next to each transparent layer
+        from layerctl.outputs import preview_path
+
         for role in [r for r in out if r in ("rgba", "fg")]:
-            out[f"{role}_preview"] = out[role].with_name(out[role].stem + ".preview.png")
+            out[f"{role}_preview"] = preview_path(out[role])
     if req.psd:
         out["psd"] = Path(req.psd)
     return out
@@ -651,7 +648,7 @@ class _Planner:
             if self.overwrite:
                 fields["overwrite"] = True
             tpl = step.out or "{name}.psd"
-            values = {"name": name, "prompt_slug": slugify(name), "seed": 0, "i": 0}
+            values = {"name": name, "prompt_slug": slug(name), "seed": 0, "i": 0}
             outp = self.output_path(jpath + ("out",) if step.out else jpath, tpl, values, out_dir)
             if outp is None:
                 return []
@@ -738,7 +735,7 @@ class _Planner:
                     slug_src = _prompt_of(_light(GenRequest, fields))
                 else:
                     slug_src = fields.get("prompt") or Path(str(fields.get("image") or "image")).stem
-                values = {"name": name, "prompt_slug": slugify(slug_src), "seed": seed, "i": i}
+                values = {"name": name, "prompt_slug": slug(slug_src), "seed": seed, "i": i}
                 many = "{i:04d}-{prompt_slug}-{seed}"
                 if kind == "gen" and mode == "rgba":
                     own_dir_only = origin.get("out_dir", ("defaults",))[0] != "defaults" and origin.get("out", ("defaults",))[0] == "defaults"
@@ -1099,7 +1096,7 @@ def output_state(job: Job) -> tuple[str, str]:
         if p.suffix.lower() != ".png":
             continue
         try:
-            from layerctl.imageio import read_metadata
+            from layerctl.io.imageio import read_metadata
 
             meta = read_metadata(p)
         except Exception as exc:  # noqa: BLE001 - unreadable counts as not ours
@@ -1298,8 +1295,8 @@ def _one_line(s: str) -> str:
 
 def run_compose(req: ComposeStep) -> dict:
     """Stack the layers (bottom -> top) into a PSD (with layers) or a flat PNG."""
-    from layerctl import compose as C
-    from layerctl.imageio import save_png
+    from layerctl.core import compose as C
+    from layerctl.io.imageio import save_png
 
     specs = [
         C.LayerSpec(path=Path(l["path"] if isinstance(l, dict) else l.path),
@@ -1319,7 +1316,7 @@ def run_compose(req: ComposeStep) -> dict:
         size = (max(l.offset[0] + l.size[0] for l in layers), max(l.offset[1] + l.size[1] for l in layers))
     out = Path(req.out)
     if out.suffix.lower() == ".psd":
-        from layerctl import psd as P
+        from layerctl.io import psd as P
 
         P.write_psd(out, layers, size, overwrite=req.overwrite)
         return {"psd": out}

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_SIDE = 16384
+from layerctl.core.geometry import MAX_SIDE
 
 
 def _multiple_of_64(name: str, v: Optional[int]) -> Optional[int]:
@@ -41,23 +41,42 @@ class ModelOptions(BaseModel):
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
 
 
-class GenRequest(ModelOptions):
+class JobOptions(ModelOptions):
+    """What every generating job shares: text, sampling settings, seed, outputs policy."""
+
+    negative: str = "bad, ugly"
+    steps: Optional[int] = None
+    cfg: Optional[float] = None
+    seed: Optional[int] = None
+    tta: bool = True
+    overwrite: bool = False
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError(f"steps must be > 0 (got {v})")
+        return v
+
+    @field_validator("cfg")
+    @classmethod
+    def _cfg(cls, v):
+        if v is not None and v < 0:
+            raise ValueError(f"cfg must be >= 0 (got {v})")
+        return v
+
+
+class GenRequest(JobOptions):
     """One `layerctl gen` job (every mode)."""
 
     prompt: Optional[str] = None
-    negative: str = "bad, ugly"
     out: Optional[str] = None
     out_dir: Optional[str] = None
     width: Optional[int] = None
     height: Optional[int] = None
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    seed: Optional[int] = None
     batch: int = 1
-    tta: bool = True
     preview: bool = False
     psd: Optional[str] = None
-    overwrite: bool = False
 
     # layer modes
     fg: Optional[str] = None
@@ -87,25 +106,11 @@ class GenRequest(ModelOptions):
     def _size(cls, v, info):
         return _multiple_of_64(info.field_name, v)
 
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v):
-        if v is not None and v <= 0:
-            raise ValueError(f"steps must be > 0 (got {v})")
-        return v
-
     @field_validator("batch")
     @classmethod
     def _batch(cls, v):
         if v <= 0:
             raise ValueError(f"batch must be > 0 (got {v})")
-        return v
-
-    @field_validator("cfg")
-    @classmethod
-    def _cfg(cls, v):
-        if v is not None and v < 0:
-            raise ValueError(f"cfg must be >= 0 (got {v})")
         return v
 
     @field_validator("strength")
@@ -131,7 +136,7 @@ class GenRequest(ModelOptions):
 
     @model_validator(mode="after")
     def _mode_flags(self):
-        # Which mode is asked for is decided in layerctl.pipeline.gen_mode();
+        # Which mode is asked for is decided in layerctl.pipelines.sampling.gen_mode();
         # here only what no mode can accept.
         if self.fg and self.bg:
             raise ValueError("--fg and --bg cannot both be given to gen (decompose takes one known layer)")
@@ -166,7 +171,7 @@ class GenRequest(ModelOptions):
         return "rgba"
 
 
-class DecomposeRequest(ModelOptions):
+class DecomposeRequest(JobOptions):
     """One `layerctl decompose` job."""
 
     image: str
@@ -175,17 +180,11 @@ class DecomposeRequest(ModelOptions):
     prompt: Optional[str] = None
     fg_prompt: Optional[str] = None
     bg_prompt: Optional[str] = None
-    negative: str = "bad, ugly"
     out_dir: str = "."
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    seed: Optional[int] = None
-    tta: bool = True
     resize: Literal["crop", "fit", "stretch"] = "crop"
     width: Optional[int] = None
     height: Optional[int] = None
     psd: Optional[str] = None
-    overwrite: bool = False
     fg_name: str = "fg.png"
     bg_name: str = "bg.png"
     blended_name: str = "blended.png"
@@ -202,6 +201,36 @@ class DecomposeRequest(ModelOptions):
     def _stop_at(cls, v):
         if not (0.0 <= v <= 1.0):
             raise ValueError(f"stop_at must be in [0, 1] (got {v})")
+        return v
+
+
+class UpscaleRequest(JobOptions):
+    """One `layerctl upscale` job: resize an RGBA image by `scale` and refine it (img2img)."""
+
+    image: str
+    scale: float = 2.0
+    prompt: str = ""
+    strength: float = 0.5
+    out: Optional[str] = None
+    weight: float = 1.0
+    preview: bool = False
+    resize: Literal["crop", "fit", "stretch"] = "crop"  # for control images
+    controlnet: list[str] = Field(default_factory=list)
+    control_image: list[str] = Field(default_factory=list)
+    control_scale: list[float] = Field(default_factory=list)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v):
+        if not (v > 1.0) or v == float("inf"):
+            raise ValueError(f"scale must be > 1 (got {v})")
+        return v
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v):
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"strength must be in (0, 1] (got {v})")
         return v
 
 

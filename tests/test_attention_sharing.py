@@ -1,4 +1,4 @@
-"""SD1.5 attention-sharing units (layerctl.layers): official-fixture parity, strict loading of the
+"""SD1.5 attention-sharing units (layerctl.models.attention_sharing): official-fixture parity, strict loading of the
 official file layouts, and behaviour inside a small SD1.5-shaped diffusers UNet."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffu
 FIX = REF / "fixtures" / "attention_sharing"
 TOL = 5e-5  # fixtures/attention_sharing/README.md
 
-layers = pytest.importorskip("layerctl.layers")
+layers = pytest.importorskip("layerctl.models.attention_sharing")
 diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
@@ -302,9 +302,11 @@ def test_detect_attention_sharing_file():
     with pytest.raises(LayerctlError):
         layers.detect_attention_sharing_file(["conv_in.weight"])
     assert layers.FILE_SPECS == {"rgba": (1, False), "joint": (3, False), "fg2bg": (2, True), "bg2fg": (2, True)}
+    from layerctl.core.frames import OFFICIAL_FILES as NAMES, SD15_LAYOUTS
+
     for mode, (frames, _) in layers.FILE_SPECS.items():
-        assert len(layers.FRAME_ORDER[mode]) == frames
-        stem = layers.FILE_NAMES[mode].removesuffix(".safetensors")
+        assert len(SD15_LAYOUTS[mode][0]) == frames
+        stem = NAMES["sd15"][mode].removesuffix(".safetensors")
         assert OFFICIAL_FILES[stem] == layers.FILE_SPECS[mode]
 
 

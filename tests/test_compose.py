@@ -1,4 +1,4 @@
-"""layerctl.compose and `layerctl compose`: compositing numbers, placement, clipping, options,
+"""layerctl.core.compose and `layerctl compose`: compositing numbers, placement, clipping, options,
 YAML stacks, PSD in/out, and the error cases (one line, exit 2, nothing written)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layerctl.compose import Layer, composite_layers, flatten, scale_pixels
+from layerctl.core.compose import Layer, composite_layers, flatten, scale_pixels
 from layerctl.errors import LayerctlError
 
 
@@ -144,7 +144,7 @@ def test_fur_foreground_over_its_background_reproduces_the_picture(tmp_path):
     # 8-bit layers (colour and alpha each rounded) recomposed: measured max 1/255, mean 0.124/255
     assert err.max() <= 1 and err.mean() < 0.2
     assert (flat[..., 3] == 255).all()
-    from layerctl.psd import flatten as psd_flatten
+    from layerctl.io.psd import flatten as psd_flatten
 
     assert np.array_equal(psd_flatten(tmp_path / "layers.psd"), flat)
 
@@ -274,7 +274,7 @@ def test_cli_bad_files_and_outputs(files, capsys):
 
 
 def test_force_allows_a_big_canvas_check(files):
-    from layerctl.compose import check_side
+    from layerctl.core.compose import check_side
 
     with pytest.raises(LayerctlError):
         check_side("canvas", 16385, 10)
@@ -296,7 +296,7 @@ def test_command_module_imports_nothing_heavy():
 def test_psd_input_in_a_yaml_stack_keeps_its_groups(tmp_path):
     from test_psd import _group_psd
 
-    from layerctl.psd import flatten as psd_flatten
+    from layerctl.io.psd import flatten as psd_flatten
 
     _group_psd(tmp_path / "g.psd")
     white = np.full((16, 16, 3), 255, np.uint8)

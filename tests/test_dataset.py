@@ -291,12 +291,12 @@ def _fg_dir(tmp_path, n=2, size=64, empty=False) -> Path:
 
 
 def _no_model(monkeypatch):
-    import layerctl.backend
+    import layerctl.backends.registry
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(layerctl.backend, "load_model", boom)
+    monkeypatch.setattr(layerctl.backends.registry, "load_model", boom)
 
 
 @pytest.mark.parametrize(
@@ -355,7 +355,7 @@ def test_template_prompts_and_input_errors(tmp_path, monkeypatch):
 def tiny():
     import torch
 
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
 
     # One thread: the tiny model's small convolutions gain nothing from more, and on a busy
     # 2-core machine two threads measured 40x slower (0.6 s vs 24 s for three inpaintings).
@@ -370,7 +370,7 @@ def tiny():
 def test_inpaint_latent_blend_semantics(tiny):
     import torch
 
-    from layerctl.inpaint import inpaint
+    from layerctl.pipelines.inpaint import inpaint
 
     rng = np.random.default_rng(0)
     img = rng.random((64, 64, 3)).astype(np.float32)
@@ -396,7 +396,7 @@ def test_inpaint_nine_channel_unet_uses_the_pipeline(tiny):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from layerctl.backends.tiny import tiny_unet_config
-    from layerctl.inpaint import inpaint
+    from layerctl.pipelines.inpaint import inpaint
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{**tiny_unet_config(False), "in_channels": 9})
@@ -413,8 +413,8 @@ def test_inpaint_nine_channel_unet_uses_the_pipeline(tiny):
 def test_inpaint_sdxl_shaped_model(tiny):
     import torch
 
-    from layerctl.backend import load_model
-    from layerctl.inpaint import inpaint
+    from layerctl.backends.registry import load_model
+    from layerctl.pipelines.inpaint import inpaint
 
     xl = load_model("tiny-xl", device="cpu")  # threads already 1 (the tiny fixture)
     assert torch.get_num_threads() == 1

@@ -1,4 +1,4 @@
-"""img2img, inpainting, hires, upscale and ControlNet on the tiny backends (layerctl.edit).
+"""img2img, inpainting, hires, upscale and ControlNet on the tiny backends (layerctl.pipelines.edit).
 
 The tiny models' transparent encoder/decoder are seeded random stand-ins: their RGB and alpha
 are noise-like and a small latent change can move single pixels a lot. Closeness to "the
@@ -85,7 +85,8 @@ def _img(t):
 
 
 def test_sizes_and_hires_limits():
-    from layerctl.edit import ceil64, edit_size, hires_size, pad_reflect, round64
+    from layerctl.core.geometry import ceil64, edit_size, hires_size, round64
+    from layerctl.pipelines.edit import pad_reflect
     from layerctl.errors import LayerctlError
 
     assert [round64(x) for x in (1, 95, 96, 100, 130)] == [64, 64, 128, 128, 128]
@@ -108,7 +109,7 @@ def test_sizes_and_hires_limits():
 
 
 def test_mask_from_rgba_grey_alpha_snap_and_colour():
-    from layerctl.edit import mask_from_rgba
+    from layerctl.pipelines.edit import mask_from_rgba
     from layerctl.errors import LayerctlError
 
     rgba = np.zeros((2, 3, 4), np.float32)
@@ -127,7 +128,7 @@ def test_mask_from_rgba_grey_alpha_snap_and_colour():
 
 
 def test_paste_outside_keeps_outside_exactly_and_blends_premultiplied():
-    from layerctl.edit import paste_outside
+    from layerctl.pipelines.edit import paste_outside
 
     new = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 4, 1, 1).expand(1, 4, 1, 3).clone()
     old = torch.tensor([0.0, 0.0, 1.0, 0.5]).view(1, 4, 1, 1).expand(1, 4, 1, 3).clone()
@@ -143,7 +144,7 @@ def test_paste_outside_keeps_outside_exactly_and_blends_premultiplied():
 
 
 def test_control_options_pairing():
-    from layerctl.controlnet import controlnet_family, pair_options
+    from layerctl.pipelines.controlnet import controlnet_family, pair_options
     from layerctl.errors import LayerctlError
 
     assert pair_options([], [], []) == []
@@ -168,8 +169,8 @@ def test_init_encoding_is_the_official_latent_transparency_path():
     (Full encoder parity is tests/test_transparent_vae.py; this checks the edit path uses it.)"""
     import types
 
-    from layerctl import edit
-    from layerctl.transparent_vae import TransparentEncoder, fixture_state_dict
+    from layerctl.pipelines import edit
+    from layerctl.models.transparent_vae import TransparentEncoder, fixture_state_dict
 
     path = REF / "fixtures" / "encoder_128x128.npz"
     if not path.exists():
@@ -183,10 +184,10 @@ def test_init_encoding_is_the_official_latent_transparency_path():
         device=torch.device("cpu"), latent_scale=scale,
         vae_encode=lambda x: (params[:, :4], torch.exp(0.5 * params[:, 4:].clamp(-30, 20))),
     )
-    session = types.SimpleNamespace(encoder=lambda m, r: (enc, "ref-encoder"))
-    job = types.SimpleNamespace(model=model, req=None, encoder_name=None)
+    kit = types.SimpleNamespace(encoder=lambda r: (enc, "ref-encoder"))
+    job = types.SimpleNamespace(model=model, kit=kit, req=None, encoder_name=None)
     rgba = torch.from_numpy(z["rgba"]).permute(0, 3, 1, 2).float() / 255.0
-    lat = edit.encode_transparent(session, job, rgba)
+    lat = edit.encode_transparent(job, rgba)
     assert float((lat / scale - torch.from_numpy(z["latent"])).abs().max()) <= 5e-5
     assert job.encoder_name == "ref-encoder"
 
@@ -196,15 +197,15 @@ def test_init_encoding_is_the_official_latent_transparency_path():
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_img2img_small_strength_returns_the_round_trip_and_strength_1_ignores_it(session, files, tmp_path, model):
-    from layerctl import edit
+    from layerctl.pipelines import edit
 
-    job = edit.plan_gen_edit(session, _req(model=model, init=str(files / "init.png"), strength=0.01, out=str(tmp_path / "a.png")))
-    small = edit.run_edit(session, job)
+    job = edit.plan_gen_edit(session.models, _req(model=model, init=str(files / "init.png"), strength=0.01, out=str(tmp_path / "a.png")))
+    small = edit.run_edit(job)
     init = edit.to_tensor(job.init_rgba)
-    init_lat = edit.encode_transparent(session, job, init)
-    rt = edit.round_trip(session, job, init)
+    init_lat = edit.encode_transparent(job, init)
+    rt = edit.round_trip(job, init)
     job.strength = 1.0
-    full = edit.run_edit(session, job)
+    full = edit.run_edit(job)
 
     # latents: strength 0.01 runs only the last step (sigma_min 0.029 of the Karras schedule)
     scale = float(init_lat.abs().mean())
@@ -243,14 +244,14 @@ def test_strength_1_equals_plain_generation_and_rgb_init_is_opaque(session, file
 
 
 def test_inpaint_changes_pixels_only_inside_the_mask(session, files, tmp_path):
-    from layerctl import edit
+    from layerctl.pipelines import edit
 
     out = tmp_path / "inp.png"
     req = _req(model="tiny-xl", out=str(out), steps=3, tta=False, init=str(files / "init.png"), mask=str(files / "mask.png"),
                strength=1.0)
-    job = edit.plan_gen_edit(session, req)
-    res = edit.run_edit(session, job)
-    recs = edit.write_edit(session, job, res)
+    job = edit.plan_gen_edit(session.models, req)
+    res = edit.run_edit(job)
+    recs = edit.write_edit(job, res)
     assert [r.path for r in recs] == [str(out)]
     got, meta = _png(out)
     src = np.asarray(Image.open(files / "init.png")).astype(np.float32) / 255.0
@@ -259,7 +260,7 @@ def test_inpaint_changes_pixels_only_inside_the_mask(session, files, tmp_path):
     assert np.abs(got[m] - src[m]).mean() > 0.05  # inside: repainted
     # the latent outside the (8x8-pooled) mask is the init's transparent latent, exactly
     lm = torch.from_numpy(edit.latent_mask(job.mask)).bool()
-    init_lat = edit.encode_transparent(session, job, edit.to_tensor(job.init_rgba))
+    init_lat = edit.encode_transparent(job, edit.to_tensor(job.init_rgba))
     assert torch.equal(res.latent[0][:, ~lm], init_lat[0][:, ~lm])
     assert not torch.allclose(res.latent[0][:, lm], init_lat[0][:, lm], atol=1e-2)
     assert meta["mask"] == str(files / "mask.png") and meta["mask_method"] == "latent-blend"
@@ -286,7 +287,7 @@ def test_inpaint_with_a_9_channel_inpainting_unet(files, tmp_path):
     """An inpainting UNet gets [latent, mask, masked-image latent]; outside stays the input."""
     from diffusers import UNet2DConditionModel
 
-    from layerctl import edit
+    from layerctl.pipelines import edit
     from layerctl.api import Session
     from layerctl.backends.tiny import tiny_unet_config
 
@@ -295,9 +296,9 @@ def test_inpaint_with_a_9_channel_inpainting_unet(files, tmp_path):
         torch.manual_seed(3)
         model.pipe.unet = UNet2DConditionModel(**dict(tiny_unet_config(False), in_channels=9)).eval()
         out = tmp_path / "inp9.png"
-        job = edit.plan_gen_edit(s, _req(model="tiny", out=str(out), steps=2, tta=False, init=str(files / "init.png"),
+        job = edit.plan_gen_edit(s.models, _req(model="tiny", out=str(out), steps=2, tta=False, init=str(files / "init.png"),
                                          mask=str(files / "mask.png"), strength=1.0))
-        edit.write_edit(s, job, edit.run_edit(s, job))
+        edit.write_edit(job, edit.run_edit(job))
     got, meta = _png(out)
     src = np.asarray(Image.open(files / "init.png")).astype(np.float32) / 255.0
     m = np.asarray(Image.open(files / "mask.png")) > 0
@@ -309,13 +310,13 @@ def test_inpaint_with_a_9_channel_inpainting_unet(files, tmp_path):
 
 
 def test_hires_2_gives_twice_the_size_with_a_full_resolution_alpha(session, tmp_path, monkeypatch):
-    from layerctl import edit
+    from layerctl.pipelines import edit
 
     decoded = []
     real = edit.decode
 
-    def spy(sess, job, lat):
-        out = real(sess, job, lat)
+    def spy(job, lat):
+        out = real(job, lat)
         decoded.append((tuple(lat.shape), out))
         return out
 
@@ -394,20 +395,20 @@ def test_bad_input_one_line_exit_2_nothing_written(files, cn_sd15, tmp_path, arg
 def test_mask_without_init_is_refused(session, files, tmp_path):
     # (api.Session.gen sends a request to edit.gen_edit when init/hires/controlnet is set; a lone
     # --mask needs that dispatch too -- see the report -- so this calls gen_edit directly)
-    from layerctl import edit
+    from layerctl.pipelines import edit
     from layerctl.errors import LayerctlError
 
     with pytest.raises(LayerctlError, match="--mask needs --init"):
-        edit.gen_edit(session, _req(model="tiny", out=str(tmp_path / "m.png"), mask=str(files / "mask.png")))
+        edit.gen_edit(session.models, _req(model="tiny", out=str(tmp_path / "m.png"), mask=str(files / "mask.png")))
     assert not (tmp_path / "m.png").exists()
 
 
 def test_mask_size_fixed_by_explicit_resize(session, files, tmp_path):
-    from layerctl import edit
+    from layerctl.pipelines import edit
 
     req = _req(model="tiny", out=str(tmp_path / "r.png"), steps=2, init=str(files / "init.png"),
                mask=str(files / "mask_small.png"), resize="stretch")
-    job = edit.plan_gen_edit(session, req)
+    job = edit.plan_gen_edit(session.models, req)
     assert job.mask.shape == (64, 64)
     small = np.asarray(Image.open(files / "mask_small.png")) / 255.0
     assert np.allclose(job.mask[::2, ::2], small, atol=0.02)  # stretched x2

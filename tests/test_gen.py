@@ -124,14 +124,14 @@ def test_gen_wrong_layout_decoder_named_key(tmp_path):
 
 
 def test_interrupt_leaves_no_partial_file(tmp_path, monkeypatch):
-    import layerctl.imageio as imageio
+    import layerctl.io.imageio as imageio
 
     real_save = imageio.Image if hasattr(imageio, "Image") else None  # noqa: F841
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    import layerctl.pipeline as pipeline
+    import layerctl.pipelines.sampling as pipeline
 
     monkeypatch.setattr(pipeline, "decode_transparent", boom)
     out = tmp_path / "x.png"

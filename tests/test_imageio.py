@@ -1,4 +1,4 @@
-"""layerctl.imageio: load_image for every Pillow mode, EXIF orientation, PSD input, damaged
+"""layerctl.io.imageio: load_image for every Pillow mode, EXIF orientation, PSD input, damaged
 files and the decompression-bomb limit; save_png / read_metadata."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from layerctl.errors import LayerctlError
-from layerctl.imageio import load_image, read_metadata, save_png
+from layerctl.io.imageio import load_image, read_metadata, save_png
 
 
 def arr(im):
@@ -116,7 +116,7 @@ def test_webp_and_tiff_rgba(tmp_path):
 
 
 def test_psd_input_uses_the_composite(tmp_path):
-    from layerctl.psd import flatten, write_psd
+    from layerctl.io.psd import flatten, write_psd
 
     rng = np.random.default_rng(1)
     bg = rng.integers(0, 256, (10, 10, 4), dtype=np.uint8)
@@ -150,7 +150,7 @@ def test_damaged_and_missing_files(tmp_path):
 
 def test_decompression_bomb_limit_is_kept(tmp_path, monkeypatch):
     Image.new("RGB", (40, 40)).save(tmp_path / "big.png")
-    from layerctl.psd import write_psd
+    from layerctl.io.psd import write_psd
 
     write_psd(tmp_path / "big.psd", [("l", np.zeros((40, 40, 4), np.uint8), (0, 0))])
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 x 100

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerctl.imagemath import (
+from layerctl.core.imagemath import (
     checkerboard,
     composite_over,
     flatten_on_grey,

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from clihelp import run_cli
-from layerctl import modes
+from layerctl.core import geometry
+from layerctl.pipelines import layers as modes
 from layerctl.errors import LayerctlError
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffuse-v1"
@@ -92,12 +93,12 @@ def _px(path):
 
 
 def test_auto_size_known_numbers():
-    assert modes.auto_size(1920, 1080, 512, None, None) == (704, 384)
-    assert modes.auto_size(1080, 1920, 1024, None, None) == (768, 1344)
-    assert modes.auto_size(64, 64, 64, None, None) == (64, 64)
-    assert modes.auto_size(200, 100, 512, 512, None) == (512, 256)
-    assert modes.auto_size(100, 200, 512, None, 128) == (64, 128)
-    assert modes.auto_size(10, 1000, 512, 640, 320) == (640, 320)
+    assert geometry.auto_size(1920, 1080, 512, None, None) == (704, 384)
+    assert geometry.auto_size(1080, 1920, 1024, None, None) == (768, 1344)
+    assert geometry.auto_size(64, 64, 64, None, None) == (64, 64)
+    assert geometry.auto_size(200, 100, 512, 512, None) == (512, 256)
+    assert geometry.auto_size(100, 200, 512, None, 128) == (64, 128)
+    assert geometry.auto_size(10, 1000, 512, 640, 320) == (640, 320)
 
 
 def test_fit_image_crop_fit_stretch():
@@ -105,19 +106,19 @@ def test_fit_image_crop_fit_stretch():
     for x in range(4):
         src[:, x, :3] = 0.1 * (x + 1)
     src[..., 3] = 1.0
-    crop = modes.fit_image(src, 2, 2, "crop")  # cover = no scaling, centre columns 1 and 2
+    crop = geometry.fit_image(src, 2, 2, "crop")  # cover = no scaling, centre columns 1 and 2
     np.testing.assert_allclose(crop[0, :, 0], [0.2, 0.3], atol=1e-6)
-    fit = modes.fit_image(src, 4, 4, "fit")  # contain = no scaling, rows 1-2, padded with the border median
+    fit = geometry.fit_image(src, 4, 4, "fit")  # contain = no scaling, rows 1-2, padded with the border median
     np.testing.assert_allclose(fit[1, :, 0], [0.1, 0.2, 0.3, 0.4], atol=1e-6)
     assert fit[0, 0, 3] == 1.0 and 0.1 <= fit[0, 0, 0] <= 0.4
-    stretch = modes.fit_image(src, 2, 2, "stretch")  # area average of column pairs
+    stretch = geometry.fit_image(src, 2, 2, "stretch")  # area average of column pairs
     np.testing.assert_allclose(stretch[0, :, 0], [0.15, 0.35], atol=1e-5)
     # resampling is premultiplied: a transparent green pixel does not tint the red one
     rg = np.array([[[1, 0, 0, 1], [0, 1, 0, 0]]], np.float32)
-    one = modes.fit_image(rg, 1, 1, "stretch")[0, 0]
+    one = geometry.fit_image(rg, 1, 1, "stretch")[0, 0]
     np.testing.assert_allclose(one, [1, 0, 0, 0.5], atol=1e-6)
     with pytest.raises(LayerctlError, match="resize mode"):
-        modes.fit_image(src, 2, 2, "zoom")
+        geometry.fit_image(src, 2, 2, "zoom")
 
 
 def test_layer_prompts():
@@ -229,9 +230,9 @@ def test_joint_batch_names_and_seeds(tmp_path, session):
 
 
 def test_pinned_blended_frame_is_the_given_picture(imgs, session):
-    from layerctl.pipeline import decode_rgb, encode_rgb
+    from layerctl.pipelines.sampling import decode_rgb, encode_rgb
 
-    layers = modes.decompose_layers(session, _dec_req(model="tiny", image=str(imgs / "pic.png")))
+    layers = modes.decompose_layers(session.models, _dec_req(model="tiny", image=str(imgs / "pic.png")))
     assert set(layers) == {"fg", "bg", "blended"}
     assert layers["fg"].shape == (1, 4, 64, 64) and layers["bg"].shape == (1, 3, 64, 64)
     model = session.model(_gen_req(model="tiny"))
@@ -244,9 +245,9 @@ def test_pinned_blended_frame_is_the_given_picture(imgs, session):
 
 
 def test_pinned_bg_and_fg_frames(imgs, tmp_path, session):
-    from layerctl.pipeline import decode_rgb, encode_rgb
+    from layerctl.pipelines.sampling import decode_rgb, encode_rgb
 
-    layers = modes.decompose_layers(session, _dec_req(model="tiny", image=str(imgs / "pic.png"), bg=str(imgs / "bg.png")))
+    layers = modes.decompose_layers(session.models, _dec_req(model="tiny", image=str(imgs / "pic.png"), bg=str(imgs / "bg.png")))
     model = session.model(_gen_req(model="tiny"))
     k = modes.read_known("bg", imgs / "bg.png")
     k.resize(64, 64, "crop")
@@ -290,12 +291,12 @@ def test_sdxl_fg2bg_and_stop_at_hands_over(imgs, tmp_path, session):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bg.png", "blended.png"]
     model = session.model(_gen_req(model="tiny-xl"))
     req = dict(model="tiny-xl", image=str(imgs / "pic.png"), fg=str(imgs / "fg.png"))
-    full = modes.decompose_layers(session, _dec_req(**req))["bg"]
+    full = modes.decompose_layers(session.models, _dec_req(**req))["bg"]
     assert model.unet.conv_in.in_channels == 12
-    plain = modes.decompose_layers(session, _dec_req(stop_at=0.0, **req))["bg"]
+    plain = modes.decompose_layers(session.models, _dec_req(stop_at=0.0, **req))["bg"]
     assert model.unet.conv_in.in_channels == 4  # handed over at step 0: the plain UNet ran, without concat
     assert (full - plain).abs().max() > 1e-3
-    again = modes.decompose_layers(session, _dec_req(**req))["bg"]  # weights re-applied after the hand-over
+    again = modes.decompose_layers(session.models, _dec_req(**req))["bg"]  # weights re-applied after the hand-over
     assert torch_equal(again, full)
 
 
@@ -345,7 +346,7 @@ def test_layer_weights_with_wrong_frame_layout(imgs, tmp_path):
     from safetensors.torch import save_file
 
     from layerctl.backends.tiny import tiny_unet
-    from layerctl.layers import AttentionSharingPatcher
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
 
     unet = tiny_unet(False)
     for frames, control, name in ((3, False, "joint.safetensors"), (2, True, "bg2fg.safetensors")):
@@ -372,8 +373,8 @@ def test_existing_output_is_not_overwritten(imgs, tmp_path):
 
 def test_sdxl_layer_weights_with_wrong_input_channels(imgs, tmp_path, session):
     """decompose --bg needs a 12-channel conv_in (bgble2fg); an 8-channel file (bg2ble layout) is refused."""
-    from layerctl.patches import write_patch
-    from layerctl.weights import tiny_patch
+    from layerctl.models.patches import write_patch
+    from layerctl.models.weights import tiny_patch
 
     model = session.model(_gen_req(model="tiny-xl"))
     session.clear_weights(model)

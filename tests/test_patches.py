@@ -1,4 +1,4 @@
-"""layerctl.patches: ldm->diffusers map, patch files, fp32 merge, conv_in widening, bit-exact restore."""
+"""layerctl.models.patches: ldm->diffusers map, patch files, fp32 merge, conv_in widening, bit-exact restore."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerctl.errors import LayerctlError
-from layerctl import patches as P
+from layerctl.models import patches as P
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffuse-v1"
 

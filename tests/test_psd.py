@@ -1,4 +1,4 @@
-"""layerctl.psd: layered PSD writing (alpha in the transparency channel, a correct merged
+"""layerctl.io.psd: layered PSD writing (alpha in the transparency channel, a correct merged
 composite) and reading (groups, masks, hidden layers, kinds it cannot rasterise)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from psd_tools import PSDImage
 
-from layerctl import psd as lpsd
-from layerctl.compose import Layer, flatten
+from layerctl.io import psd as lpsd
+from layerctl.core.compose import Layer, flatten
 from layerctl.errors import LayerctlError
 
 

@@ -275,8 +275,8 @@ def test_template_checks():
     for bad in ["{name.__class__}", "{seed[0]}", "{i!r}", "{prompt}", "{", "{seed:{i}}"]:
         with pytest.raises(ValueError):
             recipes.check_template(bad)
-    assert recipes.slugify("A glass cup, HIGH quality!!") == "a-glass-cup-high-quality"
-    assert recipes.slugify("!!!") == "untitled"
+    assert recipes.slug("A glass cup, HIGH quality!!") == "a-glass-cup-high-quality"
+    assert recipes.slug("!!!") == "image"  # the one fallback, the same as gen's {prompt_slug}
 
 
 # ---------------------------------------------------------------- the runner, with a stand-in session
@@ -290,7 +290,7 @@ class FakeSession:
 
     def gen(self, req):
         from layerctl.api import OutputRecord
-        from layerctl.imageio import save_png
+        from layerctl.io.imageio import save_png
 
         self.calls.append(req.prompt or req.fg_prompt)
         if "FAIL" in (req.prompt or ""):
@@ -454,7 +454,7 @@ def test_batch_kill_and_resume(batch_run, tiny_session, monkeypatch, capsys):
     assert len(files) == 6
     # nothing redone: the files of the killed run are untouched
     assert {n: (d / "o" / "cups" / n).stat().st_mtime_ns for n in first} == first
-    from layerctl.imageio import read_metadata
+    from layerctl.io.imageio import read_metadata
 
     seen = set()
     for f in files:
@@ -493,8 +493,8 @@ def test_scene_psd_and_weights_restored(tmp_path, shared_session, monkeypatch):
     reloaded and its weights are the originals again after two modes' layer weights were applied."""
     import torch
 
-    import layerctl.backend
-    from layerctl.psd import open_psd
+    import layerctl.backends.registry
+    from layerctl.io.psd import open_psd
 
     monkeypatch.chdir(tmp_path)
     p = plan(
@@ -507,8 +507,8 @@ def test_scene_psd_and_weights_restored(tmp_path, shared_session, monkeypatch):
     )
     model = shared_session.model(p.jobs[0].request)  # loaded once for the module
     loads = []
-    real_load = layerctl.backend.load_model
-    monkeypatch.setattr(layerctl.backend, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = layerctl.backends.registry.load_model
+    monkeypatch.setattr(layerctl.backends.registry, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
     procs_before = {k: type(v) for k, v in model.unet.attn_processors.items()}
     modes_seen = []
@@ -572,7 +572,7 @@ def test_merged_weights_swapped_and_restored_xl(tmp_path, shared_session, monkey
     swaps them without reloading, the two rgba jobs see identical weights, and the end state is the original."""
     import torch
 
-    import layerctl.backend
+    import layerctl.backends.registry
 
     monkeypatch.chdir(tmp_path)
     p = plan(
@@ -584,8 +584,8 @@ def test_merged_weights_swapped_and_restored_xl(tmp_path, shared_session, monkey
     )
     model = shared_session.model(p.jobs[0].request)
     loads = []
-    real_load = layerctl.backend.load_model
-    monkeypatch.setattr(layerctl.backend, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_load = layerctl.backends.registry.load_model
+    monkeypatch.setattr(layerctl.backends.registry, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     original = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
     during = []
     real_gen = shared_session.session.gen

@@ -36,7 +36,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
 
     return load_model("tiny", device="cpu", dtype="fp32")
 
@@ -56,7 +56,7 @@ def _weights(unet):
 
 
 def _merged(unet, path, scale=1.0):
-    from layerctl.lora import apply_lora_file
+    from layerctl.models.lora_format import apply_lora_file
 
     h = apply_lora_file(unet, path, scale)
     w = _weights(unet)
@@ -75,8 +75,8 @@ def test_peft_file_merges_restores_and_round_trips_through_the_official_layout(t
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from layerctl import lora as L
-    from layerctl.patches import _plain_config
+    from layerctl.models import lora_format as L
+    from layerctl.models.patches import _plain_config
 
     unet = tiny.unet
     base = _weights(unet)
@@ -125,7 +125,7 @@ def test_peft_file_merges_restores_and_round_trips_through_the_official_layout(t
 def test_official_sdxl_layout_is_recognised_from_its_manifest():
     if not (REF / "layer_xl_transparent_attn.json").is_file():
         pytest.skip("shared/reference not present")
-    from layerctl.lora import detect_unet_config
+    from layerctl.models.lora_format import detect_unet_config
 
     tensors = json.loads((REF / "layer_xl_transparent_attn.json").read_text())["tensors"]
     items = tensors.items() if isinstance(tensors, dict) else [(t["key"], t["shape"]) for t in tensors]
@@ -142,13 +142,13 @@ def test_official_sdxl_layout_is_recognised_from_its_manifest():
 def test_bad_lora_files_are_one_line_errors_and_leave_the_unet_alone(tiny, tmp_path):
     from safetensors.torch import save_file
 
-    from layerctl import lora as L
-    from layerctl.layers import AttentionSharingPatcher
+    from layerctl.models import lora_format as L
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
 
     unet = tiny.unet
     base = _weights(unet)
     # a LoRA for another UNet (tiny-xl shapes)
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
 
     xl = load_model("tiny-xl", device="cpu", dtype="fp32").unet
     other = L.save_peft_lora(tmp_path / "xl.safetensors", _random_pairs(xl), 4, 4)
@@ -236,7 +236,7 @@ def _rgba_folder(folder: Path, n: int, opaque: int = 0, size=(64, 80)) -> list[P
 
 
 def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypatch):
-    from layerctl import backend
+    from layerctl.backends import base as backend
     from layerctl.training import lora as T
 
     def boom(*a, **k):
@@ -316,7 +316,7 @@ def test_clean_layer_has_its_noise_zeroed_and_no_loss():
     """diffusion_loss with a recording denoiser: frame 1 of group 0 is kept clean."""
     from diffusers import DDPMScheduler
 
-    from layerctl.backend import PromptEmbeds
+    from layerctl.backends.base import PromptEmbeds
     from layerctl.training import lora as T
 
     cfg = T.LoraTrainConfig(mode="layers")
@@ -401,7 +401,7 @@ def test_transparent_run_resumes_exactly_and_its_lora_loads_in_gen(tmp_path, mon
         assert code == 0, err
         outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
     assert outs["base"].shape == (64, 64, 4) and np.abs(outs["base"] - outs["lora"]).max() > 0
-    from layerctl.imageio import read_metadata
+    from layerctl.io.imageio import read_metadata
 
     assert T.LORA_FILE in read_metadata(tmp_path / "lora.png")["layer_weights"]
 
@@ -426,8 +426,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 def test_layers_run_writes_the_joint_layout_that_gen_loads(tmp_path):
     """mode: layers on a triplet folder (one without blended) with cached latents and validation
     images; the output is the official layer_sd15_joint layout and gen --joint / decompose load it."""
-    from layerctl.imageio import read_metadata
-    from layerctl.layers import detect_attention_sharing_file
+    from layerctl.io.imageio import read_metadata
+    from layerctl.models.attention_sharing import detect_attention_sharing_file
     from layerctl.training import lora as T
     from layerctl.training.synthetic import SyntheticSource
 
@@ -476,7 +476,7 @@ def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, k
     import torch
     from safetensors import safe_open
 
-    from layerctl.layers import detect_attention_sharing_file
+    from layerctl.models.attention_sharing import detect_attention_sharing_file
     from layerctl.training import lora as T
 
     cfg = _cfg(tmp_path, mode="layers", steps=2, batch_size=2, checkpoint_every=2,
@@ -497,8 +497,8 @@ def test_control_layer_models_train_their_encoder_and_gen_loads_them(tmp_path, k
     assert detect_attention_sharing_file(keys) == (2, True)
     assert info["layout"] == f"layer_sd15_{kind}" and info["frame_order"] == list(frame_roles) and info["control"] == control
     # the control encoder trained: differs from a fresh patcher's initial draw with the same seed
-    from layerctl.backend import load_model
-    from layerctl.layers import AttentionSharingPatcher
+    from layerctl.backends.registry import load_model
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
 
     model = load_model("tiny", device="cpu", dtype="fp32")
     torch.manual_seed(cfg.seed)
@@ -522,7 +522,7 @@ def test_two_process_cpu_run_matches_one_process_and_its_lora_loads(tmp_path, ti
 
     import yaml
 
-    from layerctl.lora import apply_lora_file
+    from layerctl.models.lora_format import apply_lora_file
     from layerctl.training import lora as T
 
     one = T.train(_cfg(tmp_path, out_dir=str(tmp_path / "one"), steps=2, batch_size=4), quiet=True)

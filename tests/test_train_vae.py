@@ -114,7 +114,7 @@ def test_gan_and_reconstruction_losses():
 
 
 def test_decoder_views_are_the_tta_passes():
-    from layerctl import transparent_vae as tv
+    from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import apply_view, decoder_views, unview
 
     x = torch.randn(8, 3, 8, 8)
@@ -168,7 +168,7 @@ def test_imagefolder_metadata_and_splits(tmp_path):
 
 
 def test_folder_stream_is_deterministic_and_padded(tmp_path):
-    from layerctl.imagemath import pad_rgb
+    from layerctl.core.imagemath import pad_rgb
 
     paths = write_rgba_folder(tmp_path / "imgs", 5)
     recs = [D.ImageRecord(p) for p in paths]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from layerctl.errors import LayerctlError
-from layerctl.transparent_vae import (
+from layerctl.models.transparent_vae import (
     OFFSET_SCALE,
     TransparentDecoder,
     TransparentEncoder,
@@ -277,7 +277,7 @@ def test_tta_takes_the_lower_median():
 
 def test_channels_last_decoder_gives_the_same_decode():
     """use_channels_last (the CPU default in gen): same TTA and single-pass output within float noise."""
-    from layerctl.transparent_vae import _is_channels_last, use_channels_last
+    from layerctl.models.transparent_vae import _is_channels_last, use_channels_last
 
     g = torch.Generator().manual_seed(3)
     dec = new_decoder(2, block_out_channels=(8, 8, 8, 8, 16, 16, 16)).eval()

@@ -1,4 +1,4 @@
-"""layerctl.yamlio: safe YAML loading with line numbers, schema errors that say where."""
+"""layerctl.io.yamlio: safe YAML loading with line numbers, schema errors that say where."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional, Union
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from layerctl import yamlio
+from layerctl.io import yamlio
 from layerctl.errors import LayerctlError
 
 

@@ -63,7 +63,7 @@ def compose(
 
     Example: layerctl compose bg.png fg.png --at fg=120,40 --opacity fg=0.9 --out scene.psd
     """
-    from layerctl.compose import (
+    from layerctl.core.compose import (
         LayerSpec,
         apply_options,
         check_side,
@@ -160,8 +160,8 @@ def compose(
                 )
 
     if extract_paths:
-        from layerctl.imageio import save_png
-        from layerctl.imagemath import to_uint8
+        from layerctl.io.imageio import save_png
+        from layerctl.core.imagemath import to_uint8
 
         for layer, target in zip(layers, extract_paths):
             px = layer.pixels if layer.pixels.dtype.name == "uint8" else to_uint8(layer.pixels)
@@ -170,11 +170,11 @@ def compose(
 
     if out_path is not None:
         if out_path.suffix.lower() == ".psd":
-            from layerctl.psd import write_psd
+            from layerctl.io.psd import write_psd
 
             written = write_psd(out_path, layers, size=canvas, overwrite=overwrite)
         else:
-            from layerctl.imageio import save_png
+            from layerctl.io.imageio import save_png
 
             written = save_png(out_path, flatten(layers, canvas), overwrite=overwrite)
         typer.echo(json.dumps({"path": str(written), "size": list(canvas), "layers": len(layers)}) if as_json else str(written))

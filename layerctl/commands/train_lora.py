@@ -64,7 +64,7 @@ def export_lora(
 
     Example: layerctl export-lora runs/lora/pytorch_lora_weights.safetensors --format layerdiffuse --out lora_ld.safetensors
     """
-    from layerctl.lora import export_lora as run_export
+    from layerctl.models.lora_format import export_lora as run_export
 
     config = None
     if model:
@@ -83,13 +83,13 @@ def export_lora(
 
 def _unet_config(ref: str) -> dict:
     """A UNet config for key names: the known families by name, else the model's own (loaded)."""
-    from layerctl.lora import known_unet_configs
+    from layerctl.models.lora_format import known_unet_configs
 
     known = known_unet_configs()
     if ref in known:
         return known[ref]
-    from layerctl.backend import load_model
-    from layerctl.patches import _plain_config
+    from layerctl.backends.registry import load_model
+    from layerctl.models.patches import _plain_config
 
     return _plain_config(load_model(ref, device="cpu", dtype="fp32").unet)
 

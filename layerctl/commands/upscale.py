@@ -45,7 +45,7 @@ def upscale(
     Example: layerctl upscale cup.png --scale 2 --prompt "glass cup" --model tiny
     """
     from layerctl.api import Session
-    from layerctl.edit import UpscaleRequest, upscale as run_upscale
+    from layerctl.requests import UpscaleRequest
 
     req = build_request(
         UpscaleRequest,
@@ -57,7 +57,7 @@ def upscale(
         overwrite=overwrite,
     )
     with Session(quiet=quiet) as session:
-        emit(run_upscale(session, req), as_json)
+        emit(session.upscale(req), as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -3,7 +3,7 @@
 What every source gives, per sample, at a fixed square resolution (a multiple of 64):
 
     rgba    [4,H,W] float32 in [0,1], straight RGB + alpha
-    padded  [3,H,W] float32: the colour padding of `layerctl.imagemath.pad_rgb`
+    padded  [3,H,W] float32: the colour padding of `layerctl.core.imagemath.pad_rgb`
                     (the same function the inference path uses)
 
 Sample order is a pure function of (seed, position): position p of a
@@ -261,7 +261,7 @@ class RGBAStream:
         return np.random.default_rng([self.seed & 0xFFFFFFFF, 0xA06, int(pos)])
 
     def _finish(self, rgba: np.ndarray, rng: Optional[np.random.Generator], caption, bad) -> dict:
-        from layerctl.imagemath import pad_rgb
+        from layerctl.core.imagemath import pad_rgb
 
         if rng is not None:
             if self.hflip and rng.random() < 0.5:

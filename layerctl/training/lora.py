@@ -18,7 +18,7 @@ bg and blended are samples of the frozen VAE's posterior. All frames share the g
 probability ``layers.clean_probability`` one frame (chosen from ``layers.clean_layers``) keeps its
 clean latent: its noise is zeroed (``x_t = sqrt(abar_t) x0``) and it is left out of the loss,
 so the one model learns joint generation and fg->bg, bg->fg, blended->layers. Each frame gets its
-own caption (``layerctl.modes.layer_prompts``: fg = "fg prompt, prompt", bg = "bg prompt,
+own caption (``layerctl.pipelines.layers.layer_prompts``: fg = "fg prompt, prompt", bg = "bg prompt,
 prompt", blended = prompt). Trained: an ``AttentionSharingPatcher`` (per-frame LoRAs and the
 cross-frame attention), saved in the official layout. ``layers.kind: fg2bg`` / ``bg2fg`` train the
 two-frame control models instead (``layer_sd15_fg2bg`` / ``bg2fg`` layouts): frames [bg, blended] or
@@ -49,6 +49,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from layerctl.core.frames import LAYER_MODES, SD15_LAYOUTS
 from layerctl.errors import JobFailed, LayerctlError
 from layerctl.training.vae import (
     CKPT_DIR,
@@ -66,13 +67,9 @@ from layerctl.training.vae import (
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: pipe.load_lora_weights(OUT) finds it
 LAYERS_FILE = "layers_joint.safetensors"  # attention-sharing units in the official layer_sd15_joint layout
-FRAMES = ("fg", "bg", "blended")  # the joint model's frame order (official)
+FRAMES = SD15_LAYOUTS["joint"][0]  # the joint model's frame order (official)
 # layers.kind -> (frames in the official order, the known layer fed to the control encoder)
-LAYER_KINDS = {
-    "joint": (FRAMES, None),
-    "fg2bg": (("bg", "blended"), "fg"),  # layer_sd15_fg2bg: the foreground (flattened on grey) is the control
-    "bg2fg": (("fg", "blended"), "bg"),  # layer_sd15_bg2fg: the background is the control
-}
+LAYER_KINDS = {kind: SD15_LAYOUTS[kind] for kind in LAYER_MODES}
 VAL_DIR = "validation"
 
 __all__ = ["LoraTrainConfig", "load_config", "train", "read_log", "LORA_FILE", "LAYERS_FILE"]
@@ -243,7 +240,7 @@ class LoraTrainConfig(_Section):
 
 
 def load_config(path, overrides=()) -> LoraTrainConfig:
-    from layerctl.yamlio import load_model_yaml
+    from layerctl.io.yamlio import load_model_yaml
 
     return load_model_yaml(path, LoraTrainConfig, overrides=list(overrides))
 
@@ -515,7 +512,7 @@ class TripletSource:
 
 def layer_texts(fg_prompt: str, bg_prompt: str, prompt: str) -> tuple[str, str, str]:
     """Per-frame captions [fg, bg, blended], the way the layer modes build them at inference."""
-    from layerctl.modes import layer_prompts
+    from layerctl.pipelines.layers import layer_prompts
 
     t = layer_prompts(prompt or None, fg_prompt or None, bg_prompt or None)
     return t["fg"], t["bg"], t["blended"]
@@ -851,7 +848,7 @@ def _cat_embeds(parts):
     """Concatenate PromptEmbeds row blocks (hidden and every tensor inside extra) along the batch."""
     import torch
 
-    from layerctl.backend import PromptEmbeds
+    from layerctl.backends.base import PromptEmbeds
 
     def cat(xs):
         if torch.is_tensor(xs[0]):
@@ -890,7 +887,7 @@ class TextCache:
 def _slice_embeds(emb, j: int):
     import torch
 
-    from layerctl.backend import PromptEmbeds
+    from layerctl.backends.base import PromptEmbeds
 
     def sl(x):
         if torch.is_tensor(x):
@@ -908,7 +905,7 @@ def encode_pixels(model, encoder, frames: tuple, batch: dict, device):
     transparent mode, zeros in a layer group); RGB frames give the posterior (mean, std) to sample from."""
     import torch
 
-    from layerctl.transparent_vae import transparent_latent
+    from layerctl.models.transparent_vae import transparent_latent
 
     p = next(encoder.parameters())
     with torch.no_grad():
@@ -1029,7 +1026,7 @@ def weights_file(cfg: LoraTrainConfig) -> str:
 
 def file_info(cfg: LoraTrainConfig, model, step: int) -> dict:
     from layerctl import __version__
-    from layerctl.patches import _plain_config
+    from layerctl.models.patches import _plain_config
 
     info = {
         "trained_by": "layerctl train-lora",
@@ -1054,7 +1051,7 @@ def file_info(cfg: LoraTrainConfig, model, step: int) -> dict:
 
 def write_weights(path: Path, cfg: LoraTrainConfig, model, trainable, step: int) -> Path:
     """The exported weights: a peft LoRA (transparent) or the attention-sharing state dict (layers)."""
-    from layerctl import lora as LF
+    from layerctl.models import lora_format as LF
 
     info = file_info(cfg, model, step)
     if cfg.mode == "transparent":
@@ -1110,7 +1107,7 @@ def export_final(out_dir: Path, ckpt: Path, name: str) -> Path:
 def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int, control=None) -> dict:
     """One validation sample: role -> [C,H,W] float in [0,1] (fg/rgba RGBA, others RGB).
     ``control``: the [1,3,H,W] control image of fg2bg / bg2fg."""
-    from layerctl.pipeline import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
+    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
 
     v = cfg.validation
     use_cfg = v.cfg > 1.0
@@ -1118,7 +1115,7 @@ def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size:
         embeds = model.encode_prompt([texts[0]], [v.negative], use_cfg, size, size)
         lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], 1, size, size), steps=v.steps, cfg=v.cfg))
         return {"rgba": decode_transparent(model, decoder, lat, tta=v.tta)[0].float().cpu()}
-    from layerctl.layers import make_cond_mark, repeat_frames
+    from layerctl.models.attention_sharing import make_cond_mark, repeat_frames
 
     frames = frames_of(cfg)
     F_ = len(frames)
@@ -1152,7 +1149,7 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
     ``controls``: per prompt, the [1,3,H,W] control image (fg2bg / bg2fg; held-out samples)."""
     from layerctl import __version__
     from layerctl.api import rgba_to_uint8
-    from layerctl.imageio import save_png
+    from layerctl.io.imageio import save_png
 
     v = cfg.validation
     size = cfg.data.resolution
@@ -1198,7 +1195,7 @@ def _check_out_dir(out_dir: Path, resume: bool, resume_from: Optional[str], over
 
 
 def _check_files(cfg: LoraTrainConfig) -> None:
-    from layerctl.weights import check_file
+    from layerctl.models.weights import check_file
 
     m = cfg.model
     for path, what in ((m.transparent_encoder, "model.transparent_encoder"), (m.transparent_decoder, "model.transparent_decoder"),
@@ -1209,7 +1206,7 @@ def _check_files(cfg: LoraTrainConfig) -> None:
 
 
 def _family_of(ref: str) -> str:
-    from layerctl.backend import get_backend, resolve_model_ref
+    from layerctl.backends.registry import get_backend, resolve_model_ref
 
     name, _inner = resolve_model_ref(ref)
     return get_backend(name).family
@@ -1264,7 +1261,7 @@ def train(
 
     from diffusers import DDPMScheduler
 
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
     from layerctl.training.vae import _load_net
 
     weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(mp, "fp32")
@@ -1290,7 +1287,7 @@ def train(
     if cfg.mode == "transparent":
         params = add_peft_lora(unet, cfg.lora)
         if cfg.lora.init_from:
-            from layerctl import lora as LF
+            from layerctl.models import lora_format as LF
 
             w = LF.read_lora(cfg.lora.init_from, unet)
             alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
@@ -1300,7 +1297,7 @@ def train(
                 raise LayerctlError(f"lora.init_from {cfg.lora.init_from} has no pair for '{missing[0]}' (target_modules differ?)")
             load_peft_pairs(unet, {m: (p.up.float() * p.scale, p.down) for m, p in w.pairs.items()}, 1.0 / run_scale)
     else:
-        from layerctl.layers import AttentionSharingPatcher, load_attention_sharing
+        from layerctl.models.attention_sharing import AttentionSharingPatcher, load_attention_sharing
 
         n_frames, use_control = len(frames_of(cfg)), control_of(cfg) is not None
         if cfg.layers.init_from:

@@ -187,7 +187,7 @@ class VAETrainConfig(_Section):
 
 
 def load_config(path, overrides=()) -> VAETrainConfig:
-    from layerctl.yamlio import load_model_yaml
+    from layerctl.io.yamlio import load_model_yaml
 
     return load_model_yaml(path, VAETrainConfig, overrides=list(overrides))
 
@@ -269,7 +269,7 @@ def make_pair(encoder, decoder):
     """One nn.Module holding both trained nets, so DDP / accelerate see a single model."""
     import torch.nn as nn
 
-    from layerctl.transparent_vae import OFFSET_SCALE
+    from layerctl.models.transparent_vae import OFFSET_SCALE
 
     class Pair(nn.Module):
         def __init__(self, enc, dec):
@@ -320,7 +320,7 @@ def decoder_views(seed: int, positions) -> list:
     """The TTA view the decoder sees for each data position: a pure function of (seed, position)."""
     import numpy as np
 
-    from layerctl.transparent_vae import TTA_PASSES
+    from layerctl.models.transparent_vae import TTA_PASSES
 
     return [TTA_PASSES[int(np.random.default_rng([seed & 0xFFFFFFFF, 0x7E57, int(p)]).integers(0, len(TTA_PASSES)))] for p in positions]
 
@@ -344,7 +344,7 @@ def load_decoder_any(path, device="cpu", dtype=None):
     """
     import torch
 
-    from layerctl import transparent_vae as tv
+    from layerctl.models import transparent_vae as tv
 
     what = "LayerDiffuse transparent decoder"
     state = tv._read_safetensors(path, what)
@@ -356,7 +356,7 @@ def build_nets(cfg: VAETrainConfig):
     """Encoder and decoder: zero-initialised output layers (as the official nets) or loaded weights."""
     import torch
 
-    from layerctl import transparent_vae as tv
+    from layerctl.models import transparent_vae as tv
 
     torch.manual_seed(cfg.seed)
     m = cfg.model
@@ -383,7 +383,7 @@ def load_frozen_vae(ref: str, device):
     """The base model with only its VAE kept (fp32, frozen, on `device`)."""
     import torch
 
-    from layerctl.backend import load_model
+    from layerctl.backends.registry import load_model
 
     m = load_model(ref, device="cpu", dtype="fp32")
     for name in ("unet", "text_encoder", "text_encoder_2"):
@@ -447,7 +447,7 @@ def evaluate(model, encoder, decoder, batches, tta: bool = False, device=None) -
     import torch
 
     from layerctl.training.metrics import MetricSums, batch_metrics
-    from layerctl.transparent_vae import decode_rgba, encode_offset
+    from layerctl.models.transparent_vae import decode_rgba, encode_offset
 
     dev = device or next(decoder.parameters()).device
     dt = next(decoder.parameters()).dtype
@@ -511,7 +511,7 @@ def save_checkpoint(out_dir: Path, step: int, state: dict, encoder, decoder, cfg
     """Write checkpoints/step-N/ under a temporary name, then rename; keep the last K."""
     import torch
 
-    from layerctl.transparent_vae import save_module
+    from layerctl.models.transparent_vae import save_module
 
     root = Path(out_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -761,7 +761,7 @@ def train(
 
     from layerctl.training import data as D
     from layerctl.training import losses as L
-    from layerctl.transparent_vae import decode_rgba  # noqa: F401 - fail early if missing
+    from layerctl.models.transparent_vae import decode_rgba  # noqa: F401 - fail early if missing
 
     mp = _mixed_precision(cfg.mixed_precision)
     cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
@@ -1054,7 +1054,7 @@ def train(
 
 def _eval_batches(records, resolution: Optional[int], batch_size: int, skipped: list):
     """Collated batches of held-out images: centre crop (to `resolution`, or to multiples of 64)."""
-    from layerctl.imagemath import pad_rgb
+    from layerctl.core.imagemath import pad_rgb
     from layerctl.training import data as D
 
     import torch
@@ -1097,8 +1097,8 @@ def _eval_batches(records, resolution: Optional[int], batch_size: int, skipped: 
 def _load_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
     import torch
 
-    from layerctl import transparent_vae as tv
-    from layerctl.weights import check_file, find_official, tiny_decoder, tiny_encoder
+    from layerctl.models import transparent_vae as tv
+    from layerctl.models.weights import check_file, find_official, tiny_decoder, tiny_encoder
 
     if path:
         src = check_file(path, f"transparent {kind}")
@@ -1133,7 +1133,7 @@ def run_eval(
     from rich.console import Console
 
     from layerctl.training import data as D
-    from layerctl.weights import check_file
+    from layerctl.models.weights import check_file
 
     console = Console(stderr=True, highlight=False, quiet=quiet)
     skipped: list[str] = []
@@ -1156,7 +1156,7 @@ def run_eval(
         if p:
             check_file(p, what)
 
-    from layerctl.backend import resolve_device
+    from layerctl.backends.base import resolve_device
 
     dev = resolve_device(device)
     model = load_frozen_vae(model_ref, dev)

@@ -165,7 +165,7 @@ def train_unet(args):
     global STOP
     from diffusers import DDPMScheduler
 
-    from layerctl import transparent_vae as tv
+    from layerctl.models import transparent_vae as tv
 
     out = Path(args.out)
     pipe = toy.load_toy("cpu", torch.float32, out, with_unet=False)

@@ -1,6 +1,6 @@
 """ControlNet next to the transparent weights: diffusers ControlNetModel(s) feeding the base UNet.
 
-    controls = load_controls(session, model, refs, images, scales, width, height, resize)
+    controls = load_controls(kit, model, refs, images, scales, width, height, resize)
     spec = DenoiseSpec(..., unet_extra=residual_hook(controls, use_cfg))
 
 A ControlNet is a separate network that reads the same noisy latent, timestep and text
@@ -50,7 +50,8 @@ class Control:
         import numpy as np
         import torch
 
-        from layerctl.modes import fit_image, flatten_grey
+        from layerctl.core.geometry import fit_image
+        from layerctl.core.imagemath import flatten_grey
 
         rgb = flatten_grey(fit_image(self.source, width, height, self.resize))
         t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None].float()
@@ -218,19 +219,19 @@ def read_control_image(path: str):
     """HxWx4 float32 straight RGBA of a control image (one-line error when unreadable)."""
     import numpy as np
 
-    from layerctl.imageio import load_image
-    from layerctl.imagemath import to_float
+    from layerctl.io.imageio import load_image
+    from layerctl.core.imagemath import to_float
 
     return to_float(np.asarray(load_image(path, "RGBA")))
 
 
-def load_controls(session, model, options: Sequence[tuple[str, str, float]], width: int, height: int,
+def load_controls(kit, model, options: Sequence[tuple[str, str, float]], width: int, height: int,
                   resize: str = "crop", images: Optional[dict] = None) -> list[Control]:
-    """Check, load (cached on the session) and prepare ControlNets for an output of width x height.
+    """Check, load (cached on the model's kit) and prepare ControlNets for an output of width x height.
 
     `options` from :func:`pair_options`; `images` may hold already-read control images by path.
     """
-    cache = session.__dict__.setdefault("_layerctl_controlnets", {})
+    cache = kit.controlnets
     controls = []
     for ref, image_path, scale in options:
         key = (ref, str(model.device), model.dtype, id(model))

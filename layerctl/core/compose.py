@@ -5,7 +5,7 @@ premultiplied) RGBA pixels and an (x, y) offset of its top-left corner on the
 canvas. Compositing happens in float; `flatten` rounds once at the end. Parts
 of a layer outside the canvas are clipped.
 
-    from layerctl.compose import Layer, flatten
+    from layerctl.core.compose import Layer, flatten
     out = flatten([Layer("bg", bg), Layer("fg", fg, (40, 12), opacity=0.8)], size=(512, 512))
 
 This module is pure (numpy + Pillow for resampling); the CLI is in
@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from layerctl.errors import LayerctlError
-from layerctl.imagemath import composite_over, to_uint8
+from layerctl.core.imagemath import composite_over, to_uint8
 
-MAX_SIDE = 16384  # canvas / layer side above which --force is needed
+from layerctl.core.geometry import MAX_SIDE  # canvas / layer side above which --force is needed
 
 
 @dataclass
@@ -272,7 +272,7 @@ def is_yaml(path) -> bool:
 
 def read_stack_yaml(path) -> tuple[list[LayerSpec], Optional[tuple[int, int]], Optional[Path]]:
     """A YAML layer stack -> (specs, size or None, out or None); paths relative to the YAML file."""
-    from layerctl.yamlio import load_model_yaml
+    from layerctl.io.yamlio import load_model_yaml
 
     p = Path(path)
     if not p.is_file():
@@ -314,7 +314,7 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
 
     Names default to the file stem (a PSD's layers keep theirs) and are made unique with -2, -3, ...
     """
-    from layerctl.imageio import is_psd, load_image
+    from layerctl.io.imageio import is_psd, load_image
 
     layers: list[Layer] = []
     warnings: list[str] = []
@@ -322,7 +322,7 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
     first_canvas = None
     for k, spec in enumerate(specs):
         if is_psd(spec.path):
-            from layerctl.psd import open_psd
+            from layerctl.io.psd import open_psd
 
             doc = open_psd(spec.path)
             warnings.extend(doc.warnings)

@@ -27,33 +27,18 @@ the median border colour) or ``stretch``.
 
 from __future__ import annotations
 
-import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from layerctl.core.frames import FRAMES, GEN_OUTPUTS, SD15_CONTROL, SDXL_CONCAT, SDXL_STAGES, STACK_ORDER
+from layerctl.core.geometry import auto_size, fit_image
+from layerctl.core.imagemath import flatten_grey, rgba_to_uint8
+from layerctl.core.naming import batch_seeds, expand_out, new_seed
 from layerctl.errors import LayerctlError
-
-# SD1.5 frame layouts (official order)
-FRAMES = {
-    "joint": ("fg", "bg", "blended"),
-    "bg2fg": ("fg", "blended"),
-    "fg2bg": ("bg", "blended"),
-}
-# the SD1.5 official weight role of each layout, and whether it takes a control image
-SD15_CONTROL = {"joint": None, "bg2fg": "bg", "fg2bg": "fg"}
-# SDXL: gen mode -> (stage 1 role, stage 2 role); stage 1 makes the blended picture
-SDXL_STAGES = {"bg2fg": ("bg2ble", "bgble2fg"), "fg2bg": ("fg2ble", "fgble2bg")}
-# SDXL concat layout of each role (which known latents, in order)
-SDXL_CONCAT = {"bg2ble": ("bg",), "fg2ble": ("fg",), "bgble2fg": ("bg", "blended"), "fgble2bg": ("fg", "blended")}
-# what each job writes
-GEN_OUTPUTS = {"joint": ("fg", "bg", "blended"), "bg2fg": ("fg", "blended"), "fg2bg": ("bg", "blended")}
-STACK_ORDER = ("bg", "blended", "fg")  # bottom -> top
-RESIZE_MODES = ("crop", "fit", "stretch")
-
+from layerctl.outputs import base_metadata, check_outputs, preview_path, write_images, write_psd
 
 # ================================================================= pure helpers
 
@@ -73,86 +58,6 @@ def layer_prompts(prompt: Optional[str], fg_prompt: Optional[str], bg_prompt: Op
     bg = join_prompts(bg_prompt, prompt) or join_prompts(prompt)
     blended = join_prompts(prompt) or join_prompts(fg_prompt, bg_prompt)
     return {"fg": fg, "bg": bg, "blended": blended}
-
-
-def _round64(x: float) -> int:
-    return max(64, int(round(x / 64.0)) * 64)
-
-
-def auto_size(img_w: int, img_h: int, native: int, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
-    """Output size for a conditioning image of img_w x img_h.
-
-    Both given: as given. One given: the other from the image's aspect ratio. None: the image's
-    aspect ratio at the model's native area (native x native). Results are multiples of 64.
-    """
-    if width and height:
-        return int(width), int(height)
-    aspect = img_w / img_h
-    if width:
-        return int(width), _round64(width / aspect)
-    if height:
-        return _round64(height * aspect), int(height)
-    area = float(native) * native
-    return _round64(math.sqrt(area * aspect)), _round64(math.sqrt(area / aspect))
-
-
-def resize_channels(arr: np.ndarray, width: int, height: int) -> np.ndarray:
-    """HxWxC float32 -> height x width x C; area average when shrinking, Lanczos when growing
-    (the official rule: INTER_AREA when the target has fewer pixels, else LANCZOS4)."""
-    from PIL import Image
-
-    h, w, c = arr.shape
-    if (h, w) == (height, width):
-        return arr.astype(np.float32, copy=True)
-    resample = Image.Resampling.BOX if width * height < w * h else Image.Resampling.LANCZOS
-    out = np.empty((height, width, c), np.float32)
-    for i in range(c):
-        plane = Image.fromarray(np.ascontiguousarray(arr[..., i], dtype=np.float32), mode="F")
-        out[..., i] = np.asarray(plane.resize((width, height), resample=resample), dtype=np.float32)
-    return out
-
-
-def fit_image(rgba: np.ndarray, width: int, height: int, how: str = "crop") -> np.ndarray:
-    """Straight RGBA float HxWx4 -> width x height straight RGBA, resized the `how` way.
-
-    crop: scale to cover, centre crop (official default); fit: scale to fit inside, pad with the
-    median border colour (transparent for a cut-out); stretch: resize to the size as is.
-    Resampling is done on premultiplied colour, so invisible pixels do not bleed into edges.
-    """
-    if how not in RESIZE_MODES:
-        raise LayerctlError(f"unknown resize mode '{how}' (use {', '.join(RESIZE_MODES)})")
-    rgba = np.asarray(rgba, np.float32)
-    if rgba.ndim != 3 or rgba.shape[-1] != 4:
-        raise ValueError(f"expected an HxWx4 RGBA array, got shape {rgba.shape}")
-    pm = np.concatenate([rgba[..., :3] * rgba[..., 3:4], rgba[..., 3:4]], axis=-1)
-    h0, w0 = pm.shape[:2]
-    if how == "stretch":
-        out = resize_channels(pm, width, height)
-    else:
-        k = (max if how == "crop" else min)(height / h0, width / w0)
-        nw, nh = max(1, int(round(w0 * k))), max(1, int(round(h0 * k)))
-        scaled = resize_channels(pm, nw, nh)
-        if how == "crop":
-            top, left = max(0, (nh - height) // 2), max(0, (nw - width) // 2)
-            out = scaled[top:top + height, left:left + width]
-        else:
-            border = np.concatenate([pm[0], pm[-1], pm[:, 0], pm[:, -1]], axis=0)
-            fill = np.median(border, axis=0).astype(np.float32)
-            fill[:3] = np.minimum(fill[:3], fill[3])
-            out = np.tile(fill[None, None], (height, width, 1))
-            top, left = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
-            out[top:top + nh, left:left + nw] = scaled[: height - top, : width - left]
-    a = np.clip(out[..., 3:4], 0.0, 1.0)
-    rgb = np.clip(out[..., :3], 0.0, a)
-    straight = np.where(a > 1e-6, rgb / np.maximum(a, 1e-6), 0.0)
-    return np.concatenate([np.clip(straight, 0.0, 1.0), a], axis=-1).astype(np.float32)
-
-
-def flatten_grey(rgba: np.ndarray) -> np.ndarray:
-    """Straight RGBA -> RGB on grey 0.5: 0.5 + (rgb - 0.5) * a (how the official code feeds images)."""
-    from layerctl.imagemath import flatten_on_grey
-
-    return flatten_on_grey(np.asarray(rgba, np.float32), 0.5)
 
 
 # ================================================================= conditioning images
@@ -187,15 +92,15 @@ class KnownLayer:
 
     def psd_pixels(self) -> np.ndarray:
         """uint8 pixels for the PSD stack: RGBA for a foreground, flattened RGB otherwise."""
-        from layerctl.imagemath import to_uint8
+        from layerctl.core.imagemath import to_uint8
 
         return to_uint8(self.rgba if self.role == "fg" else flatten_grey(self.rgba))
 
 
 def read_known(role: str, path: str) -> KnownLayer:
     """Load a layer image (any Pillow mode, EXIF orientation applied); one-line error when unreadable."""
-    from layerctl.imageio import load_image
-    from layerctl.imagemath import to_float
+    from layerctl.io.imageio import load_image
+    from layerctl.core.imagemath import to_float
 
     im = load_image(path, "RGBA")
     arr = to_float(np.asarray(im))
@@ -274,7 +179,7 @@ class LayerJob:
     """Everything one layer run needs, resolved from a GenRequest or DecomposeRequest."""
 
     req: object
-    model: object
+    kit: object  # layerctl.models.kit.ModelKit: the model and its LayerDiffuse parts
     kind: str  # gen mode ('joint', 'bg2fg', 'fg2bg') or 'decompose'
     known: dict  # role -> KnownLayer
     produce: tuple  # roles written as PNG files
@@ -293,13 +198,15 @@ class LayerJob:
     psd_paths: list = field(default_factory=list)  # per image: Path or None
 
     @property
+    def model(self):
+        return self.kit.model
+
+    @property
     def n(self) -> int:
         return len(self.seeds)
 
 
 def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
-    from layerctl.api import check_outputs, expand_out
-
     req = job.req
     per_role = {}
     for role in job.produce:
@@ -312,7 +219,7 @@ def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
         raise LayerctlError("the layer file names collide (give --fg-name/--bg-name/--blended-name different names)")
     previews = []
     if getattr(req, "preview", False) and "fg" in per_role:  # write_images adds NAME.preview.png for RGBA
-        previews = [p.with_name(p.stem + ".preview.png") for p in per_role["fg"]]
+        previews = [preview_path(p) for p in per_role["fg"]]
     if len(set(all_paths + previews)) != len(all_paths) + len(previews):
         raise LayerctlError("a layer file name collides with the foreground's .preview.png")
     check_outputs(all_paths + previews, req.overwrite)
@@ -346,10 +253,8 @@ def _check_gen_flags(req, mode: str) -> None:
             raise LayerctlError(f"{flag} does not combine with the layer modes (--bg/--fg/--joint)")
 
 
-def plan_gen(session, req, mode: str) -> LayerJob:
+def plan_gen(models, req, mode: str) -> LayerJob:
     """Validate a layer-mode gen request, read its images, load the model; nothing written yet."""
-    from layerctl.api import new_seed
-
     _check_gen_flags(req, mode)
     known = {}
     if mode == "bg2fg":
@@ -357,9 +262,9 @@ def plan_gen(session, req, mode: str) -> LayerJob:
     elif mode == "fg2bg":
         known["fg"] = read_known("fg", req.fg)
     texts = layer_prompts(req.prompt, req.fg_prompt, req.bg_prompt)
-    base_seed = req.seed if req.seed is not None else new_seed()
-    seeds = [base_seed + i for i in range(req.batch)]
-    model = session.model(req)
+    seeds = batch_seeds(req.seed, req.batch)
+    kit = models.kit(req)
+    model = kit.model
     check_gen_mode(model, mode, own_weights=bool(getattr(req, "layer_weights", None)))
     first = next(iter(known.values()), None)
     if first is not None:
@@ -370,28 +275,26 @@ def plan_gen(session, req, mode: str) -> LayerJob:
         k.resize(width, height, req.resize)
     steps, cfg = _settings(req, model)
     job = LayerJob(
-        req=req, model=model, kind=mode, known=known, produce=GEN_OUTPUTS[mode], texts=texts,
+        req=req, kit=kit, kind=mode, known=known, produce=GEN_OUTPUTS[mode], texts=texts,
         width=width, height=height, steps=steps, cfg=cfg, seeds=seeds, weight=req.weight, stop_at=req.stop_at,
     )
     _plan_paths(job, req.out_dir, texts["blended"])
     return job
 
 
-def gen_layers(session, req, mode: str):
+def gen_layers(models, req, mode: str):
     """`layerctl gen --bg/--fg/--joint`: writes the layer PNGs (+ PSD); returns OutputRecords."""
-    job = plan_gen(session, req, mode)
-    layers = run_job(session, job)
-    return write_job(session, job, layers)
+    job = plan_gen(models, req, mode)
+    layers = run_job(job)
+    return write_job(job, layers)
 
 
 # ================================================================= decompose
 
 
-def plan_decompose(session, req, outputs: bool = True) -> LayerJob:
+def plan_decompose(models, req, outputs: bool = True) -> LayerJob:
     """Validate a decompose request, read its images, load the model; `outputs=False` skips
     planning the output files (for :func:`decompose_layers`)."""
-    from layerctl.api import new_seed
-
     if req.fg and req.bg:
         raise LayerctlError("decompose takes one known layer: give --bg or --fg, not both")
     if req.fg and req.fg_prompt:
@@ -403,7 +306,8 @@ def plan_decompose(session, req, outputs: bool = True) -> LayerJob:
     if known_role:
         known[known_role] = read_known(known_role, getattr(req, known_role))
     seed = req.seed if req.seed is not None else new_seed()
-    model = session.model(req)
+    kit = models.kit(req)
+    model = kit.model
     check_decompose(model, known_role)
     width, height = auto_size(*known["blended"].size, model.native_size, req.width, req.height)
     for k in known.values():
@@ -411,7 +315,7 @@ def plan_decompose(session, req, outputs: bool = True) -> LayerJob:
     steps, cfg = _settings(req, model)
     produce = tuple(r for r in ("fg", "bg") if r != known_role)
     job = LayerJob(
-        req=req, model=model, kind="decompose", known=known, produce=produce,
+        req=req, kit=kit, kind="decompose", known=known, produce=produce,
         texts=layer_prompts(req.prompt, req.fg_prompt, req.bg_prompt), width=width, height=height,
         steps=steps, cfg=cfg, seeds=[seed], weight=float(getattr(req, "weight", 1.0)),
         stop_at=float(getattr(req, "stop_at", 1.0)),
@@ -421,64 +325,59 @@ def plan_decompose(session, req, outputs: bool = True) -> LayerJob:
     return job
 
 
-def decompose(session, req):
+def decompose(models, req):
     """`layerctl decompose IMAGE [--bg BG | --fg FG]`: writes the unknown layers (+ PSD)."""
-    job = plan_decompose(session, req)
-    layers = run_job(session, job)
-    return write_job(session, job, layers)
+    job = plan_decompose(models, req)
+    layers = run_job(job)
+    return write_job(job, layers)
 
 
-def decompose_layers(session, req) -> dict:
+def decompose_layers(models, req) -> dict:
     """Every layer of a decompose run (known ones as the model returns them), nothing written.
 
     role -> [1, C, H, W] float tensor in [0,1] (fg RGBA, others RGB).
     """
-    return run_job(session, plan_decompose(session, req, outputs=False))
+    return run_job(plan_decompose(models, req, outputs=False))
 
 
 # ================================================================= running
 
 
-def run_job(session, job: LayerJob) -> dict:
+def run_job(job: LayerJob) -> dict:
     """Denoise and decode; role -> [n, C, H, W] float tensor in [0,1]."""
     if job.model.family == "sd15":
-        return _run_sd15(session, job)
-    return _run_sdxl(session, job)
+        return _run_sd15(job)
+    return _run_sdxl(job)
 
 
 def _scaled_latent(model, rgb01) -> "object":
-    from layerctl.pipeline import encode_rgb
+    from layerctl.pipelines.sampling import encode_rgb
 
     return encode_rgb(model, rgb01.to(model.device))
 
 
-def _transparent_scaled_latent(session, job: LayerJob, known: KnownLayer):
-    from layerctl.transparent_vae import transparent_latent
+def _transparent_scaled_latent(job: LayerJob, known: KnownLayer):
+    from layerctl.models.transparent_vae import transparent_latent
 
     model = job.model
-    encoder, name = session.encoder(model, job.req)
+    encoder, name = job.kit.encoder(job.req)
     job.encoder_name = name
     p = next(encoder.parameters())
     lat = transparent_latent(encoder, known.rgba_tensor().to(p.device, p.dtype), model.vae_encode)
     return lat.float() * model.latent_scale
 
 
-def _decoder(session, job: LayerJob):
-    dec, name = session.decoder(job.model, job.req)
+def _decoder(job: LayerJob):
+    dec, name = job.kit.decoder(job.req)
     job.decoder_name = name
     return dec
 
 
-def _stale(active) -> None:
-    """Mark applied weights as partly removed, so the next use_weights re-applies from scratch."""
-    active.key = ("handed-over", id(active))
-
-
-def _run_sd15(session, job: LayerJob) -> dict:
+def _run_sd15(job: LayerJob) -> dict:
     import torch
 
-    from layerctl.layers import make_cond_mark, repeat_frames
-    from layerctl.pipeline import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
+    from layerctl.models.attention_sharing import make_cond_mark, repeat_frames
+    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
     from layerctl.progress import log, steps_bar
 
     model, req = job.model, job.req
@@ -488,7 +387,7 @@ def _run_sd15(session, job: LayerJob) -> dict:
         layout = job.kind
     frames = FRAMES[layout]
     F, n = len(frames), job.n
-    active = session.use_weights(model, layout, req, job.weight)
+    active = job.kit.use_weights(layout, req, job.weight)
     patcher = active.patcher
     want_control = SD15_CONTROL[layout] is not None
     if patcher is None or patcher.frames != F or bool(patcher.use_control) != want_control:
@@ -500,7 +399,7 @@ def _run_sd15(session, job: LayerJob) -> dict:
             f"[{', '.join(frames)}]{' with' if want_control else ' without'} a control encoder"
         )
     if job.weight != 1.0:
-        log("layerctl: --weight applies to the SDXL patch files; the SD1.5 attention-sharing units run at full strength", session.quiet)
+        log("layerctl: --weight applies to the SDXL patch files; the SD1.5 attention-sharing units run at full strength", job.kit.quiet)
     job.weights_used = list(active.names)
     use_cfg = job.cfg > 1.0
     negative = req.negative
@@ -516,7 +415,7 @@ def _run_sd15(session, job: LayerJob) -> dict:
         if k is None:
             continue
         if role == "fg":
-            lat = _transparent_scaled_latent(session, job, k)
+            lat = _transparent_scaled_latent(job, k)
         else:
             lat = _scaled_latent(model, k.rgb_tensor())
         pinned[f] = lat.expand(n, -1, -1, -1).contiguous()
@@ -527,7 +426,7 @@ def _run_sd15(session, job: LayerJob) -> dict:
     def before_unet(i, x):
         if i == stop_step and patcher.installed:
             patcher.remove()  # hand over to the plain UNet (the official "stop at")
-            _stale(active)
+            active.mark_stale()
 
     enc = patcher.kwargs_encoder
     if enc is not None and next(enc.parameters()).dtype != torch.float32:
@@ -536,7 +435,7 @@ def _run_sd15(session, job: LayerJob) -> dict:
         patcher.set_cond_mark(make_cond_mark(groups, F))
         patcher.set_prompt_overrides(overrides)
         patcher.set_control(job.known[control_role].rgb_tensor() if control_role else None)
-        with steps_bar(f"layers ({layout})", session.quiet) as bar:
+        with steps_bar(f"layers ({layout})", job.kit.quiet) as bar:
             spec = DenoiseSpec(
                 embeds=embeds, noise=make_noise(job.seeds, F, job.height, job.width), steps=job.steps, cfg=job.cfg,
                 frames=F, pinned=pinned, before_unet=before_unet if job.stop_at < 1.0 else None, progress=bar,
@@ -551,18 +450,18 @@ def _run_sd15(session, job: LayerJob) -> dict:
     for f, role in enumerate(frames):
         lat = latents[f::F]
         if role == "fg":
-            out[role] = decode_transparent(model, _decoder(session, job), lat, tta=req.tta).float().cpu()
+            out[role] = decode_transparent(model, _decoder(job), lat, tta=req.tta).float().cpu()
         else:
             out[role] = decode_rgb(model, lat).float().cpu()
     return out
 
 
-def _sdxl_stage(session, job: LayerJob, role: str, concat, noise, text: str, progress_label: str):
-    from layerctl.pipeline import DenoiseSpec, denoise
+def _sdxl_stage(job: LayerJob, role: str, concat, noise, text: str, progress_label: str):
+    from layerctl.pipelines.sampling import DenoiseSpec, denoise
     from layerctl.progress import steps_bar
 
     model, req = job.model, job.req
-    active = session.use_weights(model, role, req, job.weight)
+    active = job.kit.use_weights(role, req, job.weight)
     want = 4 + concat.shape[1]
     have = int(model.unet.conv_in.in_channels)
     if have != want:
@@ -581,9 +480,9 @@ def _sdxl_stage(session, job: LayerJob, role: str, concat, noise, text: str, pro
         # the official "stop at": after this fraction of steps the plain UNet finishes, without concat
         if active.handles:
             active.handles.pop().restore()
-        _stale(active)
+        active.mark_stale()
 
-    with steps_bar(progress_label, session.quiet) as bar:
+    with steps_bar(progress_label, job.kit.quiet) as bar:
         spec = DenoiseSpec(
             embeds=embeds, noise=noise, steps=job.steps, cfg=job.cfg, concat=concat,
             concat_until=job.stop_at, handover=handover, progress=bar,
@@ -591,10 +490,10 @@ def _sdxl_stage(session, job: LayerJob, role: str, concat, noise, text: str, pro
         return denoise(model, spec)
 
 
-def _run_sdxl(session, job: LayerJob) -> dict:
+def _run_sdxl(job: LayerJob) -> dict:
     import torch
 
-    from layerctl.pipeline import decode_rgb, decode_transparent, encode_rgb, make_noise
+    from layerctl.pipelines.sampling import decode_rgb, decode_transparent, encode_rgb, make_noise
 
     model, req = job.model, job.req
     n = job.n
@@ -617,16 +516,16 @@ def _run_sdxl(session, job: LayerJob) -> dict:
         stage1, stage2 = SDXL_STAGES[job.kind]
         known_role = SDXL_CONCAT[stage1][0]
         unknown = "fg" if known_role == "bg" else "bg"
-        lat1 = _sdxl_stage(session, job, stage1, cond[known_role], both[0::2], job.texts["blended"], f"blended ({stage1})")
+        lat1 = _sdxl_stage(job, stage1, cond[known_role], both[0::2], job.texts["blended"], f"blended ({stage1})")
         blended = decode_rgb(model, lat1).float()
         # stage 2 sees the blended picture as written (8-bit), VAE-encoded, like the official chain
         blended8 = torch.round(blended * 255.0) / 255.0
         blended_lat = encode_rgb(model, blended8)
     concat = torch.cat([cond[known_role], blended_lat.to(cond[known_role])], dim=1)
-    lat2 = _sdxl_stage(session, job, stage2, concat, noise, job.texts[unknown], f"{unknown} ({stage2})")
+    lat2 = _sdxl_stage(job, stage2, concat, noise, job.texts[unknown], f"{unknown} ({stage2})")
     out = {}
     if unknown == "fg":
-        out["fg"] = decode_transparent(model, _decoder(session, job), lat2, tta=req.tta).float().cpu()
+        out["fg"] = decode_transparent(model, _decoder(job), lat2, tta=req.tta).float().cpu()
     else:
         out["bg"] = decode_rgb(model, lat2).float().cpu()
     if job.kind != "decompose":
@@ -652,13 +551,12 @@ def _stack(job: LayerJob, i: int) -> list:
     return stack
 
 
-def write_job(session, job: LayerJob, layers: dict):
-    from layerctl.api import rgba_to_uint8
+def write_job(job: LayerJob, layers: dict):
 
     model, req = job.model, job.req
     mode = job.kind if job.kind != "decompose" else "decompose-" + ("alone" if len(job.known) == 1 else
                                                                     next(r for r in job.known if r != "blended"))
-    meta = session.base_metadata(model, req, mode, job.steps, job.cfg, job.width, job.height)
+    meta = base_metadata(model, req, mode, job.steps, job.cfg, job.width, job.height)
     meta.update(
         layer_weights=job.weights_used,
         prompts={r: job.texts[r] for r in ("fg", "bg", "blended")},
@@ -673,13 +571,13 @@ def write_job(session, job: LayerJob, layers: dict):
         meta["transparent_decoder"] = job.decoder_name
     if job.encoder_name:
         meta["transparent_encoder"] = job.encoder_name
-    shim = types.SimpleNamespace(overwrite=req.overwrite, preview=getattr(req, "preview", False), psd=None)
+    preview = getattr(req, "preview", False)
     records = []
     for i in range(job.n):
         m = dict(meta, layers=_stack(job, i))
         items = [(role, job.paths[i][role], layers[role][i], job.seeds[i], i) for role in job.produce]
         for role, path, img, seed, index in items:
-            one = session.write_images([(role, path, img, seed, index)], dict(m, layer=role), shim)
+            one = write_images([(role, path, img, seed, index)], dict(m, layer=role), req.overwrite, preview=preview)
             records.extend(one)
         if job.psd_paths[i] is not None:
             psd_layers = []
@@ -688,7 +586,7 @@ def write_job(session, job: LayerJob, layers: dict):
                     psd_layers.append((role, job.known[role].psd_pixels()))
                 elif role in layers:
                     psd_layers.append((role, rgba_to_uint8(layers[role][i])))
-            rec = session.write_psd(job.psd_paths[i], psd_layers, req.overwrite, dict(m, seed=job.seeds[i]))
+            rec = write_psd(job.psd_paths[i], psd_layers, req.overwrite, dict(m, seed=job.seeds[i]))
             rec.index = i
             records.append(rec)
     return records

@@ -1,8 +1,8 @@
 """PSD files through psd-tools: write a layered document, read one back as layers.
 
-    from layerctl.psd import write_psd, read_psd, flatten
+    from layerctl.io.psd import write_psd, read_psd, flatten
     write_psd("out.psd", [("background", bg, (0, 0)), ("foreground", fg, (32, 16))])
-    layers = read_psd("out.psd")          # list[layerctl.compose.Layer], bottom -> top
+    layers = read_psd("out.psd")          # list[layerctl.core.compose.Layer], bottom -> top
     rgba = flatten("out.psd")             # HxWx4 uint8 of the visible layers
 
 What the writer produces (checked by tests/test_psd.py, with psd-tools and ImageMagick):
@@ -28,9 +28,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from layerctl.compose import Layer, as_float, check_side, composite_layers
+from layerctl.core.compose import Layer, as_float, check_side, composite_layers
 from layerctl.errors import LayerctlError
-from layerctl.imagemath import to_uint8
+from layerctl.core.imagemath import to_uint8
 
 __all__ = ["Layer", "PsdDocument", "write_psd", "write_role_psd", "read_psd", "open_psd", "flatten"]
 
@@ -161,10 +161,10 @@ def write_psd(
     """Write `layers` (bottom -> top) as a layered 8-bit RGB PSD with a flattened composite, atomically.
 
     Each layer is (name, HxWx4 RGBA uint8 (or float [0,1]) straight-alpha pixels, (x, y)) with an
-    optional 4th item opacity in [0,1], or a layerctl.compose.Layer. `size` (w, h) defaults to the
+    optional 4th item opacity in [0,1], or a layerctl.core.compose.Layer. `size` (w, h) defaults to the
     bottom layer's size. Layers may reach outside the canvas (kept whole, as editors do).
     """
-    from layerctl.imageio import atomic_write
+    from layerctl.io.imageio import atomic_write
 
     doc = build_psd(layers, size)
     record = doc._record
@@ -199,7 +199,7 @@ def write_role_psd(path, roles: dict, overwrite: bool = False) -> Path:
 def _open(path):
     from psd_tools import PSDImage
 
-    from layerctl.imageio import check_pixel_limit
+    from layerctl.io.imageio import check_pixel_limit
 
     p = Path(path)
     if not p.exists():
@@ -333,7 +333,7 @@ def flatten(source: Union[str, os.PathLike, Iterable[Layer]], size: Optional[tup
         if not layers:
             raise ValueError("flatten needs layers or a size")
         size = layers[0].size
-    from layerctl.compose import flatten as _flatten
+    from layerctl.core.compose import flatten as _flatten
 
     return _flatten(layers, size)
 

@@ -9,35 +9,9 @@ works on the LoadedModel any backend returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from layerctl.errors import LayerctlError
-
-ENTRY_POINT_GROUP = "layerctl.backends"
-
-# Official LayerDiffuse file names per family and role (hub repo LayerDiffusion/layerdiffusion-v1).
-OFFICIAL_REPO = "LayerDiffusion/layerdiffusion-v1"
-OFFICIAL_FILES = {
-    "sd15": {
-        "decoder": "layer_sd15_vae_transparent_decoder.safetensors",
-        "encoder": "layer_sd15_vae_transparent_encoder.safetensors",
-        "rgba": "layer_sd15_transparent_attn.safetensors",
-        "joint": "layer_sd15_joint.safetensors",
-        "fg2bg": "layer_sd15_fg2bg.safetensors",
-        "bg2fg": "layer_sd15_bg2fg.safetensors",
-    },
-    "sdxl": {
-        "decoder": "vae_transparent_decoder.safetensors",
-        "encoder": "vae_transparent_encoder.safetensors",
-        "rgba": "layer_xl_transparent_attn.safetensors",
-        "rgba_conv": "layer_xl_transparent_conv.safetensors",
-        "fg2ble": "layer_xl_fg2ble.safetensors",
-        "bg2ble": "layer_xl_bg2ble.safetensors",
-        "fgble2bg": "layer_xl_fgble2bg.safetensors",
-        "bgble2fg": "layer_xl_bgble2fg.safetensors",
-    },
-}
-
 
 @dataclass
 class PromptEmbeds:
@@ -119,41 +93,6 @@ class Backend:
 
     def load(self, ref: str, device, dtype, attention: str = "auto") -> LoadedModel:
         raise NotImplementedError
-
-
-def available_backends() -> dict[str, type]:
-    """Registry name -> Backend class, from the entry-point group (built-ins always present)."""
-    from importlib.metadata import entry_points
-
-    found: dict[str, Any] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep
-    # Built-ins even when the package metadata is stale (e.g. running from a checkout).
-    for name, target in {
-        "tiny": "layerctl.backends.tiny:TinyBackend",
-        "tiny-xl": "layerctl.backends.tiny:TinyXLBackend",
-        "toy": "layerctl.backends.toy:ToyBackend",
-        "sd15": "layerctl.backends.sd15:SD15Backend",
-        "sdxl": "layerctl.backends.sdxl:SDXLBackend",
-    }.items():
-        found.setdefault(name, target)
-    return found
-
-
-def _resolve(target) -> type:
-    import importlib
-
-    if isinstance(target, str):
-        mod, _, attr = target.partition(":")
-        return getattr(importlib.import_module(mod), attr)
-    return target.load()
-
-
-def get_backend(name: str) -> Backend:
-    backends = available_backends()
-    if name not in backends:
-        raise LayerctlError(f"unknown backend '{name}' (known: {', '.join(sorted(backends))})")
-    return _resolve(backends[name])()
 
 
 class SD15Model(LoadedModel):
@@ -269,68 +208,6 @@ def setup_attention(unet, attention: str, device) -> str:
 
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
-
-
-def resolve_model_ref(ref: str | None) -> tuple[str, str]:
-    """Model reference -> (backend name, reference for that backend).
-
-    `tiny`, `tiny-xl` and any registered backend name stand for themselves;
-    `NAME:REF` picks a backend explicitly; a diffusers folder or a single-file
-    checkpoint is recognised from its contents; anything else is a hub id.
-    """
-    import json
-    import os
-    from pathlib import Path
-
-    backends = available_backends()
-    if ref in backends:
-        return ref, ref
-    if ref and ":" in ref and ref.split(":", 1)[0] in backends and not os.path.exists(ref):
-        name, rest = ref.split(":", 1)
-        return name, rest
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        index = p / "model_index.json"
-        if not index.exists():
-            raise LayerctlError(f"unknown model reference '{ref}': a folder without model_index.json (not a diffusers model)")
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        return ("sdxl" if "XL" in cls else "sd15"), str(p)
-    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise LayerctlError(
-            f"refusing to unpickle {ref}: pickle checkpoints can run code. Convert it to .safetensors first"
-        )
-    if p.suffix == ".safetensors":
-        if not p.exists():
-            raise LayerctlError(f"model file not found: {ref}")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(p), "pt") as f:
-                keys = list(f.keys())
-        except Exception as exc:  # noqa: BLE001
-            raise LayerctlError(f"cannot read checkpoint {ref}: {exc}") from None
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-        return ("sdxl" if is_xl else "sd15"), str(p)
-    if p.exists():
-        raise LayerctlError(f"unknown model reference '{ref}': not a diffusers folder or a .safetensors checkpoint")
-    if ref.count("/") == 1 and not ref.startswith((".", "/")):
-        return ("sdxl" if "xl" in ref.lower() else "sd15"), ref
-    raise LayerctlError(
-        f"unknown model reference '{ref}' (give a diffusers folder, a .safetensors file, a hub id like "
-        f"'owner/name', or one of: {', '.join(sorted(backends))})"
-    )
-
-
-def load_model(ref: str, device="auto", dtype="auto", attention="auto") -> LoadedModel:
-    from layerctl.quiet import quiet_libraries
-
-    quiet_libraries()
-    name, inner = resolve_model_ref(ref)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    model = get_backend(name).load(inner, dev, dt, attention=attention)
-    model.attention = setup_attention(model.unet, attention, dev)
-    return model
 
 
 def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str):

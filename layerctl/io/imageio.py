@@ -208,7 +208,7 @@ def load_image(path, mode: str = "RGBA"):
     if not p.is_file():
         raise LayerctlError(f"not a file: {p}")
     if is_psd(p):
-        from layerctl.psd import read_composite
+        from layerctl.io.psd import read_composite
 
         im = read_composite(p)
         return im.convert(mode) if im.mode != mode else im

@@ -286,7 +286,7 @@ def encode_offset(encoder: nn.Module, rgba01: torch.Tensor, scale: float = OFFSE
 
     Differentiable with respect to the encoder's weights (training uses it as is).
     """
-    from layerctl.imagemath import pad_rgb_torch
+    from layerctl.core.imagemath import pad_rgb_torch
 
     if rgba01.ndim != 4 or rgba01.shape[1] != 4:
         raise ValueError(f"expected a [B,4,H,W] RGBA tensor, got shape {tuple(rgba01.shape)}")
@@ -394,7 +394,7 @@ def save_module(module: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
     atomically: a temporary file in the same folder, then os.replace."""
     from safetensors.torch import save_file
 
-    from layerctl.imageio import atomic_write
+    from layerctl.io.imageio import atomic_write
 
     state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in module.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp), overwrite=overwrite, suffix=".tmp")

@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerctl.core.frames import FILE_SPECS
 from layerctl.errors import LayerctlError
 
 __all__ = [
     "FILE_SPECS",
-    "FILE_NAMES",
-    "FRAME_ORDER",
     "CONTROL_CHANNELS",
     "ControlEncoder",
     "LoRAPair",
@@ -52,29 +51,6 @@ __all__ = [
     "make_cond_mark",
     "repeat_frames",
 ]
-
-# official file stem kind -> (frames, use_control)
-FILE_SPECS: dict[str, tuple[int, bool]] = {
-    "rgba": (1, False),
-    "joint": (3, False),
-    "fg2bg": (2, True),
-    "bg2fg": (2, True),
-}
-
-# mode -> official file name (hub repo LayerDiffusion/layerdiffusion-v1)
-FILE_NAMES: dict[str, str] = {
-    "rgba": "layer_sd15_transparent_attn.safetensors",
-    "joint": "layer_sd15_joint.safetensors",
-    "fg2bg": "layer_sd15_fg2bg.safetensors",
-    "bg2fg": "layer_sd15_bg2fg.safetensors",
-}
-# frame order of each mode's batch (frame-fastest layout)
-FRAME_ORDER: dict[str, tuple[str, ...]] = {
-    "rgba": ("fg",),
-    "joint": ("fg", "bg", "blend"),
-    "fg2bg": ("bg", "blend"),
-    "bg2fg": ("fg", "blend"),
-}
 
 CONTROL_CHANNELS = 256  # channels of every control-encoder output (official; narrower for small models)
 TEMPORAL_LN_EPS = 1e-6  # official LayerNorm eps (pinned by the attn1_f1_small fixture)

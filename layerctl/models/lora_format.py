@@ -15,10 +15,10 @@ Formats read (all safetensors; pickles are never opened):
   Text-encoder parts (``lora_te*``, ``text_encoder.*``) are not applied (a notice says so).
 * **LayerDiffuse** (``diffusion_model.<ldm key>::lora::0`` up, ``::lora::1`` down, optional
   ``::lora::2`` alpha; ``::diff::0`` deltas): the official ``layer_xl_transparent_attn`` layout,
-  handled by :mod:`layerctl.patches`.
+  handled by :mod:`layerctl.models.patches`.
 
 Merging: ``W += scale * (alpha / r) * up @ down`` in fp32, through
-:func:`layerctl.patches.apply_patch`, so the returned handle's ``restore()`` puts the exact
+:func:`layerctl.models.patches.apply_patch`, so the returned handle's ``restore()`` puts the exact
 original weights back, and LoRAs stack with the layer weights (attention-sharing units read
 the merged projection weights).
 
@@ -162,7 +162,7 @@ def detect_format(keys) -> str:
 def _config_of(unet_or_config) -> Optional[dict]:
     if unet_or_config is None:
         return None
-    from layerctl.patches import _plain_config
+    from layerctl.models.patches import _plain_config
 
     return _plain_config(unet_or_config)
 
@@ -210,7 +210,7 @@ def _strip_prefix(name: str) -> str:
 
 def _flat_names(unet_config) -> dict[str, str]:
     """kohya's flattened module names (dots -> underscores), in diffusers and ldm spelling -> diffusers module."""
-    from layerctl.patches import ldm_to_diffusers_map, unet_key_shapes
+    from layerctl.models.patches import ldm_to_diffusers_map, unet_key_shapes
 
     out = {}
     for key in unet_key_shapes(unet_config):
@@ -334,7 +334,7 @@ def _read_kohya(sd, meta, source, unet_or_config) -> LoraWeights:
 
 
 def _read_layerdiffuse(sd, meta, source, unet_or_config) -> LoraWeights:
-    from layerctl.patches import patch_from_state_dict
+    from layerctl.models.patches import patch_from_state_dict
 
     patch = patch_from_state_dict(sd, meta, source)
     diffs = [e.name for e in patch.entries if e.kind == "diff"]
@@ -348,7 +348,7 @@ def _read_layerdiffuse(sd, meta, source, unet_or_config) -> LoraWeights:
     l2d: dict[str, str] = {}
     if ldm:
         cfg = cfg or detect_unet_config({e.name: (tuple(e.up.shape), tuple(e.down.shape)) for e in ldm}, naming="ldm")[1]
-        from layerctl.patches import ldm_to_diffusers_map
+        from layerctl.models.patches import ldm_to_diffusers_map
 
         l2d = ldm_to_diffusers_map(cfg)
     pairs = {}
@@ -380,7 +380,7 @@ def detect_unet_config(shapes: Mapping[str, tuple], naming: str = "diffusers") -
 
     ``shapes``: module or weight name -> (up shape, down shape).
     """
-    from layerctl.patches import ldm_to_diffusers_map, unet_key_shapes
+    from layerctl.models.patches import ldm_to_diffusers_map, unet_key_shapes
 
     for fam, cfg in known_unet_configs().items():
         wshapes = unet_key_shapes(cfg)
@@ -405,10 +405,10 @@ def detect_unet_config(shapes: Mapping[str, tuple], naming: str = "diffusers") -
 
 
 def lora_patch(weights: LoraWeights):
-    """The LoRA as a :class:`layerctl.patches.Patch` (diffusers names, scale folded into ``up``)."""
+    """The LoRA as a :class:`layerctl.models.patches.Patch` (diffusers names, scale folded into ``up``)."""
     import torch
 
-    from layerctl.patches import Patch, PatchEntry
+    from layerctl.models.patches import Patch, PatchEntry
 
     entries = []
     for mod, p in weights.pairs.items():
@@ -448,7 +448,7 @@ def apply_lora_file(unet, path, scale: float = 1.0) -> LoraHandle:
     """Merge a LoRA file into ``unet`` (``W += scale * alpha/r * up@down``, fp32); returns a handle with
     ``.restore()``. Reads the peft/diffusers format, kohya files and the LayerDiffuse layout.
     Everything is checked before any weight changes: a LoRA for another UNet is a one-line error."""
-    from layerctl.patches import apply_patch, read_patch
+    from layerctl.models.patches import apply_patch, read_patch
 
     sd_keys = _keys(path)
     fmt = detect_format(sd_keys)
@@ -608,7 +608,7 @@ def to_layerdiffuse(weights: LoraWeights, path, unet_config=None, dtype: Optiona
     config and the original metadata go to the file's metadata, so the way back needs no model."""
     import torch
 
-    from layerctl.patches import Patch, PatchEntry, write_patch
+    from layerctl.models.patches import Patch, PatchEntry, write_patch
 
     cfg = _config_of(unet_config) or _config_from_metadata(weights.metadata)
     if cfg is None:

@@ -28,117 +28,29 @@ hires (``--hires F [--hires-strength S]``) and ``upscale``
     a real alpha at the final size, which is cropped back to round(size x F).
 
 ControlNet (``--controlnet MODEL --control-image IMG [--control-scale X]``, repeatable)
-    see :mod:`layerctl.controlnet`; used in every pass (control images refitted per size).
+    see :mod:`layerctl.pipelines.controlnet`; used in every pass (control images refitted per size).
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
-from pydantic import Field, field_validator
 
+from layerctl.core.geometry import MAX_SIDE, ceil64, edit_size, fit_image, fit_mask, hires_size, latent_mask
+from layerctl.core.naming import batch_seeds, expand_out, new_seed
 from layerctl.errors import LayerctlError
-from layerctl.requests import MAX_SIDE, ModelOptions
+from layerctl.models.kit import precheck_files
+from layerctl.outputs import base_metadata, check_outputs, preview_path, write_images
+
 
 MASK_SNAP = 8.0 / 255.0  # mask values this close to 0 or 1 count as exactly 0 or 1 (JPEG noise)
 COLOUR_SPREAD = 16.0 / 255.0  # max - min of R, G, B above this: the mask has colour
 
 
-# ================================================================= the upscale job
-
-
-class UpscaleRequest(ModelOptions):
-    """One `layerctl upscale` job: resize an RGBA image by `scale` and refine it (img2img)."""
-
-    image: str
-    scale: float = 2.0
-    prompt: str = ""
-    negative: str = "bad, ugly"
-    strength: float = 0.5
-    out: Optional[str] = None
-    steps: Optional[int] = None
-    cfg: Optional[float] = None
-    seed: Optional[int] = None
-    weight: float = 1.0
-    tta: bool = True
-    preview: bool = False
-    overwrite: bool = False
-    resize: Literal["crop", "fit", "stretch"] = "crop"  # for control images
-    controlnet: list[str] = Field(default_factory=list)
-    control_image: list[str] = Field(default_factory=list)
-    control_scale: list[float] = Field(default_factory=list)
-
-    @field_validator("scale")
-    @classmethod
-    def _scale(cls, v):
-        if not (v > 1.0) or v == float("inf"):
-            raise ValueError(f"scale must be > 1 (got {v})")
-        return v
-
-    @field_validator("strength")
-    @classmethod
-    def _strength(cls, v):
-        if not (0.0 < v <= 1.0):
-            raise ValueError(f"strength must be in (0, 1] (got {v})")
-        return v
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v):
-        if v is not None and v <= 0:
-            raise ValueError(f"steps must be > 0 (got {v})")
-        return v
-
-    @field_validator("cfg")
-    @classmethod
-    def _cfg(cls, v):
-        if v is not None and v < 0:
-            raise ValueError(f"cfg must be >= 0 (got {v})")
-        return v
-
-
 # ================================================================= pure helpers
-
-
-def round64(x: float) -> int:
-    """Nearest multiple of 64, at least 64."""
-    return max(64, int(round(x / 64.0)) * 64)
-
-
-def edit_size(img_w: int, img_h: int, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
-    """Output size for an init image: --width/--height (one given: the other from the aspect
-    ratio, a multiple of 64), else the image's own size (run padded to multiples of 64)."""
-    if width or height:
-        from layerctl.modes import auto_size
-
-        return auto_size(img_w, img_h, 64, width, height)
-    return int(img_w), int(img_h)
-
-
-def ceil64(x: int) -> int:
-    """Smallest multiple of 64 >= x."""
-    return max(64, -(-int(x) // 64) * 64)
-
-
-def hires_size(width: int, height: int, factor: float) -> tuple[int, int]:
-    """round(width * factor) x round(height * factor); one-line errors when not larger or too big.
-
-    The refinement runs at that size padded up to multiples of 64 (see :func:`pad_reflect`)
-    and is cropped back, so any factor gives the exact size."""
-    if not (factor > 1.0) or factor == float("inf"):
-        raise LayerctlError(f"hires factor must be > 1 (got {factor})")
-    w2, h2 = int(round(width * factor)), int(round(height * factor))
-    if max(ceil64(w2), ceil64(h2)) > MAX_SIDE:
-        raise LayerctlError(
-            f"x{factor:g} of {width}x{height} is {w2}x{h2}, over the limit of {MAX_SIDE} px a side"
-        )
-    if w2 <= width and h2 <= height:
-        raise LayerctlError(f"x{factor:g} of {width}x{height} is {w2}x{h2}, not larger: use a bigger factor")
-    return w2, h2
 
 
 def mask_from_rgba(rgba: np.ndarray, path: str = "mask") -> np.ndarray:
@@ -164,25 +76,6 @@ def mask_from_rgba(rgba: np.ndarray, path: str = "mask") -> np.ndarray:
     return m.astype(np.float32)
 
 
-def fit_mask(mask: np.ndarray, width: int, height: int, how: str) -> np.ndarray:
-    """An HxW mask fitted to width x height the same way fit_image fits the init image."""
-    from layerctl.modes import fit_image
-
-    h, w = mask.shape
-    if (w, h) == (width, height):
-        return mask.astype(np.float32, copy=True)
-    rgba = np.concatenate([np.repeat(mask[..., None], 3, axis=-1), np.ones((h, w, 1), np.float32)], axis=-1)
-    out = fit_image(rgba, width, height, how)[..., 0]
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
-
-
-def latent_mask(mask: np.ndarray, factor: int = 8) -> np.ndarray:
-    """HxW pixel mask -> (H/f)x(W/f) {0,1} mask: a latent cell is repainted when any pixel of it is."""
-    from layerctl.inpaint import latent_mask as pooled
-
-    return pooled(mask, factor)
-
-
 def paste_outside(new, old, mask):
     """Put `old` back where mask < 1: a premultiplied blend new*m + old*(1-m) of straight RGBA.
 
@@ -203,8 +96,6 @@ def paste_outside(new, old, mask):
 def upscale_rgba(rgba, width: int, height: int):
     """[N,4,h,w] straight RGBA tensor -> [N,4,height,width] (Lanczos on premultiplied colour)."""
     import torch
-
-    from layerctl.modes import fit_image
 
     outs = []
     for img in rgba:
@@ -250,9 +141,9 @@ class InputImage:
 
 
 def read_image(path: str, what: str = "init image") -> InputImage:
-    from layerctl.controlnet import file_sha256
-    from layerctl.imageio import load_image
-    from layerctl.imagemath import to_float
+    from layerctl.pipelines.controlnet import file_sha256
+    from layerctl.io.imageio import load_image
+    from layerctl.core.imagemath import to_float
 
     arr = np.asarray(load_image(path, "RGBA"))
     if arr.ndim != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
@@ -262,9 +153,9 @@ def read_image(path: str, what: str = "init image") -> InputImage:
 
 def read_mask(path: str) -> tuple[np.ndarray, str]:
     """(HxW mask in [0,1], sha256) of a mask file; one-line errors for unreadable or colour files."""
-    from layerctl.controlnet import file_sha256
-    from layerctl.imageio import load_image
-    from layerctl.imagemath import to_float
+    from layerctl.pipelines.controlnet import file_sha256
+    from layerctl.io.imageio import load_image
+    from layerctl.core.imagemath import to_float
 
     arr = to_float(np.asarray(load_image(path, "RGBA")))
     return mask_from_rgba(arr, str(path)), file_sha256(path)
@@ -284,7 +175,7 @@ class EditJob:
 
     req: object
     kind: str  # "gen" or "upscale"
-    model: object
+    kit: object  # layerctl.models.kit.ModelKit: the model and its LayerDiffuse parts
     prompt: str
     seeds: list
     steps: int
@@ -313,6 +204,10 @@ class EditJob:
     mask_method: Optional[str] = None
 
     @property
+    def model(self):
+        return self.kit.model
+
+    @property
     def final_size(self) -> tuple[int, int]:
         return self.hires_wh or (self.width, self.height)
 
@@ -326,11 +221,11 @@ class EditResult:
 
 
 def _check_common(req) -> list:
-    from layerctl.controlnet import pair_options
+    from layerctl.pipelines.controlnet import pair_options
 
     options = pair_options(req.controlnet, req.control_image, req.control_scale)
     for _ref, image, _s in options:
-        from layerctl.weights import check_file
+        from layerctl.models.weights import check_file
 
         check_file(image, "control image")
     return options
@@ -350,10 +245,8 @@ def _check_unet(model) -> None:
         )
 
 
-def plan_gen_edit(session, req) -> EditJob:
+def plan_gen_edit(models, req) -> EditJob:
     """Validate a gen request with --init/--mask/--hires/--controlnet, read its inputs, load the model."""
-    from layerctl.api import check_outputs, expand_out, new_seed
-
     if not req.out:
         raise LayerctlError("--out is required (the PNG to write; {i} and {seed} fill in for batches)")
     if req.mask and not req.init:
@@ -369,7 +262,7 @@ def plan_gen_edit(session, req) -> EditJob:
     if req.mask:
         mask, mask_sha = read_mask(req.mask)
     images = {}
-    from layerctl.controlnet import read_control_image
+    from layerctl.pipelines.controlnet import read_control_image
 
     for _ref, image, _s in options:
         if image not in images:
@@ -394,30 +287,28 @@ def plan_gen_edit(session, req) -> EditJob:
     if width is not None and req.hires is not None:
         hires_size(width, height, req.hires)  # fail before any model loads
     n = req.batch
-    base_seed = req.seed if req.seed is not None else new_seed()
-    seeds = [base_seed + i for i in range(n)]
+    seeds = batch_seeds(req.seed, n)
     paths = expand_out(req.out, n, seeds, req.prompt)
     check_outputs(paths, req.overwrite)
     if req.preview:
-        check_outputs([p.with_name(p.stem + ".preview.png") for p in paths], req.overwrite)
+        check_outputs([preview_path(p) for p in paths], req.overwrite)
     if req.psd:
         check_outputs([req.psd], req.overwrite, suffixes=(".psd",))
-    session.precheck_files(req)
-    model = session.model(req)
+    precheck_files(req)
+    kit = models.kit(req)
+    model = kit.model
     _check_unet(model)
     if width is None:
         width, height = req.width or model.native_size, req.height or model.native_size
     hires_wh = hires_size(width, height, req.hires) if req.hires is not None else None
     steps, cfg = _settings(req, model)
     job = EditJob(
-        req=req, kind="gen", model=model, prompt=req.prompt, seeds=seeds, steps=steps, cfg=cfg, width=width,
+        req=req, kind="gen", kit=kit, prompt=req.prompt, seeds=seeds, steps=steps, cfg=cfg, width=width,
         height=height, paths=paths, init=init, mask_path=req.mask, mask_sha256=mask_sha,
         strength=req.strength if init is not None else 1.0, hires=req.hires, hires_wh=hires_wh,
         hires_strength=req.hires_strength, control_options=options, control_images=images, notes=notes,
     )
     if init is not None:
-        from layerctl.modes import fit_image
-
         if init.size != (width, height):
             job.resized = True
             notes.append(f"init image {init.size[0]}x{init.size[1]} fitted to {width}x{height} (--resize {req.resize})")
@@ -426,24 +317,22 @@ def plan_gen_edit(session, req) -> EditJob:
             job.init_rgba = init.source.copy()
         if mask is not None:
             job.mask = fit_mask(mask, width, height, req.resize)
-    job.controls = _load_controls(session, job, width, height)
+    job.controls = _load_controls(job, width, height)
     return job
 
 
-def _load_controls(session, job: EditJob, width: int, height: int) -> list:
+def _load_controls(job: EditJob, width: int, height: int) -> list:
     if not job.control_options:
         return []
-    from layerctl.controlnet import load_controls
+    from layerctl.pipelines.controlnet import load_controls
 
-    return load_controls(session, job.model, job.control_options, width, height, job.req.resize, job.control_images)
+    return load_controls(job.kit, job.model, job.control_options, width, height, job.req.resize, job.control_images)
 
 
-def plan_upscale(session, req: UpscaleRequest) -> EditJob:
-    from layerctl.api import check_outputs, new_seed
-
+def plan_upscale(models, req) -> EditJob:
     options = _check_common(req)
     src = read_image(req.image, "image")
-    from layerctl.controlnet import read_control_image
+    from layerctl.pipelines.controlnet import read_control_image
 
     images = {img: read_control_image(img) for _r, img, _s in options}
     w, h = src.size
@@ -453,55 +342,55 @@ def plan_upscale(session, req: UpscaleRequest) -> EditJob:
     paths = [Path(out)]
     check_outputs(paths, req.overwrite)
     if req.preview:
-        check_outputs([paths[0].with_name(paths[0].stem + ".preview.png")], req.overwrite)
-    session.precheck_files(req)
-    model = session.model(req)
+        check_outputs([preview_path(paths[0])], req.overwrite)
+    precheck_files(req)
+    kit = models.kit(req)
+    model = kit.model
     _check_unet(model)
     steps, cfg = _settings(req, model)
     job = EditJob(
-        req=req, kind="upscale", model=model, prompt=req.prompt, seeds=[seed], steps=steps, cfg=cfg, width=w,
+        req=req, kind="upscale", kit=kit, prompt=req.prompt, seeds=[seed], steps=steps, cfg=cfg, width=w,
         height=h, paths=paths, init=src, init_rgba=src.source.copy(), strength=req.strength, hires=req.scale,
         hires_wh=(w2, h2), hires_strength=req.strength, control_options=options, control_images=images,
     )
-    job.controls = _load_controls(session, job, w2, h2)
+    job.controls = _load_controls(job, w2, h2)
     return job
 
 
 # ================================================================= running
 
 
-def encode_transparent(session, job: EditJob, rgba):
+def encode_transparent(job: EditJob, rgba):
     """[N,4,H,W] straight RGBA in [0,1] -> scaled transparent latent (pad_rgb + E_a x 300 offset)."""
     import torch
 
-    from layerctl.transparent_vae import transparent_latent
+    from layerctl.models.transparent_vae import transparent_latent
 
     model = job.model
-    encoder, name = session.encoder(model, job.req)
+    encoder, name = job.kit.encoder(job.req)
     job.encoder_name = name
     with torch.no_grad():
         lat = transparent_latent(encoder, rgba.to(model.device, torch.float32), model.vae_encode)
     return lat.float() * model.latent_scale
 
 
-def decode(session, job: EditJob, latents):
-    from layerctl.pipeline import decode_transparent
+def decode(job: EditJob, latents):
+    from layerctl.pipelines.sampling import decode_transparent
 
-    decoder, name = session.decoder(job.model, job.req)
+    decoder, name = job.kit.decoder(job.req)
     job.decoder_name = name
     return decode_transparent(job.model, decoder, latents, tta=job.req.tta).float().cpu()
 
 
-def round_trip(session, job: EditJob, rgba):
+def round_trip(job: EditJob, rgba):
     """The model's own encode -> decode of an RGBA batch, without denoising (what strength -> 0 tends to)."""
-    return decode(session, job, encode_transparent(session, job, rgba))
+    return decode(job, encode_transparent(job, rgba))
 
 
-def _inpaint_concat(session, job: EditJob, init_rgba, pixel_mask, n: int):
+def _inpaint_concat(job: EditJob, init_rgba, pixel_mask, n: int):
     """[n, 5, h, w] = [latent mask, masked-image latent] for a 9-channel inpainting UNet."""
     import torch
 
-    model = job.model
     _, _, H, W = init_rgba.shape
     if pixel_mask is None:
         lm = torch.ones((1, 1, H // 8, W // 8))
@@ -511,16 +400,16 @@ def _inpaint_concat(session, job: EditJob, init_rgba, pixel_mask, n: int):
         keep = torch.from_numpy((pixel_mask < 0.5).astype(np.float32))[None, None]
         masked = init_rgba.clone()
         masked[:, 3:4] = masked[:, 3:4] * keep
-    lat = encode_transparent(session, job, masked)
+    lat = encode_transparent(job, masked)
     return torch.cat([lm.to(lat), lat], dim=1).expand(n, -1, -1, -1).contiguous()
 
 
-def _denoise(session, job: EditJob, active, width: int, height: int, init=None, strength: float = 1.0,
+def _denoise(job: EditJob, active, width: int, height: int, init=None, strength: float = 1.0,
              latent_mask_t=None, concat=None, label: str = "generating", content: Optional[tuple[int, int]] = None):
     """Denoise at width x height (multiples of 64); `content` is the part that is kept (control
     images are fitted to it and mirrored into the rest, like the image)."""
-    from layerctl.controlnet import residual_hook
-    from layerctl.pipeline import DenoiseSpec, denoise, make_noise
+    from layerctl.pipelines.controlnet import residual_hook
+    from layerctl.pipelines.sampling import DenoiseSpec, denoise, make_noise
     from layerctl.progress import steps_bar
 
     model, req = job.model, job.req
@@ -529,7 +418,7 @@ def _denoise(session, job: EditJob, active, width: int, height: int, init=None, 
     embeds = model.encode_prompt([job.prompt] * n, [req.negative] * n, use_cfg, width, height)
     patcher = active.patcher
     if patcher is not None:
-        from layerctl.layers import make_cond_mark
+        from layerctl.models.attention_sharing import make_cond_mark
 
         patcher.set_control(None)
         patcher.set_prompt_overrides(None)
@@ -541,7 +430,7 @@ def _denoise(session, job: EditJob, active, width: int, height: int, init=None, 
             c.cond = pad_reflect(c.cond, width, height)
     hook = residual_hook(job.controls, use_cfg) if job.controls else None
     try:
-        with steps_bar(label, session.quiet) as bar:
+        with steps_bar(label, job.kit.quiet) as bar:
             spec = DenoiseSpec(
                 embeds=embeds, noise=make_noise(job.seeds, 1, height, width), steps=job.steps, cfg=job.cfg,
                 init=init, strength=strength, mask=latent_mask_t, concat=concat, unet_extra=hook, progress=bar,
@@ -552,7 +441,7 @@ def _denoise(session, job: EditJob, active, width: int, height: int, init=None, 
             patcher.set_cond_mark(None)
 
 
-def run_edit(session, job: EditJob) -> EditResult:
+def run_edit(job: EditJob) -> EditResult:
     """Denoise and decode (nothing written)."""
     import torch
 
@@ -560,9 +449,9 @@ def run_edit(session, job: EditJob) -> EditResult:
 
     model, req = job.model, job.req
     for note in job.notes:
-        log(f"layerctl: {note}", session.quiet)
+        log(f"layerctl: {note}", job.kit.quiet)
     n = len(job.seeds)
-    active = session.use_weights(model, "rgba", req, getattr(req, "weight", 1.0))
+    active = job.kit.use_weights("rgba", req, getattr(req, "weight", 1.0))
     job.weights = list(active.names)
     nine = int(model.unet.config.in_channels) == 9
     base_rgba = base_lat = None
@@ -573,18 +462,18 @@ def run_edit(session, job: EditJob) -> EditResult:
         init_t = to_tensor(job.init_rgba) if job.init_rgba is not None else None
         init_p = pad_reflect(init_t, pw, ph) if init_t is not None else None
         if init_p is not None:
-            init_lat = encode_transparent(session, job, init_p).expand(n, -1, -1, -1).contiguous()
+            init_lat = encode_transparent(job, init_p).expand(n, -1, -1, -1).contiguous()
         if job.mask is not None:
             job.mask_method = "inpainting-unet" if nine else "latent-blend"
             mask_p = pad_reflect(torch.from_numpy(job.mask)[None, None], pw, ph)[0, 0].numpy()
             if not nine:
                 lm = torch.from_numpy(latent_mask(mask_p))[None, None].expand(n, -1, -1, -1)
         if nine:
-            concat = _inpaint_concat(session, job, init_p if init_p is not None else torch.zeros(1, 4, ph, pw), mask_p, n)
+            concat = _inpaint_concat(job, init_p if init_p is not None else torch.zeros(1, 4, ph, pw), mask_p, n)
         label = "inpainting" if job.mask is not None else ("img2img" if init_t is not None else "generating")
-        base_lat = _denoise(session, job, active, pw, ph, init=init_lat, strength=job.strength,
+        base_lat = _denoise(job, active, pw, ph, init=init_lat, strength=job.strength,
                             latent_mask_t=lm, concat=concat, label=label, content=(w, h))
-        base_rgba = decode(session, job, base_lat)[:, :, :h, :w].contiguous()
+        base_rgba = decode(job, base_lat)[:, :, :h, :w].contiguous()
         if job.mask is not None:
             base_rgba = paste_outside(base_rgba, init_t.expand(n, -1, -1, -1), torch.from_numpy(job.mask)[None, None])
         if job.hires_wh is None:
@@ -595,24 +484,24 @@ def run_edit(session, job: EditJob) -> EditResult:
     w2, h2 = job.hires_wh
     pw, ph = ceil64(w2), ceil64(h2)
     big = pad_reflect(upscale_rgba(source, w2, h2), pw, ph)
-    big_lat = encode_transparent(session, job, big)
+    big_lat = encode_transparent(job, big)
     if big_lat.shape[0] != n:
         big_lat = big_lat.expand(n, -1, -1, -1).contiguous()
-    concat = _inpaint_concat(session, job, big[:1], None, n) if nine else None
+    concat = _inpaint_concat(job, big[:1], None, n) if nine else None
     label = "upscale" if job.kind == "upscale" else f"hires x{job.hires:g}"
-    lat = _denoise(session, job, active, pw, ph, init=big_lat, strength=job.hires_strength, concat=concat, label=label,
+    lat = _denoise(job, active, pw, ph, init=big_lat, strength=job.hires_strength, concat=concat, label=label,
                    content=(w2, h2))
-    rgba = decode(session, job, lat)[:, :, :h2, :w2].contiguous()
+    rgba = decode(job, lat)[:, :, :h2, :w2].contiguous()
     return EditResult(rgba=rgba, latent=lat, base_rgba=base_rgba, base_latent=base_lat)
 
 
 # ================================================================= writing
 
 
-def edit_metadata(session, job: EditJob) -> dict:
+def edit_metadata(job: EditJob) -> dict:
     model, req = job.model, job.req
     w, h = job.final_size
-    meta = session.base_metadata(model, req, "rgba", job.steps, job.cfg, w, h)
+    meta = base_metadata(model, req, "rgba", job.steps, job.cfg, w, h)
     ops = []
     meta.update(layer_weights=job.weights, transparent_decoder=job.decoder_name, role="rgba")
     if job.encoder_name:
@@ -644,21 +533,20 @@ def edit_metadata(session, job: EditJob) -> dict:
     return meta
 
 
-def write_edit(session, job: EditJob, result: EditResult):
-    meta = edit_metadata(session, job)
+def write_edit(job: EditJob, result: EditResult):
+    meta = edit_metadata(job)
     req = job.req
-    shim = types.SimpleNamespace(overwrite=req.overwrite, preview=getattr(req, "preview", False), psd=getattr(req, "psd", None))
     items = [("rgba", p, result.rgba[i], job.seeds[i], i) for i, p in enumerate(job.paths)]
-    return session.write_images(items, meta, shim)
+    return write_images(items, meta, req.overwrite, preview=getattr(req, "preview", False), psd=getattr(req, "psd", None))
 
 
-def gen_edit(session, req):
+def gen_edit(models, req):
     """`layerctl gen PROMPT` with --init / --mask / --hires / --controlnet: writes PNGs, returns OutputRecords."""
-    job = plan_gen_edit(session, req)
-    return write_edit(session, job, run_edit(session, job))
+    job = plan_gen_edit(models, req)
+    return write_edit(job, run_edit(job))
 
 
-def upscale(session, req: UpscaleRequest):
+def upscale(models, req):
     """`layerctl upscale IMAGE --scale F`: writes the refined, larger RGBA PNG; returns OutputRecords."""
-    job = plan_upscale(session, req)
-    return write_edit(session, job, run_edit(session, job))
+    job = plan_upscale(models, req)
+    return write_edit(job, run_edit(job))

@@ -1,7 +1,7 @@
 """Masked inpainting of a plain RGB picture with a LoadedModel.
 
-    from layerctl.backend import load_model
-    from layerctl.inpaint import inpaint
+    from layerctl.backends.registry import load_model
+    from layerctl.pipelines.inpaint import inpaint
     m = load_model("tiny", device="cpu")
     res = inpaint(m, image, mask, "a beach at noon", seed=1)   # res.image: HxWx3 float32 in [0,1]
 
@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from layerctl.core.geometry import latent_mask
 from layerctl.errors import LayerctlError
 
 
@@ -63,16 +64,6 @@ def _as_float_mask(mask, shape) -> np.ndarray:
     if m.dtype == np.uint8:
         return m.astype(np.float32) / np.float32(255.0)
     return np.clip(m.astype(np.float32), 0.0, 1.0)
-
-
-def latent_mask(mask: np.ndarray, factor: int = 8) -> np.ndarray:
-    """HxW pixel mask (1 = repaint) -> (H/f)x(W/f) float32 mask: 1 where any pixel of the cell is > 0."""
-    m = np.asarray(mask, dtype=np.float32)
-    h, w = m.shape
-    if h % factor or w % factor:
-        raise ValueError(f"mask size {w}x{h} is not a multiple of {factor}")
-    cells = m.reshape(h // factor, factor, w // factor, factor)
-    return (cells.max(axis=(1, 3)) > 0).astype(np.float32)
 
 
 def vae_factor(model) -> int:
@@ -124,54 +115,23 @@ def inpaint(
     return InpaintResult(image=out.astype(np.float32), method=method, seed=int(seed), steps=steps, cfg=cfg)
 
 
-def _fresh_scheduler(model):
-    """A scheduler of the model's kind with its own state (the pipeline's one stays untouched)."""
-    sched = model.scheduler
-    return type(sched).from_config(sched.config)
-
-
 def _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, factor, progress):
+    """A base (4-channel) UNet: the shared sampling loop with the known latents blended back
+    outside the mask after every step (and at the start)."""
     import torch
 
-    dev = model.device
+    from layerctl.pipelines.sampling import DenoiseSpec, denoise
+
     h, w = img.shape[:2]
     pixels = torch.from_numpy(img).permute(2, 0, 1)[None] * 2.0 - 1.0
     mean, _std = model.vae_encode(pixels)
-    known = mean.to(dev, torch.float32) * model.latent_scale
-    lm = torch.from_numpy(latent_mask(m, factor))[None, None].to(dev, torch.float32)
-
+    known = mean.float().cpu() * model.latent_scale
+    lm = torch.from_numpy(latent_mask(m, factor))[None, None]
     gen = torch.Generator("cpu").manual_seed(int(seed))
-    noise = torch.randn(known.shape, generator=gen, dtype=torch.float32).to(dev)
-
-    sched = _fresh_scheduler(model)
-    sched.set_timesteps(steps, device=dev)
-    if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(0)  # add_noise then uses the scheduler's own step index
-    timesteps = sched.timesteps
-
-    do_cfg = cfg > 1.0
-    emb = model.encode_prompt([prompt], [negative], do_cfg, w, h)
-
-    # Start: noise where we repaint, the known latents noised to the first timestep elsewhere.
-    x = noise * sched.init_noise_sigma
-    x = lm * x + (1.0 - lm) * sched.add_noise(known, noise, timesteps[:1])
-    total = len(timesteps)
-    with torch.no_grad():
-        for i, t in enumerate(timesteps):
-            inp = torch.cat([x, x]) if do_cfg else x
-            inp = sched.scale_model_input(inp, t)
-            eps = model.unet(inp.to(model.dtype), t, encoder_hidden_states=emb.hidden, **emb.extra).sample.float()
-            if do_cfg:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + cfg * (cond - uncond)
-            x = sched.step(eps, t, x).prev_sample
-            if i + 1 < total:
-                ref = sched.add_noise(known, noise, timesteps[i + 1 : i + 2])
-            else:
-                ref = known
-            x = lm * x + (1.0 - lm) * ref
-            if progress is not None:
-                progress(i + 1, total)
+    noise = torch.randn(known.shape, generator=gen, dtype=torch.float32)
+    embeds = model.encode_prompt([prompt], [negative], cfg > 1.0, w, h)
+    spec = DenoiseSpec(embeds=embeds, noise=noise, steps=steps, cfg=cfg, init=known, mask=lm, progress=progress)
+    x = denoise(model, spec)
     out = model.vae_decode(x / model.latent_scale)
     return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
 
@@ -189,7 +149,9 @@ def _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progres
             model._layerctl_inpaint_pipe = pipe
         except Exception:  # noqa: BLE001 - a frozen object: just rebuild next time
             pass
-    pipe.scheduler = _fresh_scheduler(model)
+    from layerctl.pipelines.sampling import fresh_scheduler
+
+    pipe.scheduler = fresh_scheduler(model)
     h, w = img.shape[:2]
     image = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), "RGB")
     mask_image = Image.fromarray(np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8), "L")

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from layerctl.backend import LoadedModel, PromptEmbeds
+from layerctl.backends.base import LoadedModel, PromptEmbeds
 
 
 @dataclass
@@ -32,12 +32,13 @@ class DenoiseSpec:
     mask: Optional[torch.Tensor] = None  # [B, 1, h, w], 1 = repaint, 0 = keep init
     before_unet: Optional[Callable[[int, torch.Tensor], None]] = None  # (step, unet batch) hook
     # (unet input, t, hidden, extra) -> more UNet kwargs, e.g. ControlNet's
-    # down_block_additional_residuals / mid_block_additional_residual (layerctl.controlnet)
+    # down_block_additional_residuals / mid_block_additional_residual (layerctl.pipelines.controlnet)
     unet_extra: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], dict]] = None
     progress: Optional[Callable[[int, int], None]] = None  # (done, total)
 
 
 def fresh_scheduler(model: LoadedModel):
+    """A scheduler of the model's kind with its own state (the model's one stays untouched)."""
     sched = model.scheduler
     return type(sched).from_config(sched.config)
 
@@ -79,6 +80,9 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
         latents = _noised(sched, spec.init.to(device, torch.float32), noise, start)
     else:
         latents = noise * sched.init_noise_sigma
+        if spec.init is not None and spec.mask is not None:  # inpainting from scratch: keep what is known
+            m = spec.mask.to(device, torch.float32)
+            latents = m * latents + (1 - m) * _noised(sched, spec.init.to(device, torch.float32), noise, start)
 
     def pin(lat: torch.Tensor, sigma_index: int) -> torch.Tensor:
         for f, known in spec.pinned.items():
@@ -154,7 +158,7 @@ def decode_rgb(model: LoadedModel, latents_scaled: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def decode_transparent(model: LoadedModel, decoder, latents_scaled: torch.Tensor, tta: bool = True, chunk=None):
     """Scaled latent -> RGBA [B,4,H,W] in [0,1] (straight alpha, R,G,B,A order)."""
-    from layerctl.transparent_vae import decode_rgba
+    from layerctl.models.transparent_vae import decode_rgba
 
     pixels = decode_rgb(model, latents_scaled)
     dev = next(decoder.parameters()).device

@@ -330,3 +330,14 @@ def pad_rgb_torch(rgba):
         return t.sum(dim=(-2, -1), keepdim=True)
 
     return _pad_core(color.contiguous(), alpha.contiguous(), _Ops(torch, x.device), total)
+
+
+def flatten_grey(rgba: np.ndarray) -> np.ndarray:
+    """Straight RGBA -> RGB on grey 0.5: 0.5 + (rgb - 0.5) * a (how the official code feeds images)."""
+    return flatten_on_grey(np.asarray(rgba, np.float32), 0.5)
+
+
+def rgba_to_uint8(t) -> np.ndarray:
+    """[C,H,W] float tensor in [0,1] -> HxWxC uint8 array (rounded once)."""
+    arr = t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return np.round(arr * 255.0).astype(np.uint8)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from layerctl.backend import OFFICIAL_REPO, LoadedModel
+from layerctl.core.frames import OFFICIAL_REPO
 from layerctl.errors import LayerctlError
 
 
@@ -88,7 +88,7 @@ def _seeded_(module, seed: int, std: float = 0.05) -> None:
 
 def tiny_decoder():
     """A narrow transparent decoder with seeded random weights for the tiny backends."""
-    from layerctl.transparent_vae import new_decoder
+    from layerctl.models.transparent_vae import new_decoder
 
     dec = new_decoder(seed=7, block_out_channels=(8, 8, 16, 16, 32, 32, 32))
     _seeded_(dec, 7)
@@ -96,17 +96,17 @@ def tiny_decoder():
 
 
 def tiny_encoder():
-    from layerctl.transparent_vae import new_encoder
+    from layerctl.models.transparent_vae import new_encoder
 
     enc = new_encoder(seed=8)
     _seeded_(enc, 8)
     return enc.eval()
 
 
-def tiny_attention_sharing(model: LoadedModel, frames: int, use_control: bool, seed: int):
+def tiny_attention_sharing(model, frames: int, use_control: bool, seed: int):
     import torch
 
-    from layerctl.layers import AttentionSharingPatcher
+    from layerctl.models.attention_sharing import AttentionSharingPatcher
 
     patcher = AttentionSharingPatcher(model.unet, frames, use_control, rank=4)
     _seeded_(patcher, seed, std=0.05)
@@ -116,11 +116,11 @@ def tiny_attention_sharing(model: LoadedModel, frames: int, use_control: bool, s
     return patcher
 
 
-def tiny_patch(model: LoadedModel, role: str):
+def tiny_patch(model, role: str):
     """In-memory stand-ins for the SDXL patch files on the tiny-xl UNet (same shapes rules)."""
     import torch
 
-    from layerctl.patches import Patch, diff_to_patch_entries, lora_to_patch_entries
+    from layerctl.models.patches import Patch, diff_to_patch_entries, lora_to_patch_entries
 
     unet = model.unet
     g = torch.Generator("cpu").manual_seed(sum(map(ord, role)))
@@ -145,3 +145,14 @@ def tiny_patch(model: LoadedModel, role: str):
         if name.startswith(("down_blocks.0.resnets", "mid_block.resnets")) and name.endswith("weight") and p.ndim > 1:
             deltas[name] = torch.randn(p.shape, generator=g) * 0.01
     return Patch(diff_to_patch_entries(deltas), source=f"tiny-{role}")
+
+
+def is_attention_sharing_file(path) -> bool:
+    """True for SD1.5 attention-sharing files (hookers.* / kwargs_encoder.* keys), False for patch files."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return any(k.startswith(("hookers.", "kwargs_encoder.")) for k in f.keys())
+    except Exception as exc:  # noqa: BLE001
+        raise LayerctlError(f"cannot read weights file {path}: {exc}") from None

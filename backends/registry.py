@@ -1,0 +1,113 @@
+"""The backend registry: from a model reference to the backend that loads it.
+
+Built-in backends live in this package; a third-party package adds one by exposing a
+:class:`layerctl.backends.base.Backend` subclass under the entry-point group
+``layerctl.backends``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from layerctl.backends.base import Backend, LoadedModel, resolve_device, resolve_dtype, setup_attention
+from layerctl.errors import LayerctlError
+
+
+ENTRY_POINT_GROUP = "layerctl.backends"
+
+
+def available_backends() -> dict[str, type]:
+    """Registry name -> Backend class, from the entry-point group (built-ins always present)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep
+    # Built-ins even when the package metadata is stale (e.g. running from a checkout).
+    for name, target in {
+        "tiny": "layerctl.backends.tiny:TinyBackend",
+        "tiny-xl": "layerctl.backends.tiny:TinyXLBackend",
+        "toy": "layerctl.backends.toy:ToyBackend",
+        "sd15": "layerctl.backends.sd15:SD15Backend",
+        "sdxl": "layerctl.backends.sdxl:SDXLBackend",
+    }.items():
+        found.setdefault(name, target)
+    return found
+
+
+def _resolve(target) -> type:
+    import importlib
+
+    if isinstance(target, str):
+        mod, _, attr = target.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+    return target.load()
+
+
+def get_backend(name: str) -> Backend:
+    backends = available_backends()
+    if name not in backends:
+        raise LayerctlError(f"unknown backend '{name}' (known: {', '.join(sorted(backends))})")
+    return _resolve(backends[name])()
+
+
+def resolve_model_ref(ref: str | None) -> tuple[str, str]:
+    """Model reference -> (backend name, reference for that backend).
+
+    `tiny`, `tiny-xl` and any registered backend name stand for themselves;
+    `NAME:REF` picks a backend explicitly; a diffusers folder or a single-file
+    checkpoint is recognised from its contents; anything else is a hub id.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    backends = available_backends()
+    if ref in backends:
+        return ref, ref
+    if ref and ":" in ref and ref.split(":", 1)[0] in backends and not os.path.exists(ref):
+        name, rest = ref.split(":", 1)
+        return name, rest
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        index = p / "model_index.json"
+        if not index.exists():
+            raise LayerctlError(f"unknown model reference '{ref}': a folder without model_index.json (not a diffusers model)")
+        cls = json.loads(index.read_text()).get("_class_name", "")
+        return ("sdxl" if "XL" in cls else "sd15"), str(p)
+    if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise LayerctlError(
+            f"refusing to unpickle {ref}: pickle checkpoints can run code. Convert it to .safetensors first"
+        )
+    if p.suffix == ".safetensors":
+        if not p.exists():
+            raise LayerctlError(f"model file not found: {ref}")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), "pt") as f:
+                keys = list(f.keys())
+        except Exception as exc:  # noqa: BLE001
+            raise LayerctlError(f"cannot read checkpoint {ref}: {exc}") from None
+        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+        return ("sdxl" if is_xl else "sd15"), str(p)
+    if p.exists():
+        raise LayerctlError(f"unknown model reference '{ref}': not a diffusers folder or a .safetensors checkpoint")
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ("sdxl" if "xl" in ref.lower() else "sd15"), ref
+    raise LayerctlError(
+        f"unknown model reference '{ref}' (give a diffusers folder, a .safetensors file, a hub id like "
+        f"'owner/name', or one of: {', '.join(sorted(backends))})"
+    )
+
+
+def load_model(ref: str, device="auto", dtype="auto", attention="auto") -> LoadedModel:
+    from layerctl.quiet import quiet_libraries
+
+    quiet_libraries()
+    name, inner = resolve_model_ref(ref)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    model = get_backend(name).load(inner, dev, dt, attention=attention)
+    model.attention = setup_attention(model.unet, attention, dev)
+    return model

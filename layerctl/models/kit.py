@@ -1,0 +1,213 @@
+"""Loaded models and the LayerDiffuse parts that go on them, cached for a session.
+
+A :class:`ModelKit` is one loaded base model plus what layerctl puts on it: the transparent
+decoder/encoder nets and the layer weights merged into (or hooked onto) its UNet. Weights are
+swapped between jobs and the originals restored bit for bit. A :class:`ModelCache` loads each
+base model once and shares the transparent-VAE nets between kits. Pipelines receive the cache
+and ask it for a kit when their inputs have been checked (so bad input never waits on a load).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from layerctl.errors import LayerctlError
+from layerctl.progress import log
+
+DEFAULT_MODEL_ENV = "LAYERCTL_MODEL"
+
+
+class ActiveWeights:
+    """Layer weights currently applied to a model's UNet (attention sharing or merged patches)."""
+
+    def __init__(self, key, names, patcher=None, handles=()):
+        self.key = key
+        self.names = list(names)
+        self.patcher = patcher
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        if self.patcher is not None:
+            self.patcher.remove()
+        for h in reversed(self.handles):
+            h.restore()
+        self.handles = []
+
+    def mark_stale(self) -> None:
+        """Weights partly removed mid-run (a hand-over): the next use re-applies from scratch."""
+        self.key = ("handed-over", id(self))
+
+
+def precheck_files(opts) -> None:
+    """Fail fast (before any model loads) on weight files that are named but missing."""
+    from layerctl.models.weights import check_file
+
+    for path, what in [
+        (opts.transparent_decoder, "transparent decoder"),
+        (opts.transparent_encoder, "transparent encoder"),
+        (opts.layer_weights, "layer weights file"),
+    ] + [(p, "LoRA file") for p in opts.lora]:
+        if path:
+            check_file(path, what)
+
+
+class ModelKit:
+    """One loaded base model with its transparent VAE nets and the layer weights in use."""
+
+    def __init__(self, model, vae_nets: dict, quiet: bool = False):
+        self.model = model
+        self.quiet = quiet
+        self._vae_nets = vae_nets  # shared by the kits of one cache
+        self.active: Optional[ActiveWeights] = None
+        self.controlnets: dict = {}  # ControlNets loaded for this model (layerctl.pipelines.controlnet)
+
+    # ------------------------------------------------------------ transparent VAE nets
+    def _vae_net(self, kind: str, path: Optional[str], wdir: Optional[str]):
+        import torch
+
+        from layerctl.models import transparent_vae as tv
+        from layerctl.models.weights import check_file, find_official, tiny_decoder, tiny_encoder
+
+        model = self.model
+        if path:
+            src = check_file(path, f"transparent {kind}")
+        elif model.tiny:
+            src = None
+        else:
+            src = find_official([model.official[kind]], wdir)[0]
+        dtype = torch.float32 if model.device.type == "cpu" else torch.float16
+        key = (kind, str(src) if src else f"tiny-{model.backend}", str(model.device), dtype)
+        if key not in self._vae_nets:
+            if src is None:
+                net = (tiny_decoder() if kind == "decoder" else tiny_encoder()).to(model.device, dtype)
+            elif kind == "decoder":
+                net = tv.load_decoder(src, device=model.device, dtype=dtype)
+            else:
+                net = tv.load_encoder(src, device=model.device, dtype=dtype)
+            if kind == "decoder" and model.device.type == "cpu":
+                net = tv.use_channels_last(net)  # faster on CPU (bench/RESULTS.md: decode)
+            self._vae_nets[key] = (net.eval(), src.name if src else f"tiny-{kind}")
+        return self._vae_nets[key]
+
+    def decoder(self, opts):
+        """(transparent decoder net, file name) for these options."""
+        return self._vae_net("decoder", opts.transparent_decoder, opts.weights_dir)
+
+    def encoder(self, opts):
+        """(latent-transparency encoder net, file name) for these options."""
+        return self._vae_net("encoder", opts.transparent_encoder, opts.weights_dir)
+
+    # ------------------------------------------------------------ layer weights
+    def clear_weights(self) -> None:
+        if self.active is not None:
+            self.active.remove()
+            self.active = None
+
+    def use_weights(self, role: str, opts, strength: float = 1.0, explicit: Optional[str] = None) -> ActiveWeights:
+        """Apply the layer weights for `role` (official file, --layer-weights, or tiny stand-ins), plus --lora.
+
+        The previous job's weights are restored first unless they are the same.
+        """
+        from layerctl.models.weights import check_file, find_official
+
+        model = self.model
+        explicit = explicit or opts.layer_weights
+        if explicit:
+            src = check_file(explicit, "layer weights file")
+        elif model.tiny:
+            src = None
+        else:
+            if role not in model.official:
+                raise LayerctlError(f"the {model.backend} backend has no official weights for '{role}'")
+            src = find_official([model.official[role]], opts.weights_dir)[0]
+        loras = tuple((str(check_file(p, "LoRA file")), opts.lora_scale) for p in opts.lora)
+        key = (role, str(src), strength, loras)
+        if self.active is not None and self.active.key == key:
+            return self.active
+        self.clear_weights()
+        self.active = self._apply(role, src, strength, loras, key)
+        return self.active
+
+    def _apply(self, role, src, strength, loras, key) -> ActiveWeights:
+        from layerctl.models.lora_format import apply_lora_file
+        from layerctl.models.patches import apply_patch
+        from layerctl.models.weights import is_attention_sharing_file, tiny_attention_sharing, tiny_patch
+
+        model = self.model
+        handles, patcher, names = [], None, []
+        try:
+            for path, scale in loras:
+                handles.append(apply_lora_file(model.unet, path, scale))
+                names.append(Path(path).name)
+            if src is None:  # tiny stand-ins, same code paths as the official files
+                names.append(f"tiny-{role}")
+                if model.family == "sd15":
+                    from layerctl.core.frames import FILE_SPECS
+
+                    frames, control = FILE_SPECS[role]
+                    patcher = tiny_attention_sharing(model, frames, control, seed=sum(map(ord, role)))
+                else:
+                    handles.append(apply_patch(model.unet, tiny_patch(model, role), strength))
+            else:
+                names.append(src.name)
+                if is_attention_sharing_file(src):
+                    from layerctl.models.attention_sharing import load_attention_sharing
+
+                    patcher = load_attention_sharing(model.unet, src, device=model.device, dtype=model.dtype)
+                else:
+                    handles.append(apply_patch(model.unet, src, strength))
+            if patcher is not None:
+                patcher.install()
+        except BaseException:
+            for h in reversed(handles):
+                h.restore()
+            raise
+        return ActiveWeights(key, names, patcher=patcher, handles=handles)
+
+
+class ModelCache:
+    """Loads each base model once (per device, dtype, attention) and hands out its kit."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._kits: dict = {}
+        self._vae_nets: dict = {}
+
+    def model_ref(self, opts) -> str:
+        if opts.model:
+            return opts.model
+        env = os.environ.get(DEFAULT_MODEL_ENV)
+        if env:
+            return env
+        log(
+            "layerctl: no --model given (nor LAYERCTL_MODEL): using the bundled 'toy' model (64x64 toy world). "
+            "For real images pass --model with an SD1.5/SDXL diffusers folder, hub id or .safetensors file.",
+            self.quiet,
+        )
+        return "toy"
+
+    def kit(self, opts) -> ModelKit:
+        from layerctl.backends.registry import load_model
+
+        ref = self.model_ref(opts)
+        key = (ref, opts.device, opts.dtype, opts.attention)
+        if key not in self._kits:
+            model = load_model(ref, opts.device, opts.dtype, opts.attention)
+            if model.notes:
+                log(f"layerctl: {model.notes}", self.quiet)
+            self._kits[key] = ModelKit(model, self._vae_nets, self.quiet)
+        return self._kits[key]
+
+    def kits(self) -> list[ModelKit]:
+        return list(self._kits.values())
+
+    def kit_of(self, model) -> Optional[ModelKit]:
+        return next((k for k in self._kits.values() if k.model is model), None)
+
+    def close(self) -> None:
+        for kit in self._kits.values():
+            kit.clear_weights()
+        self._kits.clear()
+        self._vae_nets.clear()
