@@ -80,6 +80,11 @@ class DecodeSwitch:
         return out
 
 
+def _active_names(session, model) -> list[str]:
+    kit = session.models.kit_of(model)
+    return kit.active.names if kit is not None and kit.active is not None else ["?"]
+
+
 def plain_call(pipe, size: int, steps: int, cfg: float, output_type: str, png: Path | None = None):
     import torch
 
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         tmp / f"plain-{fam}.png")),
                 ]
             print(f"# {fam} ({ref}): {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, "
-                  f"layer weights {', '.join(session._active[id(model)].names) if id(model) in session._active else '?'}",
+                  f"layer weights {', '.join(_active_names(session, model))}",
                   flush=True)
             switch.decode_s.clear()
             times = interleave(cases, reps=args.reps, warmup=1, sync=sync)

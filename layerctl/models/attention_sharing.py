@@ -4,8 +4,8 @@ The official SD1.5 layer files (``layer_sd15_transparent_attn``, ``layer_sd15_jo
 ``layer_sd15_fg2bg``, ``layer_sd15_bg2fg``) hold the state dict of an ``AttentionSharingPatcher``:
 one ``AttentionSharingUnit`` per ``attn1``/``attn2`` of every transformer block (keys
 ``hookers.layers.<u>.*``) and, for the control files, the control image encoder
-(``kwargs_encoder.*``).  Layout and maths: ``reference/layerdiffuse-v1/README.md`` and
-``reference/layerdiffuse-v1/fixtures/attention_sharing/README.md``.
+(``kwargs_encoder.*``).  Layout and maths: ``docs/formats.md`` (SD1.5 layer files); the parity
+tests in ``tests/test_attention_sharing.py`` pin the numbers.
 
 How it is used::
 

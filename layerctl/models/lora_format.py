@@ -49,7 +49,7 @@ LAYERCTL_KEY = "layerctl"  # our own metadata: JSON with unet_config, family, ba
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # UNet2DConditionModel configs of the two released base families (the shapes are what matters
-# for mapping names; from shared/reference/layerdiffuse-v1/*_ldm_to_diffusers.json)
+# for mapping names; the ldm <-> diffusers key maps are described in docs/formats.md)
 SD15_UNET_CONFIG = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,

@@ -1,6 +1,6 @@
 """LayerDiffuse UNet patch files: read, validate, merge into a diffusers UNet, restore, write.
 
-File formats (see shared/reference/layerdiffuse-v1/README.md):
+File formats (see docs/formats.md):
 
 * ``diffusion_model.<ldm key>::lora::0`` (up, ``[out, r]``) and ``::lora::1`` (down,
   ``[r, in]``): a low-rank delta, merged as ``W += strength * up @ down`` in fp32.

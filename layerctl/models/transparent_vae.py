@@ -3,7 +3,7 @@
 
 State-dict names match the released `vae_transparent_{encoder,decoder}.safetensors`
 (and the SD1.5 `layer_sd15_vae_transparent_*` files) key for key, so those files load
-strictly. Conventions (see DESIGN.md §1 and the reference fixtures):
+strictly. Conventions (see docs/architecture.md, 'The method', and docs/formats.md):
 
 - encoder input  [B,4,H,W] = cat[alpha, padded RGB] in [0,1]; output [B,4,H/8,W/8];
   the latent offset is that output x 300 and replaces the posterior noise:

@@ -14,7 +14,7 @@ References: a local diffusers folder (``config.json`` + weights), a single-file
 ``.safetensors`` ControlNet, or a hub id (the Hugging Face cache first, the network when
 online). The family (SD1.5 vs SDXL) is read from the config before any weights load: an
 SDXL ControlNet has ``addition_embed_type: text_time``. Control images are flattened on
-grey 0.5 when they have alpha (DESIGN.md §1) and fitted to the output size with --resize;
+grey 0.5 when they have alpha (docs/architecture.md: the method) and fitted to the output size with --resize;
 they go in as RGB in [0, 1] like diffusers' ControlNet pipelines feed them.
 """
 

@@ -1,13 +1,13 @@
 """Editing transparent images: img2img, masked inpainting, hires refinement, upscale, ControlNet.
 
 `layerctl gen PROMPT --init/--mask/--hires/--controlnet` comes here through
-:meth:`layerctl.api.Session.gen` (:func:`gen_edit`); `layerctl upscale` calls :func:`upscale`.
+:meth:`layerctl.session.Session.gen` (:func:`gen_edit`); `layerctl upscale` calls :func:`upscale`.
 
 img2img (``--init IMAGE --strength S``)
     The output keeps the image's size (the run mirrors it up to multiples of 64 and crops
     back) unless --width/--height ask for another. The image (RGBA; RGB is opaque) goes through ``pad_rgb`` and the latent-transparency
     encoder into a transparent latent (``mean + std * 300 * E_a(...)`` of the frozen VAE's
-    posterior, DESIGN.md §1), is noised to the level where the last ``round(steps * S)``
+    posterior, docs/architecture.md: the method), is noised to the level where the last ``round(steps * S)``
     sampler steps begin (at least one), denoised with the transparent weights and decoded
     by the transparent decoder. S = 1 starts from pure noise (the image is ignored).
 
