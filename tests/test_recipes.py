@@ -394,8 +394,8 @@ class SharedSession:
         return getattr(self.session, name)
 
     def close(self):
-        for model in list(self.session._models.values()):
-            self.session.clear_weights(model)
+        for kit in self.session.models.kits():
+            kit.clear_weights()
 
 
 @pytest.fixture(scope="module")
