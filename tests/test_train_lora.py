@@ -236,7 +236,7 @@ def _rgba_folder(folder: Path, n: int, opaque: int = 0, size=(64, 80)) -> list[P
 
 
 def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypatch):
-    from layerctl.backends import base as backend
+    from layerctl.backends import registry as backend
     from layerctl.training import lora as T
 
     def boom(*a, **k):

@@ -1148,7 +1148,7 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
     """Fixed prompts and seeds -> RGBA/RGB PNGs with metadata under OUT/validation/step-N/.
     ``controls``: per prompt, the [1,3,H,W] control image (fg2bg / bg2fg; held-out samples)."""
     from layerctl import __version__
-    from layerctl.api import rgba_to_uint8
+    from layerctl.core.imagemath import rgba_to_uint8
     from layerctl.io.imageio import save_png
 
     v = cfg.validation
