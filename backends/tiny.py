@@ -10,6 +10,7 @@ so the official-layout transparent VAE nets plug in unchanged.
 
 from __future__ import annotations
 
+from layerctl.backends.small import sd15_pipeline, small_sd15_unet_config, small_vae_config
 from layerctl.backends.base import Backend, SD15Model, SDXLModel, default_scheduler
 
 SEED = 20240301
@@ -44,18 +45,7 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED + 1)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    return AutoencoderKL(**small_vae_config(0.18215))
 
 
 def tiny_text_encoder(seed: int, hidden: int = 32, projection: int | None = None):
@@ -98,18 +88,7 @@ def tiny_unet_config(xl: bool = False) -> dict:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,
         )
-    return dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=2,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-    )
+    return small_sd15_unet_config(cross_attention_dim=32, layers_per_block=2)
 
 
 def tiny_unet(xl: bool = False):
@@ -129,20 +108,9 @@ class TinyBackend(Backend):
         return ref == self.name
 
     def load(self, ref, device, dtype, attention="auto"):
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=tiny_vae(),
-            text_encoder=tiny_text_encoder(SEED + 3),
-            tokenizer=tiny_tokenizer(),
-            unet=tiny_unet(False),
-            scheduler=default_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = sd15_pipeline(
+            tiny_vae(), tiny_text_encoder(SEED + 3), tiny_tokenizer(), tiny_unet(False), default_scheduler(), device, dtype
         )
-        pipe.to(device=device, dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
         return SD15Model(
             backend=self.name,
             family="sd15",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from layerctl.backends.small import sd15_pipeline, small_sd15_unet_config, small_vae_config
 from layerctl.backends.base import Backend, SD15Model, default_scheduler
 from layerctl.errors import LayerctlError
 
@@ -90,18 +91,7 @@ def unknown_words(prompt: str) -> list[str]:
 
 
 def toy_vae_config() -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=1.0,
-    )
+    return small_vae_config(scaling_factor=1.0)
 
 
 def toy_text_config() -> dict:
@@ -120,18 +110,7 @@ def toy_text_config() -> dict:
 
 
 def toy_unet_config() -> dict:
-    return dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        attention_head_dim=8,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    )
+    return small_sd15_unet_config(cross_attention_dim=64, layers_per_block=1)
 
 
 def build_components(seed: int = 0):
@@ -189,26 +168,13 @@ class ToyModel(SD15Model):
 
 def load_toy(device, dtype, folder: Path | None = None, with_unet: bool = True):
     """The toy pipeline from the shipped weights (or `folder`)."""
-    from diffusers import StableDiffusionPipeline
-
     vae, text, unet = build_components()
     meta = _load_into(vae, weight_path("vae", folder))
     vae.register_to_config(scaling_factor=float(meta.get("scaling_factor", 1.0)))
     _load_into(text, weight_path("text_encoder", folder))
     if with_unet:
         _load_into(unet, weight_path("unet", folder))
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text.eval(),
-        tokenizer=toy_tokenizer(),
-        unet=unet.eval(),
-        scheduler=default_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd15_pipeline(vae.eval(), text.eval(), toy_tokenizer(), unet.eval(), default_scheduler(), device, dtype)
     return pipe
 
 
