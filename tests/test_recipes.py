@@ -232,7 +232,7 @@ def test_empty_recipe_and_escape_hatches(tmp_path, monkeypatch, capsys):
     # --allow-outside lets a path leave output_dir; --force lets a matrix be huge
     p = plan(tmp_path, "jobs:\n  - gen: {prompt: x, out: ../x.png}\n", allow_outside=True)
     assert p.jobs[0].outputs["rgba"] == Path("out/r/../x.png")
-    monkeypatch.setattr(recipes, "MAX_JOBS", 40)  # the same check as at 100,000, cheaper to expand
+    monkeypatch.setattr(recipes.planner, "MAX_JOBS", 40)  # the same check as at 100,000, cheaper to expand
     big = "jobs:\n  - gen: {prompt: x, seed_range: [0, 40], out: '{seed}.png'}\n"
     assert "41 jobs (more than 40" in plan_error(tmp_path, big)
     assert len(plan(tmp_path, big, force=True).jobs) == 41
@@ -394,8 +394,8 @@ class SharedSession:
         return getattr(self.session, name)
 
     def close(self):
-        for model in list(self.session._models.values()):
-            self.session.clear_weights(model)
+        for kit in self.session.models.kits():
+            kit.clear_weights()
 
 
 @pytest.fixture(scope="module")
