@@ -77,15 +77,20 @@ class OutputArea:
         full = base / rp
         if full.name in ("", ".", ".."):
             return None, f"{what} {rel!r} names a folder, not a file"
+        if not self.inside(full):
+            return None, f"{what} {rel!r} leaves output_dir (through a link?); use --allow-outside"
+        return full, ""
+
+    def inside(self, full: Path) -> bool:
+        """Whether the folder of the file `full` resolves (links followed) inside the output folder."""
+        if self.allow_outside:
+            return True
         try:
             root = self._realpath(self.root)
             folder = self._realpath(full.parent)
-            inside = folder == root or folder.startswith(root.rstrip(os.sep) + os.sep)
         except OSError:
-            inside = False
-        if not inside:
-            return None, f"{what} {rel!r} leaves output_dir (through a link?); use --allow-outside"
-        return full, ""
+            return False
+        return folder == root or folder.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def gen_outputs(req, mode: str) -> dict:

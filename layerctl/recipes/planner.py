@@ -543,6 +543,11 @@ class _Planner:
             return None
         req = _light(model, fields)
         outs = gen_outputs(req, mode) if model is GenRequest else decompose_outputs(req)
+        for role, p in outs.items():  # every file, once its folder is known (an out_dir may be a link)
+            if not self.area.inside(p):
+                key = {"psd": "psd", "rgba": "out"}.get(role, "out_dir")
+                self.err(origin.get(key, jpath), f"{role} output {str(p)!r} leaves output_dir (through a link?); use --allow-outside")
+                return None
         return {"i": i, "mode": mode, "fields": fields, "outputs": outs, "origin": origin}
 
     # -- references and files
