@@ -14,6 +14,7 @@ import numpy as np
 from layerctl import __version__
 from layerctl.core.naming import slug
 from layerctl.errors import LayerctlError
+from layerctl.io.jsonl import iter_rows
 from layerctl.core.imagemath import flatten_on_grey, to_uint8
 
 from layerctl.dataset.layout import CAPTION_KEYS, FILE_KEYS, IMAGE_EXTS, LAYER_DIRS, METADATA
@@ -41,18 +42,8 @@ def find_foregrounds(rgba_dir: str, exclude: Optional[Path] = None) -> list[Fore
     meta = root / METADATA
     fgs: list[Foreground] = []
     if meta.is_file():
-        try:
-            lines = meta.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LayerctlError(f"cannot read {meta}: {exc}") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LayerctlError(f"{meta}:{i}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+        for i, row in iter_rows(meta, hint="a \"file_name\" string"):
+            if not isinstance(row.get("file_name"), str):
                 raise LayerctlError(f"{meta}:{i}: each line needs a \"file_name\" string")
             p = root / row["file_name"]
             if not p.is_file():
@@ -83,20 +74,8 @@ def read_prompt_records(path: str) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise LayerctlError(f"prompts file not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LayerctlError(f"cannot read prompts file {p}: {exc}") from None
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LayerctlError(f"{p}:{i}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise LayerctlError(f"{p}:{i}: each line must be a JSON object with {', '.join(PROMPT_KEYS)}")
+    for i, row in iter_rows(p, "prompts file", ", ".join(PROMPT_KEYS)):
         missing = [k for k in PROMPT_KEYS if k not in row]
         if missing:
             raise LayerctlError(f"{p}:{i}: missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)} (each line needs fg, bg, whole)")
@@ -245,20 +224,8 @@ def read_layer_records(root: str | os.PathLike, check_files: bool = True) -> lis
         raise LayerctlError(f"layers dataset folder not found: {root}")
     if not meta.is_file():
         raise LayerctlError(f"{root} is not a layers dataset: no {METADATA} (make one with 'layerctl dataset layers')")
-    try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LayerctlError(f"cannot read {meta}: {exc}") from None
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LayerctlError(f"{meta}:{i}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise LayerctlError(f"{meta}:{i}: each line must be a JSON object")
+    for i, row in iter_rows(meta):
         missing = [k for k in LAYER_KEYS if not isinstance(row.get(k), str)]
         if missing:
             raise LayerctlError(f"{meta}:{i}: missing {', '.join(missing)} (not a 'layerctl dataset layers' record)")

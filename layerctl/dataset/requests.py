@@ -6,6 +6,8 @@ import re
 from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from layerctl.requests import JobOptions
+
 
 
 
@@ -146,19 +148,11 @@ class LayersDatasetRequest(_Common):
             raise ValueError(f"per_foreground must be >= 1 (got {v})")
         return v
 
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v):
-        if v is not None and v <= 0:
-            raise ValueError(f"steps must be > 0 (got {v})")
-        return v
+    # the same rule as a gen / decompose job's steps
+    _steps = field_validator("steps")(JobOptions._steps.__func__)
 
-    @field_validator("cfg")
-    @classmethod
-    def _cfg(cls, v):
-        if v is not None and v < 0:
-            raise ValueError(f"cfg must be >= 0 (got {v})")
-        return v
+    # the same rule as a gen / decompose job's cfg
+    _cfg = field_validator("cfg")(JobOptions._cfg.__func__)
 
     @field_validator("mask_radius", "mask_feather")
     @classmethod

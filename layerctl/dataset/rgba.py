@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 from layerctl.core.naming import slug
 from layerctl.errors import LayerctlError
+from layerctl.io.jsonl import iter_rows, read_text
 
 from layerctl.dataset.layout import CAPTION_KEYS, FILE_KEYS, IMAGE_EXTS, METADATA
 from layerctl.dataset.requests import RgbaDatasetRequest
@@ -89,10 +90,7 @@ def load_captions(path: str) -> dict[str, str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise LayerctlError(f"captions file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LayerctlError(f"cannot read captions file {p}: {exc}") from None
+    text = read_text(p, "captions file")
     table: dict[str, str] = {}
     if p.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
@@ -108,15 +106,7 @@ def load_captions(path: str) -> dict[str, str]:
             if row.get(fcol):
                 table[row[fcol].strip()] = (row.get(ccol) or "").strip()
         return table
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LayerctlError(f"{p}:{i}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise LayerctlError(f"{p}:{i}: each line must be a JSON object")
+    for i, row in iter_rows(p, "captions file"):
         fkey = next((k for k in FILE_KEYS if isinstance(row.get(k), str)), None)
         ckey = next((k for k in CAPTION_KEYS if isinstance(row.get(k), str)), None)
         if not fkey or not ckey:
