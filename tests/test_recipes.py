@@ -232,7 +232,7 @@ def test_empty_recipe_and_escape_hatches(tmp_path, monkeypatch, capsys):
     # --allow-outside lets a path leave output_dir; --force lets a matrix be huge
     p = plan(tmp_path, "jobs:\n  - gen: {prompt: x, out: ../x.png}\n", allow_outside=True)
     assert p.jobs[0].outputs["rgba"] == Path("out/r/../x.png")
-    monkeypatch.setattr(recipes, "MAX_JOBS", 40)  # the same check as at 100,000, cheaper to expand
+    monkeypatch.setattr(recipes.planner, "MAX_JOBS", 40)  # the same check as at 100,000, cheaper to expand
     big = "jobs:\n  - gen: {prompt: x, seed_range: [0, 40], out: '{seed}.png'}\n"
     assert "41 jobs (more than 40" in plan_error(tmp_path, big)
     assert len(plan(tmp_path, big, force=True).jobs) == 41
@@ -619,3 +619,95 @@ def test_recipe_on_stdin_and_safe_default_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("jobs:\n  - gen: {prompt: x, stpes: 2}\n"))
     code, out, err = cli(["run", "-", "--dry-run"], capsys)
     assert code == 2 and "<stdin>:2: jobs[0].gen.stpes: unknown key 'stpes' (did you mean 'steps'?)" in err
+
+
+# ---------------------------------------------------------------- containment (issue 18)
+
+_ESCAPE_JOBS = {
+    "gen": {"joint": True, "fg_prompt": "a", "bg_prompt": "b"},
+    "gen_rgba": {"prompt": "a"},
+    "decompose": {"image": "in.png"},
+    "compose": {"layers": ["in.png"]},
+}
+_ESCAPE_KEYS = (
+    [("gen", k) for k in ("fg_name", "bg_name", "blended_name", "out_dir", "psd")]
+    + [("gen_rgba", k) for k in ("out", "out_dir", "psd")]
+    + [("decompose", k) for k in ("fg_name", "bg_name", "blended_name", "out_dir", "psd")]
+    + [("compose", "out")]
+)
+_ESCAPES = [
+    (kind, key, form, place)
+    for kind, key in _ESCAPE_KEYS
+    for form in ("dotdot", "absolute", "symlink")
+    for place in ("job", "defaults", "set")
+    if not (place == "defaults" and kind == "compose")  # compose jobs take no defaults
+]
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("kind, key, form, place", _ESCAPES)
+def test_no_recipe_path_leaves_output_dir(tmp_path, monkeypatch, capsys, kind, key, form, place):
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    work.mkdir()
+    outside.mkdir()
+    (outside / "x.png").write_bytes(b"precious")
+    (outside / "fg.png").write_bytes(b"precious too")
+    (work / "in.png").write_bytes(b"x")
+    (work / "out" / "job1").mkdir(parents=True)
+    (work / "out" / "link").symlink_to(outside, target_is_directory=True)  # for out / psd / out_dir
+    (work / "out" / "job1" / "link").symlink_to(outside, target_is_directory=True)  # for layer file names
+    folder = key == "out_dir"
+    value = {
+        "dotdot": "../.." if folder else "../../x.png",
+        "absolute": str(outside) if folder else str(outside / "x.png"),
+        "symlink": "link" if folder else "link/x.png",
+    }[form]
+    step = dict(_ESCAPE_JOBS[kind])
+    section = "compose" if kind == "compose" else ("gen" if kind.startswith("gen") else "decompose")
+    defaults = {"model": "tiny", "size": 64, "steps": 1, "tta": False}
+    args = []
+    if place == "job":
+        step[key] = value
+    elif place == "defaults":
+        defaults[key] = value
+    else:
+        args = ["--set", f"jobs.0.{section}.{key}={json.dumps(value)}"]
+    text = f"defaults: {json.dumps(defaults)}\noutput_dir: out\njobs:\n  - name: job1\n    {section}: {json.dumps(step)}\n"
+    if kind == "compose":
+        text = text.replace(f"defaults: {json.dumps(defaults)}\n", "")
+    write(work, text)
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    code, out, err = cli(["run", "r.yaml", "--overwrite", *args], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "leaves output_dir" in err or "is absolute" in err, err
+    assert out == ""
+    assert _tree(tmp_path) == before  # nothing written, nothing existing changed
+
+
+def test_allow_outside_still_lets_layer_names_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = plan(tmp_path, "jobs:\n  - {name: s, gen: {joint: true, fg_prompt: a, fg_name: ../x.png}}\n", allow_outside=True)
+    assert p.jobs[0].outputs["fg"] == Path("out/r/s/../x.png")
+    # a name that stays inside is fine, sub-folders included
+    p = plan(tmp_path, "jobs:\n  - {name: s, gen: {joint: true, fg_prompt: a, fg_name: sub/f.png}}\n")
+    assert p.jobs[0].outputs["fg"] == Path("out/r/s/sub/f.png")
+
+
+def test_one_bad_default_over_many_jobs_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    body = "defaults: {cfg: -1, steps: 0}\njobs:\n  - gen: {prompts: [a, b], seed_range: [0, 4999], out: '{i}.png'}\n"
+    msg = plan_error(tmp_path, body)
+    lines = msg.splitlines()
+    assert lines[0] == f"{tmp_path / 'r.yaml'}: 2 problems:", msg
+    assert len(lines) == 3, msg
+    assert any(ln.endswith("defaults.cfg: cfg must be >= 0 (got -1.0) (in 10,000 jobs)") for ln in lines), msg
+    assert any("defaults.steps: steps must be > 0 (got 0) (in 10,000 jobs)" in ln for ln in lines), msg
+    # a problem of one job of a matrix keeps that job's label
+    one = plan_error(tmp_path, "jobs:\n  - {name: a, gen: {prompts: [x, y]}}\n  - {name: b, gen: {fg_prompt: z, seeds: [1, 2, 3], bg: '${a[i].rgba}'}}\n")
+    assert "b[2]: b has no job [2]" in one or "b[2]: a has no job [2]" in one, one

@@ -50,7 +50,7 @@ def format_table(headers: list[str], rows: list[list], max_widths: Optional[dict
 
 
 def _dry_run(plan, world: int, as_json: bool) -> None:
-    from layerctl.recipes import owners
+    from layerctl.recipes.graph import owners
 
     own = owners(plan.jobs, world) if world > 1 else {}
     if as_json:
@@ -78,11 +78,11 @@ def _dry_run(plan, world: int, as_json: bool) -> None:
 
 
 def _prompt(job) -> str:
-    from layerctl.recipes import _prompt_of
+    from layerctl.recipes.planner import prompt_of
 
     if job.kind == "compose":
         return f"{len(job.request.layers)} layers"
-    return _prompt_of(job.request) or ""
+    return prompt_of(job.request) or ""
 
 
 def _summary(results, quiet: bool) -> None:
