@@ -62,6 +62,28 @@ class LoadedModel:
         """Encode a batch of prompts; negatives first when cfg (diffusers order)."""
         raise NotImplementedError
 
+    def notice_truncation(self, texts) -> None:
+        """Say once per text when the tokenizer keeps only its first tokens (CLIP: 77, start/end included)."""
+        tok = getattr(getattr(self, "pipe", None), "tokenizer", None)
+        limit = int(getattr(tok, "model_max_length", 0) or 0)
+        if tok is None or not limit or limit > 100_000:
+            return
+        told = self.__dict__.setdefault("_told_truncated", set())
+        for t in texts:
+            if not t or t in told or len(t) < limit:  # fewer characters than tokens: cannot be cut
+                continue
+            try:
+                n = len(tok(t, truncation=False).input_ids)
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot count: say nothing
+                return
+            if n > limit:
+                told.add(t)
+                from layerctl.progress import log
+
+                log(f"layerctl: a prompt of {len(t)} characters is {n} tokens; only the first {limit} tokens "
+                    f"(start and end included) are used, the rest is ignored ('{t[:40]}...')",
+                    bool(getattr(self, "quiet", False)))
+
     def vae_encode(self, pixels):
         """pixels [B,3,H,W] in [-1,1] -> (mean, std) of the frozen VAE posterior, unscaled."""
         import torch
@@ -101,6 +123,7 @@ class SD15Model(LoadedModel):
     def encode_prompt(self, prompts, negatives, cfg, width, height):
         import torch
 
+        self.notice_truncation(list(prompts) + (list(negatives) if cfg else []))
         with torch.no_grad():
             pos, neg = self.pipe.encode_prompt(
                 list(prompts), self.device, 1, cfg, negative_prompt=list(negatives) if cfg else None
@@ -116,6 +139,7 @@ class SDXLModel(LoadedModel):
         import torch
 
         pipe = self.pipe
+        self.notice_truncation(list(prompts) + (list(negatives) if cfg else []))
         with torch.no_grad():
             pos, neg, pooled, neg_pooled = pipe.encode_prompt(
                 list(prompts),
@@ -210,6 +234,64 @@ def setup_attention(unet, attention: str, device) -> str:
     return "sdpa"
 
 
+def diagnose_diffusers_folder(folder) -> str | None:
+    """The first missing or broken file of a diffusers folder (model_index.json, each component's
+    config and weights), as one phrase; None when nothing obvious is wrong."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return f"{index} is missing (not a diffusers folder)"
+    try:
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{index} is not valid JSON ({exc})"
+    if not isinstance(spec, dict):
+        return f"{index} is not a JSON object"
+    for name, entry in sorted(spec.items()):
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            return f"the '{name}' folder is missing ({sub})"
+        if name in ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor"):
+            continue  # small text files; diffusers/transformers say clearly what is wrong there
+        cfg = sub / "config.json"
+        if not cfg.is_file():
+            return f"{cfg} is missing"
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{cfg} is not valid JSON ({exc})"
+        weights = [f for f in sub.iterdir() if f.suffix in (".safetensors", ".bin")]
+        if not weights:
+            return f"no weights in {sub} (expected a .safetensors or .bin file)"
+        for f in weights:
+            if f.suffix == ".safetensors" and not _safetensors_ok(f):
+                return f"{f} is damaged (not a readable .safetensors file)"
+    return None
+
+
+def _safetensors_ok(path) -> bool:
+    """The safetensors header parses and the data it describes is all there."""
+    import json
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end <= size
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return False
+
+
 def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str):
     """A diffusers pipeline from a folder, a single-file .safetensors, or a hub id (cache first)."""
     import os
@@ -235,6 +317,11 @@ def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str):
         raise
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if p.is_dir():  # a local folder: say what in it is missing or broken, not "offline?"
+            problem = diagnose_diffusers_folder(p) or first
+            raise LayerctlError(f"cannot load {what} model from the folder {ref}: {problem}") from None
+        if p.suffix == ".safetensors" and p.exists():
+            raise LayerctlError(f"cannot load {what} checkpoint {ref}: the file is damaged or not a checkpoint ({first})") from None
         raise LayerctlError(
             f"cannot load {what} model '{ref}': {first}. Offline? Download it once with network access "
             f"(it is then taken from the Hugging Face cache), or give a local diffusers folder or a "

@@ -156,13 +156,14 @@ class ToyModel(SD15Model):
         warned = getattr(self, "_warned", None)
         if warned is None:
             warned = self._warned = set()
-        for p in prompts:
-            bad = unknown_words(p)
-            if bad and p not in warned:
-                warned.add(p)
-                known = ", ".join(w for w in ("red", "glass", "cup", "ball", "star", "smoke", "puff", "table", "sky") if w in vocabulary())
-                log(f"layerctl: toy model does not know {', '.join(repr(w) for w in bad[:4])} (it ignores them); "
-                    f"it knows words like: {known} (see docs/toy-model.md)", False)
+        bad = []
+        for p in prompts:  # one notice per unknown word per model (a --joint run encodes 3 texts)
+            bad += [w for w in unknown_words(p) if w not in warned and w not in bad]
+        if bad:
+            warned.update(bad)
+            known = ", ".join(w for w in ("red", "glass", "cup", "ball", "star", "smoke", "puff", "table", "sky") if w in vocabulary())
+            log(f"layerctl: toy model does not know {', '.join(repr(w) for w in bad[:4])} (it ignores them); "
+                f"it knows words like: {known} (see docs/toy-model.md)", False)
         return super().encode_prompt(prompts, negatives, cfg, width, height)
 
 

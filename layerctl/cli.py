@@ -37,7 +37,6 @@ COMMAND_MODULES = [
     "train_vae",
     "train_lora",
     "dataset",
-    "info",
 ]
 
 _state = {"debug": bool(os.environ.get("LAYERCTL_DEBUG"))}
@@ -65,13 +64,7 @@ def _root(
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"layerctl.commands.{_name}")
-    except ModuleNotFoundError as exc:  # a command module not written yet
-        if exc.name != f"layerctl.commands.{_name}":
-            raise
-        continue
-    _mod.register(app)
+    importlib.import_module(f"layerctl.commands.{_name}").register(app)
 
 
 def _error(msg: str) -> None:

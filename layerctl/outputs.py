@@ -38,6 +38,30 @@ def check_outputs(paths, overwrite: bool, suffixes=(".png",)) -> None:
         check_writable(p, overwrite)
 
 
+def plan_outputs(req, n: int, seeds: list, prompt: str = "") -> tuple[list, list]:
+    """Every file one RGBA job writes, checked before any model loads: the PNGs from --out, their
+    previews, and one PSD per image from --psd (both templates expand the same way). Returns
+    (png paths, psd paths or [None] * n)."""
+    from layerctl.core.naming import expand_out
+
+    start, total = getattr(req, "_first_index", 0), getattr(req, "_total_images", None) or n
+    paths = expand_out(req.out, n, seeds, prompt, start=start, total=total)
+    check_outputs(paths, req.overwrite)
+    planned = list(paths)
+    if getattr(req, "preview", False):
+        previews = [preview_path(p) for p in paths]
+        check_outputs(previews, req.overwrite)
+        planned += previews
+    psds = [None] * n
+    if getattr(req, "psd", None):
+        psds = expand_out(req.psd, n, seeds, prompt, start=start, total=total)
+        check_outputs(psds, req.overwrite, suffixes=(".psd",))
+        planned += psds
+    if len(set(planned)) != len(planned):
+        raise LayerctlError("two outputs of this job have the same file name (check --out, --psd and the previews)")
+    return paths, psds
+
+
 def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, height: int) -> dict:
     """The recipe every output file carries (the JSON chunk; the A1111 text is made from it)."""
     return {
@@ -62,8 +86,10 @@ def preview_path(path) -> Path:
     return p.with_name(p.stem + ".preview.png")
 
 
-def write_images(items, meta: dict, overwrite: bool, preview: bool = False, psd: Optional[str] = None) -> list[OutputRecord]:
-    """items: (role, path, [4 or 3,H,W] tensor, seed, index). Writes PNGs (+ previews, + one PSD)."""
+def write_images(items, meta: dict, overwrite: bool, preview: bool = False, psd=None) -> list[OutputRecord]:
+    """items: (role, path, [4 or 3,H,W] tensor, seed, index). Writes PNGs (+ previews, + PSDs).
+
+    `psd`: one path for all items, or a list with one path (or None) per item."""
     from layerctl.core.imagemath import checkerboard, rgba_to_uint8, to_float, to_uint8
     from layerctl.io.imageio import save_png
 
@@ -79,7 +105,13 @@ def write_images(items, meta: dict, overwrite: bool, preview: bool = False, psd:
             prev = preview_path(path)
             save_png(prev, to_uint8(checkerboard(to_float(arr))), dict(m, role="preview"), overwrite=overwrite)
             records.append(OutputRecord("preview", str(prev), seed, index, m))
-    if psd:
+    if isinstance(psd, (list, tuple)):
+        for (role, arr), (_r, _p, _img, seed, index), one in zip(layers_for_psd, items, psd):
+            if one is not None:
+                rec = write_psd(one, [(role, arr)], overwrite, dict(meta, seed=seed))
+                rec.index = index
+                records.append(rec)
+    elif psd:
         records.append(write_psd(psd, layers_for_psd, overwrite, meta))
     return records
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from layerctl.core.geometry import MAX_SIDE
+
+MAX_STEPS = 1000  # most sampling steps a job may ask for
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32); -1 means "pick a random seed" (as A1111)
 
 
 def _multiple_of_64(name: str, v: Optional[int]) -> Optional[int]:
@@ -27,7 +30,8 @@ def _multiple_of_64(name: str, v: Optional[int]) -> Optional[int]:
 class ModelOptions(BaseModel):
     """Which model, where its weights are, and how it runs."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: every float field (and list of floats) refuses nan/inf, in the CLI and in recipes
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: Optional[str] = None
     weights_dir: Optional[str] = None
@@ -56,6 +60,17 @@ class JobOptions(ModelOptions):
     def _steps(cls, v):
         if v is not None and v <= 0:
             raise ValueError(f"steps must be > 0 (got {v})")
+        if v is not None and v > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS} (got {v})")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if v == -1:
+            return None  # -1 = random, as in A1111: the seed actually used is written to the files
+        if v is not None and not (0 <= v < SEED_LIMIT):
+            raise ValueError(f"seed must be in [0, 2**32) or -1 for a random one (got {v})")
         return v
 
     @field_validator("cfg")
@@ -101,6 +116,11 @@ class GenRequest(JobOptions):
     control_image: list[str] = Field(default_factory=list)
     control_scale: list[float] = Field(default_factory=list)
 
+    # set by `gen --prompts-file` (not a recipe key): where this job's images fall among all the
+    # images of the command, so {i} counts them all and a plain name gets _0000, _0001, ...
+    _first_index: int = PrivateAttr(0)
+    _total_images: Optional[int] = PrivateAttr(None)
+
     @field_validator("width", "height")
     @classmethod
     def _size(cls, v, info):
@@ -134,8 +154,17 @@ class GenRequest(JobOptions):
             raise ValueError(f"hires factor must be > 1 (got {v})")
         return v
 
+    @field_validator("hires_strength")
+    @classmethod
+    def _hires_strength(cls, v):
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"hires_strength must be in (0, 1] (got {v})")
+        return v
+
     @model_validator(mode="after")
     def _mode_flags(self):
+        if self.seed is not None and self.seed + self.batch - 1 >= SEED_LIMIT:
+            raise ValueError(f"seed + batch - 1 must stay below 2**32 (seed {self.seed}, batch {self.batch})")
         # Which mode is asked for is decided in layerctl.pipelines.sampling.gen_mode();
         # here only what no mode can accept.
         if self.fg and self.bg:
@@ -222,7 +251,7 @@ class UpscaleRequest(JobOptions):
     @field_validator("scale")
     @classmethod
     def _scale(cls, v):
-        if not (v > 1.0) or v == float("inf"):
+        if not (v > 1.0):
             raise ValueError(f"scale must be > 1 (got {v})")
         return v
 
@@ -235,10 +264,19 @@ class UpscaleRequest(JobOptions):
 
 
 def validation_message(exc) -> str:
-    """One line from a pydantic ValidationError."""
+    """One line from a pydantic ValidationError; the field is named once ("width must be ...",
+    not "width: width must be ...")."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        field = str(err.get("loc", ("",))[-1]) if err.get("loc") else ""
+        if loc and field and (msg.startswith(field + " ") or msg.startswith(field.replace("_", " ") + " ")):
+            parts.append(msg if loc == field else f"{loc.rsplit('.', 1)[0]}: {msg}")
+        elif loc:
+            if err.get("type") == "finite_number":
+                msg = f"must be a finite number (got {err.get('input')!r})"
+            parts.append(f"{loc}: {msg}")
+        else:
+            parts.append(msg)
     return "; ".join(parts)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import List, Optional
+from typing import Annotated, Optional
 
 import typer
 
+from layerctl.commands._options import (
+    PanelCommand,
+    EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ControlImage,
+    ControlNet, ControlScale, Device, Dtype, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale, Model,
+    Negative, NoTta, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
+    TransparentEncoder, WeightsDir, Weight, Width, request_args,
+)
 from layerctl.errors import LayerctlError
 
-MODEL_HELP = "Model: tiny, tiny-xl, a diffusers folder, a hub id or a .safetensors file (env LAYERCTL_MODEL)."
+__all__ = ["MODEL_HELP", "build_request", "emit", "gen", "read_prompts", "register", "resolve_seed", "tell_seed"]
 
 
 def build_request(cls, **values):
@@ -28,7 +35,7 @@ def build_request(cls, **values):
 def emit(records, as_json: bool) -> None:
     for r in records:
         if as_json:
-            sys.stdout.write(json.dumps(r.as_json()) + "\n")
+            sys.stdout.write(json.dumps(r.as_json(), allow_nan=False) + "\n")
         elif r.role != "preview":
             sys.stdout.write(f"{r.path}\n")
     sys.stdout.flush()
@@ -49,59 +56,78 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def resolve_seed(seed: Optional[int]) -> tuple[Optional[int], bool]:
+    """(seed, random?): --seed -1 (or no --seed) picks a random seed now; a seed outside [0, 2**32)
+    is refused here, before anything loads."""
+    from layerctl.core.naming import new_seed
+
+    if seed is not None and seed != -1:
+        if not (0 <= seed < 2**32):
+            raise LayerctlError(f"--seed must be in [0, 2**32) or -1 for a random one (got {seed})")
+        return seed, False
+    return new_seed(), True
+
+
+def tell_seed(seed: int, was_random: bool, quiet: bool) -> None:
+    """Say which random seed a finished (or interrupted) run used."""
+    if was_random and not quiet:
+        sys.stderr.write(f"layerctl: random seed {seed} (give --seed {seed} to make the same again)\n")
+
+
 def gen(
-    prompt: Optional[str] = typer.Argument(None, help="What to draw (the subject on a transparent background)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output PNG; {i}, {seed}, {prompt_slug} fill in."),
-    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Folder for the layer files (layer modes)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    weights_dir: Optional[str] = typer.Option(None, "--weights-dir", help="Folder with the official LayerDiffuse files (env LAYERCTL_WEIGHTS_DIR)."),
-    transparent_decoder: Optional[str] = typer.Option(None, "--transparent-decoder", help="Transparent decoder .safetensors (official layout)."),
-    transparent_encoder: Optional[str] = typer.Option(None, "--transparent-encoder", help="Latent-transparency encoder .safetensors."),
-    layer_weights: Optional[str] = typer.Option(None, "--layer-weights", help="Layer weights file instead of the official one for the mode."),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", help="Extra LoRA (from train-lora), repeatable."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Strength of --lora."),
-    width: Optional[int] = typer.Option(None, "--width", "-W", help="Width in px, a multiple of 64 (default: the model's native size)."),
-    height: Optional[int] = typer.Option(None, "--height", "-H", help="Height in px, a multiple of 64."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (SD1.5 20, SDXL 25)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (7)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; image i of a batch uses seed+i."),
-    negative: str = typer.Option("bad, ugly", "--negative", help="Negative prompt."),
-    batch: int = typer.Option(1, "--batch", "-n", help="Images to make."),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="One prompt per line ('-' = stdin); one job each."),
-    fg: Optional[str] = typer.Option(None, "--fg", help="Known foreground (RGBA): generate the background behind it."),
-    bg: Optional[str] = typer.Option(None, "--bg", help="Known background: generate a foreground that fits it."),
-    fg_prompt: Optional[str] = typer.Option(None, "--fg-prompt", help="Foreground prompt (with --bg or --joint)."),
-    bg_prompt: Optional[str] = typer.Option(None, "--bg-prompt", help="Background prompt (with --fg or --joint)."),
-    joint: bool = typer.Option(False, "--joint", help="Foreground, background and blended in one run."),
-    prompt_opt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The main prompt (same as the PROMPT argument)."),
-    fg_name: Optional[str] = typer.Option(None, "--fg-name", help="Layer modes: file name of the foreground (fg.png)."),
-    bg_name: Optional[str] = typer.Option(None, "--bg-name", help="Layer modes: file name of the background (bg.png)."),
-    blended_name: Optional[str] = typer.Option(None, "--blended-name", help="Layer modes: file name of the blended picture (blended.png)."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="Fit conditioning images and masks: crop (default), fit or stretch."),
-    stop_at: float = typer.Option(1.0, "--stop-at", help="Fraction of steps using the SDXL conditional weights."),
-    weight: float = typer.Option(1.0, "--weight", help="Strength of the layer weights."),
-    init: Optional[str] = typer.Option(None, "--init", help="img2img: start from this RGBA/RGB image."),
-    strength: float = typer.Option(0.75, "--strength", help="img2img strength in (0, 1]."),
-    mask: Optional[str] = typer.Option(None, "--mask", help="Inpainting mask (white = repaint), with --init."),
-    hires: Optional[float] = typer.Option(None, "--hires", help="Upscale factor (> 1) refined by img2img."),
-    hires_strength: float = typer.Option(0.5, "--hires-strength", help="Strength of the hires pass."),
-    controlnet: Optional[List[str]] = typer.Option(None, "--controlnet", help="ControlNet model (folder or hub id), repeatable."),
-    control_image: Optional[List[str]] = typer.Option(None, "--control-image", help="Control image, one per --controlnet."),
-    control_scale: Optional[List[float]] = typer.Option(None, "--control-scale", help="ControlNet scale, one per --controlnet."),
-    preview: bool = typer.Option(False, "--preview", help="Also write NAME.preview.png on a checkerboard."),
-    psd: Optional[str] = typer.Option(None, "--psd", help="Also write the layers as one PSD."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
-    attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers."),
-    no_tta: bool = typer.Option(False, "--no-tta", help="One decoder pass instead of the 8-way median."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per file written."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or notices on stderr."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw (the subject on a transparent background).")] = None,
+    model: Model = None,
+    weights_dir: WeightsDir = None,
+    transparent_decoder: TransparentDecoder = None,
+    transparent_encoder: TransparentEncoder = None,
+    lora: Lora = None,
+    lora_scale: LoraScale = 1.0,
+    prompt_opt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The main prompt (same as the PROMPT argument).", rich_help_panel=SIZE)] = None,
+    prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin); one job each. --out fills in as for a batch ({i} counts every image).", rich_help_panel=SIZE)] = None,
+    negative: Negative = "bad, ugly",
+    width: Width = None,
+    height: Height = None,
+    steps: Steps = None,
+    cfg: Cfg = None,
+    seed: Seed = None,
+    batch: Annotated[int, typer.Option("--batch", "-n", help="Images to make.", rich_help_panel=SIZE)] = 1,
+    resize: Resize = None,
+    fg: Annotated[Optional[str], typer.Option("--fg", help="Known foreground (RGBA): generate the background behind it.", rich_help_panel=LAYERS)] = None,
+    bg: Annotated[Optional[str], typer.Option("--bg", help="Known background: generate a foreground that fits it.", rich_help_panel=LAYERS)] = None,
+    fg_prompt: FgPrompt = None,
+    bg_prompt: BgPrompt = None,
+    joint: Annotated[bool, typer.Option("--joint", help="Foreground, background and blended in one run.", rich_help_panel=LAYERS)] = False,
+    layer_weights: LayerWeights = None,
+    weight: Weight = 1.0,
+    stop_at: StopAt = 1.0,
+    fg_name: FgName = None,
+    bg_name: BgName = None,
+    blended_name: BlendedName = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="img2img: start from this RGBA/RGB image.", rich_help_panel=EDITING)] = None,
+    strength: Strength = 0.75,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting mask (white = repaint), with --init.", rich_help_panel=EDITING)] = None,
+    hires: Annotated[Optional[float], typer.Option("--hires", help="Upscale factor (> 1) refined by img2img.", rich_help_panel=EDITING)] = None,
+    hires_strength: Annotated[float, typer.Option("--hires-strength", help="Strength of the hires pass, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
+    controlnet: ControlNet = None,
+    control_image: ControlImage = None,
+    control_scale: ControlScale = None,
+    out: Out = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out-dir", help="Folder for the layer files (layer modes).", rich_help_panel=OUTPUT)] = None,
+    preview: Preview = False,
+    psd: Psd = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+    overwrite: Overwrite = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    attention: Attention = "auto",
+    no_tta: NoTta = False,
 ) -> None:
     """Generate a transparent image (or image layers).
 
     Example: layerctl gen "glass cup" --model tiny --out cup.png --seed 7
     """
+    args = dict(locals())
     from layerctl.api import Session
     from layerctl.requests import GenRequest
 
@@ -109,35 +135,43 @@ def gen(
         if prompt is not None and prompt != prompt_opt:
             raise LayerctlError("give the prompt once: as the PROMPT argument or with --prompt")
         prompt = prompt_opt
-    values = dict(
-        prompt=prompt, out=out, out_dir=out_dir, model=model, weights_dir=weights_dir,
-        transparent_decoder=transparent_decoder, transparent_encoder=transparent_encoder,
-        layer_weights=layer_weights, lora=lora or [], lora_scale=lora_scale, width=width, height=height,
-        steps=steps, cfg=cfg, seed=seed, negative=negative, batch=batch, fg=fg, bg=bg, fg_prompt=fg_prompt,
-        bg_prompt=bg_prompt, joint=joint, resize=resize, stop_at=stop_at, weight=weight, init=init,
-        strength=strength, mask=mask, hires=hires, hires_strength=hires_strength, controlnet=controlnet or [],
-        control_image=control_image or [], control_scale=control_scale or [], preview=preview, psd=psd,
-        device=device, dtype=dtype, attention=attention, tta=not no_tta, overwrite=overwrite,
-        fg_name=fg_name, bg_name=bg_name, blended_name=blended_name,
-    )
+    prompts = [prompt]
     if prompts_file:
         if prompt:
             raise LayerctlError("give either a prompt or --prompts-file, not both")
         prompts = read_prompts(prompts_file)
-        if out and len(prompts) > 1 and not any(k in out for k in ("{i}", "{seed}", "{prompt_slug}")):
-            raise LayerctlError("--out needs {i}, {seed} or {prompt_slug} when --prompts-file has several prompts")
-        reqs = []
-        for j, p in enumerate(prompts):
-            v = dict(values, prompt=p, seed=None if seed is None else seed + j * batch)
-            if v["out"]:
-                v["out"] = v["out"].replace("{i}", str(j) if batch == 1 else f"{j}-{{i}}")
-            reqs.append(build_request(GenRequest, **v))
-    else:
-        reqs = [build_request(GenRequest, **values)]
+    seed, was_random = resolve_seed(seed)
+    values = request_args(GenRequest, args, prompt=prompt, seed=seed, tta=not no_tta)
+    total = len(prompts) * batch
+    reqs = []
+    for j, p in enumerate(prompts):
+        req = build_request(GenRequest, **dict(values, prompt=p, seed=None if seed is None else seed + j * batch))
+        req._first_index, req._total_images = j * batch, total  # {i} counts every image of the command
+        reqs.append(req)
+    if len(reqs) > 1 and seed is not None and seed + total - 1 >= 2**32:
+        raise LayerctlError(f"--seed {seed} + {total} images goes past 2**32")
     with Session(quiet=quiet) as session:
-        for req in reqs:
-            emit(session.gen(req), as_json)
+        done = []
+        try:
+            for req in reqs:
+                records = session.gen(req)
+                done.extend(records)
+                emit(records, as_json)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"layerctl: interrupted: {_kept(done)}\n")
+            tell_seed(seed, was_random and bool(done), quiet)
+            raise typer.Exit(130) from None
+    tell_seed(seed, was_random, quiet)
+
+
+def _kept(done: list) -> str:
+    """What an interrupted gen leaves: every finished file is kept, no half-written one exists."""
+    kept = [r.path for r in done if r.role != "preview"]
+    if not kept:
+        return "no job had finished; files are written whole or not at all, so none is half-written"
+    shown = ", ".join(kept[:3]) + (", ..." if len(kept) > 3 else "")
+    return f"kept the {len(kept)} file(s) of the finished jobs ({shown}); none is half-written"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gen", no_args_is_help=True)(gen)
+    app.command("gen", no_args_is_help=True, cls=PanelCommand)(gen)

@@ -40,10 +40,11 @@ from typing import Optional
 import numpy as np
 
 from layerctl.core.geometry import MAX_SIDE, ceil64, edit_size, fit_image, fit_mask, hires_size, latent_mask
-from layerctl.core.naming import batch_seeds, expand_out, new_seed
+from layerctl.core.budget import check_memory
+from layerctl.core.naming import batch_seeds, new_seed
 from layerctl.errors import LayerctlError
 from layerctl.models.kit import precheck_files
-from layerctl.outputs import base_metadata, check_outputs, preview_path, write_images
+from layerctl.outputs import base_metadata, check_outputs, plan_outputs, preview_path, write_images
 
 
 MASK_SNAP = 8.0 / 255.0  # mask values this close to 0 or 1 count as exactly 0 or 1 (JPEG noise)
@@ -183,6 +184,7 @@ class EditJob:
     width: int  # base size (gen) / the source image's size (upscale)
     height: int
     paths: list
+    psd_paths: list = field(default_factory=list)  # per image: Path or None
     init: Optional[InputImage] = None
     init_rgba: Optional[np.ndarray] = None  # HxWx4 at the base size
     mask_path: Optional[str] = None
@@ -253,6 +255,9 @@ def plan_gen_edit(models, req) -> EditJob:
         raise LayerctlError("--mask needs --init (the image to inpaint)")
     if not (0.0 < req.hires_strength <= 1.0):
         raise LayerctlError(f"hires_strength must be in (0, 1] (got {req.hires_strength})")
+    n = req.batch
+    seeds = batch_seeds(req.seed, n)
+    paths, psds = plan_outputs(req, n, seeds, req.prompt)  # every output path, before reading inputs
     if req.hires is not None and not (req.hires > 1.0):
         raise LayerctlError(f"hires factor must be > 1 (got {req.hires})")
     options = _check_common(req)
@@ -286,14 +291,11 @@ def plan_gen_edit(models, req) -> EditJob:
             width, height = req.width, req.height
     if width is not None and req.hires is not None:
         hires_size(width, height, req.hires)  # fail before any model loads
-    n = req.batch
-    seeds = batch_seeds(req.seed, n)
-    paths = expand_out(req.out, n, seeds, req.prompt)
-    check_outputs(paths, req.overwrite)
-    if req.preview:
-        check_outputs([preview_path(p) for p in paths], req.overwrite)
-    if req.psd:
-        check_outputs([req.psd], req.overwrite, suffixes=(".psd",))
+    if width is not None:
+        hw = hires_size(width, height, req.hires) if req.hires is not None else (width, height)
+        check_memory(req, frames=1, width=hw[0], height=hw[1])
+    else:
+        check_memory(req, frames=1, scale=req.hires or 1.0)
     precheck_files(req)
     kit = models.kit(req)
     model = kit.model
@@ -304,7 +306,7 @@ def plan_gen_edit(models, req) -> EditJob:
     steps, cfg = _settings(req, model)
     job = EditJob(
         req=req, kind="gen", kit=kit, prompt=req.prompt, seeds=seeds, steps=steps, cfg=cfg, width=width,
-        height=height, paths=paths, init=init, mask_path=req.mask, mask_sha256=mask_sha,
+        height=height, paths=paths, psd_paths=psds, init=init, mask_path=req.mask, mask_sha256=mask_sha,
         strength=req.strength if init is not None else 1.0, hires=req.hires, hires_wh=hires_wh,
         hires_strength=req.hires_strength, control_options=options, control_images=images, notes=notes,
     )
@@ -343,6 +345,7 @@ def plan_upscale(models, req) -> EditJob:
     check_outputs(paths, req.overwrite)
     if req.preview:
         check_outputs([preview_path(paths[0])], req.overwrite)
+    check_memory(req, frames=1, width=w2, height=h2)
     precheck_files(req)
     kit = models.kit(req)
     model = kit.model
@@ -537,7 +540,7 @@ def write_edit(job: EditJob, result: EditResult):
     meta = edit_metadata(job)
     req = job.req
     items = [("rgba", p, result.rgba[i], job.seeds[i], i) for i, p in enumerate(job.paths)]
-    return write_images(items, meta, req.overwrite, preview=getattr(req, "preview", False), psd=getattr(req, "psd", None))
+    return write_images(items, meta, req.overwrite, preview=getattr(req, "preview", False), psd=job.psd_paths or None)
 
 
 def gen_edit(models, req):

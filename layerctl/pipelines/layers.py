@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from layerctl.core.frames import FRAMES, GEN_OUTPUTS, SD15_CONTROL, SDXL_CONCAT, SDXL_STAGES, STACK_ORDER
+from layerctl.core.budget import check_memory
 from layerctl.core.geometry import auto_size, fit_image
 from layerctl.core.imagemath import flatten_grey, rgba_to_uint8
 from layerctl.core.naming import batch_seeds, expand_out, new_seed
@@ -206,14 +207,35 @@ class LayerJob:
         return len(self.seeds)
 
 
+def check_layer_name(role: str, name) -> str:
+    """--fg-name/--bg-name/--blended-name are file names inside --out-dir, not paths."""
+    flag = f"--{role}-name"
+    if not name or not str(name).strip():
+        raise LayerctlError(f"{flag}: empty file name for the {role} layer")
+    name = str(name)
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise LayerctlError(f"{flag} '{name}' must be a file name inside --out-dir, not a path")
+    return name
+
+
+def check_out_dir(out_dir: str) -> None:
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise LayerctlError(f"--out-dir {out_dir} is a file, not a folder")
+
+
+def _counting(req) -> dict:
+    """{i} counts every image of the command (gen --prompts-file runs one request per prompt)."""
+    return {"start": getattr(req, "_first_index", 0) or 0, "total": getattr(req, "_total_images", None)}
+
+
 def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
     req = job.req
+    check_out_dir(out_dir)
     per_role = {}
     for role in job.produce:
-        name = getattr(req, f"{role}_name")
-        if not name or not str(name).strip():
-            raise LayerctlError(f"empty file name for the {role} layer")
-        per_role[role] = expand_out(str(Path(out_dir) / name), job.n, job.seeds, prompt)
+        name = check_layer_name(role, getattr(req, f"{role}_name"))
+        per_role[role] = expand_out(str(Path(out_dir) / name), job.n, job.seeds, prompt, **_counting(req))
     all_paths = [p for paths in per_role.values() for p in paths]
     if len(set(all_paths)) != len(all_paths):
         raise LayerctlError("the layer file names collide (give --fg-name/--bg-name/--blended-name different names)")
@@ -225,9 +247,9 @@ def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
     check_outputs(all_paths + previews, req.overwrite)
     job.paths = [{role: per_role[role][i] for role in job.produce} for i in range(job.n)]
     if getattr(req, "psd", None):
-        psds = expand_out(req.psd, job.n, job.seeds, prompt)
+        psds = expand_out(req.psd, job.n, job.seeds, prompt, **_counting(req))
         check_outputs(psds, req.overwrite, suffixes=(".psd",))
-        if set(psds) & set(all_paths):
+        if set(psds) & set(all_paths + previews):
             raise LayerctlError("--psd names one of the layer PNG files")
         job.psd_paths = psds
     else:
@@ -263,6 +285,11 @@ def plan_gen(models, req, mode: str) -> LayerJob:
         known["fg"] = read_known("fg", req.fg)
     texts = layer_prompts(req.prompt, req.fg_prompt, req.bg_prompt)
     seeds = batch_seeds(req.seed, req.batch)
+    # every output path is checked before the model loads
+    paths = LayerJob(req=req, kit=None, kind=mode, known=known, produce=GEN_OUTPUTS[mode], texts=texts,
+                     width=0, height=0, steps=0, cfg=0.0, seeds=seeds)
+    _plan_paths(paths, req.out_dir, texts["blended"])
+    check_memory(req, frames=len(FRAMES[mode]))
     kit = models.kit(req)
     model = kit.model
     check_gen_mode(model, mode, own_weights=bool(getattr(req, "layer_weights", None)))
@@ -277,8 +304,8 @@ def plan_gen(models, req, mode: str) -> LayerJob:
     job = LayerJob(
         req=req, kit=kit, kind=mode, known=known, produce=GEN_OUTPUTS[mode], texts=texts,
         width=width, height=height, steps=steps, cfg=cfg, seeds=seeds, weight=req.weight, stop_at=req.stop_at,
+        paths=paths.paths, psd_paths=paths.psd_paths,
     )
-    _plan_paths(job, req.out_dir, texts["blended"])
     return job
 
 
@@ -306,6 +333,13 @@ def plan_decompose(models, req, outputs: bool = True) -> LayerJob:
     if known_role:
         known[known_role] = read_known(known_role, getattr(req, known_role))
     seed = req.seed if req.seed is not None else new_seed()
+    produce = tuple(r for r in ("fg", "bg") if r != known_role)
+    texts = layer_prompts(req.prompt, req.fg_prompt, req.bg_prompt)
+    planned = LayerJob(req=req, kit=None, kind="decompose", known=known, produce=produce, texts=texts,
+                       width=0, height=0, steps=0, cfg=0.0, seeds=[seed])
+    if outputs:  # every output path is checked before the model loads
+        _plan_paths(planned, req.out_dir or ".", texts["blended"])
+    check_memory(req, frames=3)
     kit = models.kit(req)
     model = kit.model
     check_decompose(model, known_role)
@@ -313,15 +347,12 @@ def plan_decompose(models, req, outputs: bool = True) -> LayerJob:
     for k in known.values():
         k.resize(width, height, req.resize)
     steps, cfg = _settings(req, model)
-    produce = tuple(r for r in ("fg", "bg") if r != known_role)
     job = LayerJob(
         req=req, kit=kit, kind="decompose", known=known, produce=produce,
-        texts=layer_prompts(req.prompt, req.fg_prompt, req.bg_prompt), width=width, height=height,
+        texts=texts, width=width, height=height,
         steps=steps, cfg=cfg, seeds=[seed], weight=float(getattr(req, "weight", 1.0)),
-        stop_at=float(getattr(req, "stop_at", 1.0)),
+        stop_at=float(getattr(req, "stop_at", 1.0)), paths=planned.paths, psd_paths=planned.psd_paths,
     )
-    if outputs:
-        _plan_paths(job, req.out_dir or ".", job.texts["blended"])
     return job
 
 

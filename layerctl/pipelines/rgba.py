@@ -8,9 +8,10 @@ layerctl.pipelines.edit instead.
 
 from __future__ import annotations
 
-from layerctl.core.naming import batch_seeds, expand_out
+from layerctl.core.budget import check_memory
+from layerctl.core.naming import batch_seeds
 from layerctl.errors import LayerctlError
-from layerctl.outputs import OutputRecord, base_metadata, check_outputs, preview_path, write_images
+from layerctl.outputs import OutputRecord, base_metadata, plan_outputs, write_images
 from layerctl.progress import steps_bar
 
 
@@ -24,12 +25,8 @@ def gen_rgba(models, req) -> list[OutputRecord]:
         raise LayerctlError("--out is required (the PNG to write; {i} and {seed} fill in for batches)")
     n = req.batch
     seeds = batch_seeds(req.seed, n)
-    paths = expand_out(req.out, n, seeds, req.prompt)
-    check_outputs(paths, req.overwrite)
-    if req.preview:
-        check_outputs([preview_path(p) for p in paths], req.overwrite)
-    if req.psd:
-        check_outputs([req.psd], req.overwrite, suffixes=(".psd",))
+    paths, psds = plan_outputs(req, n, seeds, req.prompt)
+    check_memory(req, frames=1)
     precheck_files(req)
 
     # 2. the model, its transparent decoder and the transparent-latent weights
@@ -64,4 +61,4 @@ def gen_rgba(models, req) -> list[OutputRecord]:
     meta = base_metadata(model, req, "rgba", steps, cfg, width, height)
     meta.update(layer_weights=active.names, transparent_decoder=decoder_name, role="rgba")
     items = [("rgba", p, rgba[i], seeds[i], i) for i, p in enumerate(paths)]
-    return write_images(items, meta, req.overwrite, preview=req.preview, psd=req.psd)
+    return write_images(items, meta, req.overwrite, preview=req.preview, psd=psds)
