@@ -236,7 +236,7 @@ def _rgba_folder(folder: Path, n: int, opaque: int = 0, size=(64, 80)) -> list[P
 
 
 def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypatch):
-    from layerctl.backends import base as backend
+    from layerctl.backends import registry as backend
     from layerctl.training import lora as T
 
     def boom(*a, **k):
@@ -248,7 +248,7 @@ def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypa
     imgs[2].with_suffix(".txt").write_text("a red ball\n")
     with pytest.raises(LayerctlError, match=r"2 of 3 image\(s\) have no caption.*img3.png"):
         T.train(_cfg(tmp_path, data={"source": str(tmp_path / "imgs")}), quiet=True)
-    plan = T.DataPlan(_cfg(tmp_path, data={"source": str(tmp_path / "imgs"), "prompt": "an object"}))
+    plan = T.LoraDataPlan(_cfg(tmp_path, data={"source": str(tmp_path / "imgs"), "prompt": "an object"}))
     notes = " | ".join(plan.notes)
     assert "2 image(s) without alpha are left out" in notes and "1 from .txt, 2 from recipe prompt" in notes
     assert [r.caption for r in plan.source.records] == ["a red ball", "an object", "an object"]
@@ -303,7 +303,7 @@ def test_triplets_crop_together_and_blended_is_computed(tmp_path):
     Image.new("RGB", (128, 64), (0, 0, 255)).save(root / "bg" / "a.png")
     (root / "a.txt").write_text("red on blue")
     cfg = _cfg(tmp_path, mode="layers", data={"source": str(root), "resolution": 64, "hflip": False})
-    plan = T.DataPlan(cfg)
+    plan = T.LoraDataPlan(cfg)
     item = plan.val[0]  # centre crop: columns 32..96
     fgt, bgt, bl = item["fg"], item["bg"], item["blended"]
     assert fgt.shape == (4, 64, 64) and bgt.shape == (3, 64, 64) and bl.shape == (3, 64, 64)

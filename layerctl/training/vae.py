@@ -814,7 +814,9 @@ def _eval_batches(records, resolution: Optional[int], batch_size: int, skipped: 
         yield D.collate(pending)
 
 
-def _load_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
+def load_transparent_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
+    """(net, where it came from): the transparent "encoder"/"decoder" at `path`, else the tiny stand-in
+    or the model's official file (eval-vae, train-lora)."""
     import torch
 
     from layerctl.models import transparent_vae as tv
@@ -880,8 +882,8 @@ def run_eval(
 
     dev = resolve_device(device)
     model = load_frozen_vae(model_ref, dev)
-    dec, dec_name = _load_net("decoder", decoder, model, weights_dir, dev)
-    enc, enc_name = _load_net("encoder", encoder, model, weights_dir, dev)
+    dec, dec_name = load_transparent_net("decoder", decoder, model, weights_dir, dev)
+    enc, enc_name = load_transparent_net("encoder", encoder, model, weights_dir, dev)
     t0 = time.time()
     metrics = evaluate(model, enc, dec, batches_fn(), tta=tta, device=dev)
     if not metrics["images"]:
