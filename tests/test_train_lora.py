@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from clihelp import free_port, run_cli
+from trainhelp import guard_steps
 from layerctl.errors import JobFailed, LayerctlError
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffuse-v1"
@@ -418,9 +419,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return (loss * float("nan"), per) if calls["n"] == 3 else (loss, per)
 
     monkeypatch.setattr(T, "diffusion_loss", poisoned)
-    with pytest.raises(JobFailed, match=r"loss became nan at step 3.*step-0000002"):
-        T.train(_cfg(tmp_path, steps=4), quiet=True)
+    with guard_steps() as seen:
+        with pytest.raises(JobFailed, match=r"loss became nan at step 3: .*nothing of this step was applied.*step-0000002"):
+            T.train(_cfg(tmp_path, steps=4), quiet=True)
     assert [s for s, _ in T.list_checkpoints(tmp_path / "run")] == [2]
+    assert seen["closed"] == 1 and seen["steps"] == 2  # the log was closed; steps 1-2 applied, step 3 not
 
 
 def test_layers_run_writes_the_joint_layout_that_gen_loads(tmp_path):
