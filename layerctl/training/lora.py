@@ -32,6 +32,8 @@ weights and the optimizer state are saved.
 
 Checkpoints: ``OUT/checkpoints/step-NNNNNNN/`` (weights file, ``state.pt``, ``state.json``),
 written under a temporary name and renamed; the last one's weights are copied to ``OUT/``.
+
+The user guide is docs/train-lora.md; the parts shared with the other trainer are in training/harness.py.
 """
 
 from __future__ import annotations

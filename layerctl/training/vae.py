@@ -22,6 +22,8 @@ renamed: the two nets in the official file layout
 weights when EMA is on), `state.pt` (raw weights, discriminator, optimizers,
 EMA, RNG) and `state.json` (step, data position, config). Data order is a pure
 function of (seed, position), so the step counter is the data position.
+
+The user guide is docs/train-vae.md; the parts shared with the other trainer are in training/harness.py.
 """
 
 from __future__ import annotations
