@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from clihelp import free_port, run_cli
+from trainhelp import guard_steps
 from layerctl.errors import JobFailed, LayerctlError
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "layerdiffuse-v1"
@@ -248,7 +249,7 @@ def test_dataset_problems_are_reported_before_any_model_loads(tmp_path, monkeypa
     imgs[2].with_suffix(".txt").write_text("a red ball\n")
     with pytest.raises(LayerctlError, match=r"2 of 3 image\(s\) have no caption.*img3.png"):
         T.train(_cfg(tmp_path, data={"source": str(tmp_path / "imgs")}), quiet=True)
-    plan = T.DataPlan(_cfg(tmp_path, data={"source": str(tmp_path / "imgs"), "prompt": "an object"}))
+    plan = T.LoraDataPlan(_cfg(tmp_path, data={"source": str(tmp_path / "imgs"), "prompt": "an object"}))
     notes = " | ".join(plan.notes)
     assert "2 image(s) without alpha are left out" in notes and "1 from .txt, 2 from recipe prompt" in notes
     assert [r.caption for r in plan.source.records] == ["a red ball", "an object", "an object"]
@@ -303,7 +304,7 @@ def test_triplets_crop_together_and_blended_is_computed(tmp_path):
     Image.new("RGB", (128, 64), (0, 0, 255)).save(root / "bg" / "a.png")
     (root / "a.txt").write_text("red on blue")
     cfg = _cfg(tmp_path, mode="layers", data={"source": str(root), "resolution": 64, "hflip": False})
-    plan = T.DataPlan(cfg)
+    plan = T.LoraDataPlan(cfg)
     item = plan.val[0]  # centre crop: columns 32..96
     fgt, bgt, bl = item["fg"], item["bg"], item["blended"]
     assert fgt.shape == (4, 64, 64) and bgt.shape == (3, 64, 64) and bl.shape == (3, 64, 64)
@@ -418,9 +419,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return (loss * float("nan"), per) if calls["n"] == 3 else (loss, per)
 
     monkeypatch.setattr(T, "diffusion_loss", poisoned)
-    with pytest.raises(JobFailed, match=r"loss became nan at step 3.*step-0000002"):
-        T.train(_cfg(tmp_path, steps=4), quiet=True)
+    with guard_steps() as seen:
+        with pytest.raises(JobFailed, match=r"loss became nan at step 3: .*nothing of this step was applied.*step-0000002"):
+            T.train(_cfg(tmp_path, steps=4), quiet=True)
     assert [s for s, _ in T.list_checkpoints(tmp_path / "run")] == [2]
+    assert seen["closed"] == 1 and seen["steps"] == 2  # the log was closed; steps 1-2 applied, step 3 not
 
 
 def test_layers_run_writes_the_joint_layout_that_gen_loads(tmp_path):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from clihelp import free_port, run_cli
+from trainhelp import guard_steps
 from layerctl.errors import JobFailed, LayerctlError
 from layerctl.training import data as D
 from layerctl.training import losses as L
@@ -334,9 +335,27 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     # the exported weights equal too
     from safetensors.torch import load_file
 
-    wa = load_file(tmp_path / "a" / V.DECODER_FILE)
-    wb = load_file(tmp_path / "b" / V.DECODER_FILE)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    for name in (V.DECODER_FILE, V.ENCODER_FILE):  # exactly, like a resumed train-lora run
+        wa, wb = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    raw_a = torch.load(tmp_path / "a" / "checkpoints" / "step-0000004" / "state.pt", weights_only=True)["pair"]
+    raw_b = torch.load(tmp_path / "b" / "checkpoints" / "step-0000004" / "state.pt", weights_only=True)["pair"]
+    assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+
+
+def test_damaged_checkpoint_on_resume_is_a_one_line_error(tmp_path):
+    """--resume on a checkpoint whose state.pt is cut short: exit 2, the file named, no torch advice."""
+    from layerctl.training import vae as V
+
+    V.train(_cfg(tmp_path, steps=2), quiet=True)
+    state = tmp_path / "run" / "checkpoints" / "step-0000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(_cfg(tmp_path, steps=3).model_dump(mode="json")))
+    code, out, err = run_cli("train-vae", recipe, "--resume")
+    assert code == 2, err
+    assert "checkpoint is damaged" in err and "state.pt" in err
+    assert "weights_only" not in err and "Traceback" not in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -351,9 +370,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(L, "identity_loss", poisoned)
-    with pytest.raises(JobFailed, match=r"loss became nan at step 3: .*nothing of this step was applied.*step-0000002"):
-        V.train(_cfg(tmp_path, steps=4), quiet=True)
+    with guard_steps() as seen:
+        with pytest.raises(JobFailed, match=r"loss became nan at step 3: .*nothing of this step was applied.*step-0000002"):
+            V.train(_cfg(tmp_path, steps=4), quiet=True)
     assert [s for s, _ in V.list_checkpoints(tmp_path / "run")] == [2]
+    assert seen["closed"] == 1 and seen["steps"] >= 2  # the log was closed; steps 1-2 were applied, none poisoned
 
 
 def test_folder_training_checkpoint_loads_in_eval_vae_and_gen(tmp_path):

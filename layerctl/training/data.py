@@ -389,20 +389,6 @@ class PositionBatches:
         return (self.stop - self.start) if self.stop is not None else 2**62
 
 
-def make_loader(stream, batch_size: int, start: int = 0, rank: int = 0, world: int = 1, workers: int = 0, stop=None):
-    """A DataLoader yielding collated micro-batches from `stream` (positions from PositionBatches)."""
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        stream,
-        batch_sampler=PositionBatches(batch_size, start, rank, world, stop),
-        num_workers=workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-
-
 def fixed_batches(stream, count: int, batch_size: int) -> Iterator[dict]:
     """Positions 0..count-1 of a (non-augmenting) stream, in batches (validation/eval)."""
     for start in range(0, count, batch_size):

@@ -32,15 +32,13 @@ weights and the optimizer state are saved.
 
 Checkpoints: ``OUT/checkpoints/step-NNNNNNN/`` (weights file, ``state.pt``, ``state.json``),
 written under a temporary name and renamed; the last one's weights are copied to ``OUT/``.
+
+The user guide is docs/train-lora.md; the parts shared with the other trainer are in training/harness.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,20 +48,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerctl.core.frames import LAYER_MODES, SD15_LAYOUTS
-from layerctl.errors import JobFailed, LayerctlError
-from layerctl.training.vae import (
-    CKPT_DIR,
-    LOG_FILE,
-    RunLog,
-    StopFlag,
-    SyntheticOptions,
-    _mixed_precision,
-    _rng_state,
-    _set_rng_state,
-    list_checkpoints,
-    lr_factor,
-    read_log,
-)
+from layerctl.errors import LayerctlError
+from layerctl.training import harness as H
+from layerctl.training.harness import list_checkpoints, lr_factor, read_log  # noqa: F401 - part of this module's API
+from layerctl.training.vae import SyntheticOptions
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: pipe.load_lora_weights(OUT) finds it
 LAYERS_FILE = "layers_joint.safetensors"  # attention-sharing units in the official layer_sd15_joint layout
@@ -82,7 +70,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelOptions(_Section):
+class LoraModelOptions(_Section):
     model: str = Field("tiny", description="base model (tiny, tiny-xl, diffusers folder, hub id, .safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
@@ -219,7 +207,7 @@ class LoraTrainConfig(_Section):
     keep_last: int = Field(3, gt=0)
     log_every: int = Field(10, gt=0)
     tensorboard: bool = False
-    model: ModelOptions = Field(default_factory=ModelOptions)
+    model: LoraModelOptions = Field(default_factory=LoraModelOptions)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     layers: LayersOptions = Field(default_factory=LayersOptions)
     data: DataOptions = Field(default_factory=DataOptions)
@@ -634,7 +622,7 @@ def collate(items: list[dict]) -> dict:
 # ---------------------------------------------------------------- the data plan (checked before any model loads)
 
 
-class DataPlan:
+class LoraDataPlan:
     """The training stream, the validation samples and prompts, with every data problem reported
     (as one LayerctlError) before a model loads."""
 
@@ -1012,12 +1000,6 @@ def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, f
 # ---------------------------------------------------------------- files
 
 
-def _save_dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def weights_file(cfg: LoraTrainConfig) -> str:
     if cfg.mode == "transparent":
         return LORA_FILE
@@ -1058,46 +1040,22 @@ def write_weights(path: Path, cfg: LoraTrainConfig, model, trainable, step: int)
         alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
         return LF.save_peft_lora(path, trainable, cfg.lora.rank, alpha, cfg.lora.target_modules, info,
                                  dtype=cfg.save_dtype, overwrite=True)
-    dt = _save_dtype(cfg.save_dtype)
+    dt = H.save_dtype(cfg.save_dtype)
     tensors = {k: v.detach().to("cpu", dt).contiguous().clone() for k, v in sorted(trainable.items())}
     return LF._atomic_save(tensors, Path(path), {"format": "pt", LF.LAYERCTL_KEY: json.dumps(info, sort_keys=True, default=str)}, True)
 
 
 def save_checkpoint(out_dir: Path, step: int, cfg: LoraTrainConfig, model, trainable, state: dict, extra: dict) -> Path:
-    """checkpoints/step-N/ under a temporary name, then renamed; keeps the last `keep_last`."""
-    import torch
+    """checkpoints/step-N/: the weights file, state.pt, state.json (harness.write_checkpoint)."""
+    def write_files(folder: Path) -> None:
+        write_weights(folder / weights_file(cfg), cfg, model, trainable, step)
 
-    root = Path(out_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        write_weights(tmp / weights_file(cfg), cfg, model, trainable, step)
-        torch.save(state, tmp / "state.pt")
-        info = {"step": step, "mode": cfg.mode, "config": cfg.model_dump(mode="json"), **extra}
-        (tmp / "state.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-        if final.exists():
-            old = root / f".old-step-{step:07d}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _s, p in list_checkpoints(out_dir)[: -cfg.keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
+    info = {"mode": cfg.mode, "config": cfg.model_dump(mode="json"), **extra}
+    return H.write_checkpoint(out_dir, step, write_files, state, info, cfg.keep_last)
 
 
 def export_final(out_dir: Path, ckpt: Path, name: str) -> Path:
-    tmp = Path(out_dir) / f".{name}.tmp-{os.getpid()}"
-    shutil.copyfile(ckpt / name, tmp)
-    os.replace(tmp, Path(out_dir) / name)
+    H.export_files(out_dir, ckpt, (name,))
     return Path(out_dir) / name
 
 
@@ -1175,28 +1133,17 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
 # ---------------------------------------------------------------- the loop
 
 
-def _check_out_dir(out_dir: Path, resume: bool, resume_from: Optional[str], overwrite: bool) -> Optional[Path]:
-    ckpts = list_checkpoints(out_dir)
-    if resume_from:
-        p = Path(resume_from).expanduser()
-        if not (p / "state.json").is_file():
-            raise LayerctlError(f"--resume-from {p}: not a train-lora checkpoint folder (no state.json)")
-        return p
-    if resume:
-        if not ckpts:
-            raise LayerctlError(f"--resume: no checkpoint in {out_dir / CKPT_DIR} to resume from")
-        return ckpts[-1][1]
-    if ckpts or (out_dir / LOG_FILE).exists():
-        if not overwrite:
-            raise LayerctlError(f"{out_dir} already holds a run (use --resume to continue it, or --overwrite to start over)")
-        shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
-        shutil.rmtree(out_dir / VAL_DIR, ignore_errors=True)
-    return None
-
-
-def _check_files(cfg: LoraTrainConfig) -> None:
+def _check_inputs(cfg: LoraTrainConfig) -> None:
+    """The model family a mode needs and every named weight file, before any model loads."""
     from layerctl.models.weights import check_file
 
+    if cfg.mode == "layers":
+        fam = _family_of(cfg.model.model)
+        if fam != "sd15":
+            raise LayerctlError(
+                f"mode: layers trains the SD1.5 attention-sharing joint model (layer_sd15_joint layout); "
+                f"'{cfg.model.model}' is an {fam} model (its layer models are concat-conditioned and not trained here)"
+            )
     m = cfg.model
     for path, what in ((m.transparent_encoder, "model.transparent_encoder"), (m.transparent_decoder, "model.transparent_decoder"),
                        (cfg.lora.init_from if cfg.mode == "transparent" else None, "lora.init_from"),
@@ -1210,6 +1157,203 @@ def _family_of(ref: str) -> str:
 
     name, _inner = resolve_model_ref(ref)
     return get_backend(name).family
+
+
+def _add_trainable(cfg: LoraTrainConfig, unet, device, console):
+    """(parameters, patcher or None): a peft LoRA (transparent) or an installed AttentionSharingPatcher (layers)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.mode == "transparent":
+        params = add_peft_lora(unet, cfg.lora)
+        if cfg.lora.init_from:
+            from layerctl.models import lora_format as LF
+
+            w = LF.read_lora(cfg.lora.init_from, unet)
+            alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
+            run_scale = alpha / cfg.lora.rank
+            missing = sorted(set(peft_pairs(unet)) - set(w.pairs))
+            if missing:
+                raise LayerctlError(f"lora.init_from {cfg.lora.init_from} has no pair for '{missing[0]}' (target_modules differ?)")
+            load_peft_pairs(unet, {m: (p.up.float() * p.scale, p.down) for m, p in w.pairs.items()}, 1.0 / run_scale)
+        return params, None
+    from layerctl.models.attention_sharing import AttentionSharingPatcher, load_attention_sharing
+
+    n_frames, use_control = len(frames_of(cfg)), control_of(cfg) is not None
+    if cfg.layers.init_from:
+        patcher = load_attention_sharing(unet, cfg.layers.init_from, frames=n_frames, use_control=use_control, device=device, dtype=torch.float32)
+        if patcher.rank != cfg.layers.rank:
+            console.print(f"layers.init_from has rank {patcher.rank}: training at that rank (layers.rank {cfg.layers.rank} ignored)")
+    else:
+        patcher = AttentionSharingPatcher(unet, n_frames, use_control, rank=cfg.layers.rank, control_width=cfg.layers.control_width).to(device)
+    patcher.float().requires_grad_(True)
+    patcher.install()
+    return list(patcher.parameters()), patcher
+
+
+def _trainable_state(cfg: LoraTrainConfig, unet, patcher) -> dict:
+    if cfg.mode == "transparent":
+        return {k: (u.detach().float().clone(), d.detach().float().clone()) for k, (u, d) in peft_pairs(unet).items()}
+    return {k: v.detach().float().clone() for k, v in patcher.state_dict().items()}
+
+
+def _set_trainable(cfg: LoraTrainConfig, unet, patcher, state: dict, device) -> None:
+    if cfg.mode == "transparent":
+        load_peft_pairs(unet, state)
+    else:
+        patcher.load_state_dict({k: v.to(device) for k, v in state.items()})
+        for u in patcher.units:
+            u.clear_merged()
+
+
+def _setup(cfg: LoraTrainConfig, accelerator, mp: str, console) -> dict:
+    """The frozen model (text encoders, VAE, UNet), the transparent encoder/decoder, the scheduler,
+    the trainable weights, the denoiser and its optimizer - not yet prepared by the accelerator."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from layerctl.backends.registry import load_model
+    from layerctl.training.vae import load_transparent_net
+
+    device = accelerator.device
+    weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(mp, "fp32")
+    model = load_model(cfg.model.model, device=str(device), dtype=weight_dtype, attention=cfg.model.attention)
+    if cfg.mode == "layers" and model.family != "sd15":
+        raise LayerctlError(f"mode: layers needs an SD1.5-family model; {cfg.model.model} is {model.family}")
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mod = getattr(model.pipe, part, None)
+        if mod is not None:
+            mod.requires_grad_(False)
+            mod.eval()
+    encoder, encoder_name = load_transparent_net("encoder", cfg.model.transparent_encoder, model, cfg.model.weights_dir, device)
+    decoder, decoder_name = load_transparent_net("decoder", cfg.model.transparent_decoder, model, cfg.model.weights_dir, device)
+    encoder.requires_grad_(False)
+    decoder.requires_grad_(False)
+    unet = model.unet
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params, patcher = _add_trainable(cfg, unet, device, console)
+    denoiser = make_denoiser(unet, patcher)
+    denoiser.train()
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([{"params": params, "lr": o.lr, "base_lr": o.lr}], betas=o.betas, weight_decay=o.weight_decay)
+    return dict(model=model, encoder=encoder, encoder_name=encoder_name, decoder=decoder, decoder_name=decoder_name, unet=unet,
+                sched=DDPMScheduler.from_config(model.scheduler.config), params=params, patcher=patcher, denoiser=denoiser,
+                optimizer=optimizer)
+
+
+def _resume(cfg: LoraTrainConfig, ckpt_path: Path, parts: dict, device, console) -> int:
+    """Restore the trainable weights, the optimizer and the RNG from a checkpoint; returns its step."""
+    st, info = H.load_checkpoint(ckpt_path)
+    if info.get("mode", cfg.mode) != cfg.mode:
+        raise LayerctlError(f"{ckpt_path} is a mode: {info.get('mode')} checkpoint; this recipe has mode: {cfg.mode}")
+    old_kind = ((info.get("config") or {}).get("layers") or {}).get("kind", "joint")
+    if cfg.mode == "layers" and old_kind != cfg.layers.kind:
+        raise LayerctlError(f"{ckpt_path} is a layers.kind: {old_kind} checkpoint; this recipe has layers.kind: {cfg.layers.kind}")
+    _set_trainable(cfg, parts["unet"], parts["patcher"], st["trainable"], device)
+    parts["optimizer"].load_state_dict(st["optimizer"])
+    H.set_rng_state(st["rng"])
+    start_step = int(info["step"])
+    console.print(f"resuming from {ckpt_path} (step {start_step})")
+    if start_step >= cfg.steps:
+        console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
+    return start_step
+
+
+class _Run:
+    """The parts of one train-lora run that the loop, validation and checkpoints need."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+    def stats_of(self, batch):
+        """(mean, std, control images or None) of a batch: from the latent cache, or encoded now."""
+        import torch
+
+        cfg, ctrl_role, device = self.cfg, control_of(self.cfg), self.accelerator.device
+        if self.latent_cache:
+            ms = [self.latent_cache[i] for i in batch["index"]]
+            mean = torch.cat([m[0] for m in ms]).to(device)
+            std = None if ms[0][1] is None else torch.cat([m[1] for m in ms]).to(device)
+            return mean, std, None if ctrl_role is None else torch.cat([m[2] for m in ms])
+        mean, std = encode_pixels(self.model, self.encoder, frames_of(cfg), batch, device)
+        return mean, std, None if ctrl_role is None else control_pixels(batch, ctrl_role)
+
+    def embeds_of(self, batch):
+        return self.texts.encode([t for row in batch["texts"] for t in row])  # frame-fastest
+
+    def val_loss(self) -> Optional[float]:
+        import torch
+
+        if self.val_fixed is None:
+            return None
+        self.denoiser.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), self.accelerator.autocast():
+            for c in self.val_fixed:
+                _loss, per = diffusion_loss(self.cfg, self.sched, self.denoiser, c["mean"], c["std"], c["embeds"], c["clean"], c["rand"],
+                                            len(frames_of(self.cfg)), self.accelerator.device, self.model.latent_scale, c.get("control"))
+                total += float(per.sum())
+                count += per.numel()
+        self.denoiser.train()
+        return total / max(count, 1)
+
+    def validate(self, step: int) -> Optional[dict]:
+        """The fixed-sample validation loss and the validation images, on the main process."""
+        cfg, res, plan = self.cfg, None, self.plan
+        if self.accelerator.is_main_process:
+            res = {"kind": "val", "step": step}
+            vl = self.val_loss()
+            if vl is not None:
+                res["val_loss"] = vl
+            if cfg.validation.images and plan.val_prompts:
+                self.denoiser.eval()
+                with self.accelerator.autocast():
+                    res["images"] = validation_images(cfg, self.model, self.patcher, self.decoder, plan.val_prompts, self.out_dir, step,
+                                                      self.decoder_name, self.val_controls)
+                self.denoiser.train()
+            self.log.write({k: v for k, v in res.items() if k != "images"})
+            self.console.print(
+                f"validation at step {step}: "
+                + (f"loss {res['val_loss']:.5f} on {plan.val_loss_count} fixed samples x {cfg.validation.loss_timesteps} timesteps" if vl is not None else "")
+                + (f"; {len(res.get('images', []))} image(s) in {self.out_dir / VAL_DIR / f'step-{step:07d}'}" if res.get("images") else "")
+            )
+        self.accelerator.wait_for_everyone()
+        return res
+
+    def checkpoint(self, step: int) -> Optional[Path]:
+        cfg, acc, path = self.cfg, self.accelerator, None
+        if acc.is_main_process:
+            raw_opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            state = {"trainable": _trainable_state(cfg, self.unet, self.patcher), "optimizer": raw_opt.state_dict(), "rng": H.rng_state()}
+            world = acc.num_processes
+            extra = {"micro_batch": step * cfg.grad_accum, "world_size": world, "data_position": step * cfg.grad_accum * cfg.batch_size * world}
+            path = save_checkpoint(self.out_dir, step, cfg, self.model, state["trainable"], state, extra)
+            export_final(self.out_dir, path, weights_file(cfg))
+        acc.wait_for_everyone()
+        return path
+
+
+def _caches(cfg: LoraTrainConfig, plan, parts: dict, accelerator, console) -> dict:
+    """Latent and caption caches (finite data), the fixed validation batches and control images."""
+    main, device = accelerator.is_main_process, accelerator.device
+    texts = TextCache(parts["model"], cfg.data.resolution, cfg.data.cache_text)
+    latent_cache: dict[int, tuple] = {}
+    if cfg.data.cache_latents:
+        latent_cache = _cache_latents(cfg, plan, parts["model"], parts["encoder"], device, accelerator.process_index,
+                                      accelerator.num_processes, accelerator, console if main else None)
+    if cfg.data.cache_text and plan.n is not None:
+        caps = {t for i in range(plan.n) for t in plan.train.captions(i)} | {""}
+        for p in plan.val_prompts:
+            caps.update(p)
+        texts.encode(sorted(caps))
+        console.print(f"cached {len(texts.memo)} caption embeddings")
+    # fixed validation samples: their latent statistics, captions, noise and timesteps never change
+    val_fixed = _val_fixed(cfg, plan, parts["model"], parts["encoder"], device, texts) if plan.val_loss_count else None
+    val_controls = None  # fg2bg / bg2fg validation images: each prompt with the control layer of a held-out sample
+    if control_of(cfg) is not None:
+        val_controls = [control_pixels(collate([plan.val[i]]), control_of(cfg)) for i in range(len(plan.val_prompts))]
+    return dict(texts=texts, latent_cache=latent_cache, val_fixed=val_fixed, val_controls=val_controls)
 
 
 def train(
@@ -1228,337 +1372,94 @@ def train(
 
     out_dir = Path(cfg.out_dir).expanduser()
     console = Console(stderr=True, highlight=False, quiet=quiet)
-
     # -- everything a user can get wrong, before any model loads
-    ckpt_path = _check_out_dir(out_dir, resume, resume_from, overwrite)
-    if cfg.mode == "layers":
-        fam = _family_of(cfg.model.model)
-        if fam != "sd15":
-            raise LayerctlError(
-                f"mode: layers trains the SD1.5 attention-sharing joint model (layer_sd15_joint layout); "
-                f"'{cfg.model.model}' is an {fam} model (its layer models are concat-conditioned and not trained here)"
-            )
-    _check_files(cfg)
-    plan = DataPlan(cfg)
+    ckpt_path = H.check_out_dir(out_dir, resume, resume_from, overwrite, "train-lora", also_clear=(VAL_DIR,))
+    _check_inputs(cfg)
+    plan = LoraDataPlan(cfg)
     console.print(f"data: {plan.describe}")
     for note in plan.notes:
         console.print(f"data: {note}")
-
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    mp = _mixed_precision(cfg.mixed_precision)
-    cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
-    main = accelerator.is_main_process
-    if not main:
-        console.quiet = True
-    device = accelerator.device
-    if cfg.cpu_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads)
-    set_seed(cfg.seed)
-
-    from diffusers import DDPMScheduler
-
-    from layerctl.backends.registry import load_model
-    from layerctl.training.vae import _load_net
-
-    weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(mp, "fp32")
-    model = load_model(cfg.model.model, device=str(device), dtype=weight_dtype, attention=cfg.model.attention)
-    if cfg.mode == "layers" and model.family != "sd15":
-        raise LayerctlError(f"mode: layers needs an SD1.5-family model; {cfg.model.model} is {model.family}")
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        mod = getattr(model.pipe, part, None)
-        if mod is not None:
-            mod.requires_grad_(False)
-            mod.eval()
-    encoder, encoder_name = _load_net("encoder", cfg.model.transparent_encoder, model, cfg.model.weights_dir, device)
-    decoder, decoder_name = _load_net("decoder", cfg.model.transparent_decoder, model, cfg.model.weights_dir, device)
-    encoder.requires_grad_(False)
-    decoder.requires_grad_(False)
-    sched = DDPMScheduler.from_config(model.scheduler.config)
-    unet = model.unet
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    patcher = None
-    torch.manual_seed(cfg.seed)
-    if cfg.mode == "transparent":
-        params = add_peft_lora(unet, cfg.lora)
-        if cfg.lora.init_from:
-            from layerctl.models import lora_format as LF
-
-            w = LF.read_lora(cfg.lora.init_from, unet)
-            alpha = cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank
-            run_scale = alpha / cfg.lora.rank
-            missing = sorted(set(peft_pairs(unet)) - set(w.pairs))
-            if missing:
-                raise LayerctlError(f"lora.init_from {cfg.lora.init_from} has no pair for '{missing[0]}' (target_modules differ?)")
-            load_peft_pairs(unet, {m: (p.up.float() * p.scale, p.down) for m, p in w.pairs.items()}, 1.0 / run_scale)
-    else:
-        from layerctl.models.attention_sharing import AttentionSharingPatcher, load_attention_sharing
-
-        n_frames, use_control = len(frames_of(cfg)), control_of(cfg) is not None
-        if cfg.layers.init_from:
-            patcher = load_attention_sharing(unet, cfg.layers.init_from, frames=n_frames, use_control=use_control,
-                                             device=device, dtype=torch.float32)
-            if patcher.rank != cfg.layers.rank:
-                console.print(f"layers.init_from has rank {patcher.rank}: training at that rank (layers.rank {cfg.layers.rank} ignored)")
-        else:
-            patcher = AttentionSharingPatcher(unet, n_frames, use_control, rank=cfg.layers.rank,
-                                              control_width=cfg.layers.control_width).to(device)
-        patcher.float().requires_grad_(True)
-        patcher.install()
-        params = list(patcher.parameters())
-    denoiser = make_denoiser(unet, patcher)
-    denoiser.train()
-    o = cfg.optim
-    optimizer = torch.optim.AdamW([{"params": params, "lr": o.lr, "base_lr": o.lr}], betas=o.betas, weight_decay=o.weight_decay)
-
-    def trainable_state() -> dict:
-        if cfg.mode == "transparent":
-            return {k: (u.detach().float().clone(), d.detach().float().clone()) for k, (u, d) in peft_pairs(unet).items()}
-        return {k: v.detach().float().clone() for k, v in patcher.state_dict().items()}
-
-    def set_trainable(state: dict) -> None:
-        if cfg.mode == "transparent":
-            load_peft_pairs(unet, state)
-        else:
-            patcher.load_state_dict({k: v.to(device) for k, v in state.items()})
-            for u in patcher.units:
-                u.clear_merged()
-
-    start_step = 0
-    if ckpt_path is not None:
-        st = torch.load(ckpt_path / "state.pt", map_location="cpu", weights_only=True)
-        info = json.loads((ckpt_path / "state.json").read_text())
-        if info.get("mode", cfg.mode) != cfg.mode:
-            raise LayerctlError(f"{ckpt_path} is a mode: {info.get('mode')} checkpoint; this recipe has mode: {cfg.mode}")
-        old_kind = ((info.get("config") or {}).get("layers") or {}).get("kind", "joint")
-        if cfg.mode == "layers" and old_kind != cfg.layers.kind:
-            raise LayerctlError(f"{ckpt_path} is a layers.kind: {old_kind} checkpoint; this recipe has layers.kind: {cfg.layers.kind}")
-        set_trainable(st["trainable"])
-        optimizer.load_state_dict(st["optimizer"])
-        _set_rng_state(st["rng"])
-        start_step = int(info["step"])
-        console.print(f"resuming from {ckpt_path} (step {start_step})")
-        if start_step >= cfg.steps:
-            console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
-
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    frames = len(frames_of(cfg))
-    ctrl_role = control_of(cfg)
-    num_t = int(sched.config.num_train_timesteps)
-    texts = TextCache(model, cfg.data.resolution, cfg.data.cache_text)
-
-    # -- caches (finite data): every item's latent statistics, every caption
-    latent_cache: dict[int, tuple] = {}
-    if cfg.data.cache_latents:
-        latent_cache = _cache_latents(cfg, plan, model, encoder, device, rank, world, accelerator, console if main else None)
-    if cfg.data.cache_text and plan.n is not None:
-        caps = {t for i in range(plan.n) for t in plan.train.captions(i)} | {""}
-        for p in plan.val_prompts:
-            caps.update(p)
-        texts.encode(sorted(caps))
-        console.print(f"cached {len(texts.memo)} caption embeddings")
-
-    from torch.utils.data import DataLoader
-
-    from layerctl.training.data import PositionBatches
-
-    loader = DataLoader(
-        plan.train,
-        batch_sampler=PositionBatches(cfg.batch_size, start_step * cfg.grad_accum, rank, world),
-        num_workers=cfg.data.workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        prefetch_factor=2 if cfg.data.workers > 0 else None,
-        generator=torch.Generator().manual_seed(cfg.seed),  # its iterator would otherwise draw from the global RNG
-    )
-    batches = iter(loader)
-    log = RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
+    # -- models, optimizer, data
+    accelerator, mp = H.start_accelerator(cfg, cfg.model.device, console)
+    main, device, world, rank = accelerator.is_main_process, accelerator.device, accelerator.num_processes, accelerator.process_index
+    parts = _setup(cfg, accelerator, mp, console)
+    start_step = _resume(cfg, ckpt_path, parts, device, console) if ckpt_path is not None else 0
+    denoiser, optimizer = accelerator.prepare(parts.pop("denoiser"), parts.pop("optimizer"))
+    run = _Run(cfg=cfg, plan=plan, accelerator=accelerator, console=console, out_dir=out_dir, denoiser=denoiser, optimizer=optimizer,
+               **parts, **_caches(cfg, plan, parts, accelerator, console))
+    frames, num_t = len(frames_of(cfg)), int(run.sched.config.num_train_timesteps)
+    batches = iter(H.make_loader(plan.train, cfg.batch_size, start_step * cfg.grad_accum, rank, world, cfg.data.workers, cfg.seed, collate))
+    run.log = log = H.RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-
-    def stats_of(batch):
-        """(mean, std, control images or None) of a batch."""
-        if latent_cache:
-            ms = [latent_cache[i] for i in batch["index"]]
-            mean = torch.cat([m[0] for m in ms]).to(device)
-            std = None if ms[0][1] is None else torch.cat([m[1] for m in ms]).to(device)
-            ctrl = None if ctrl_role is None else torch.cat([m[2] for m in ms])
-            return mean, std, ctrl
-        mean, std = encode_pixels(model, encoder, frames_of(cfg), batch, device)
-        return mean, std, None if ctrl_role is None else control_pixels(batch, ctrl_role)
-
-    def embeds_of(batch):
-        flat = [t for row in batch["texts"] for t in row]  # frame-fastest
-        emb = texts.encode(flat)
-        return emb
-
-    # -- fixed validation samples: their latent statistics, captions, noise and timesteps never change
-    val_fixed = _val_fixed(cfg, plan, model, encoder, device, texts) if plan.val_loss_count else None
-    # fg2bg / bg2fg validation images: each prompt with the control layer of a held-out sample
-    val_controls = None
-    if ctrl_role is not None:
-        val_controls = [control_pixels(collate([plan.val[i]]), ctrl_role) for i in range(len(plan.val_prompts))]
-
-    def val_loss() -> Optional[float]:
-        if val_fixed is None:
-            return None
-        denoiser.eval()
-        total, count = 0.0, 0
-        with torch.no_grad(), accelerator.autocast():
-            for chunk in val_fixed:
-                loss, per = diffusion_loss(cfg, sched, denoiser, chunk["mean"], chunk["std"], chunk["embeds"], chunk["clean"],
-                                           chunk["rand"], frames, device, model.latent_scale, chunk.get("control"))
-                total += float(per.sum())
-                count += per.numel()
-        denoiser.train()
-        return total / max(count, 1)
-
-    def validate(step: int) -> Optional[dict]:
-        res = None
-        if main:
-            res = {"kind": "val", "step": step}
-            vl = val_loss()
-            if vl is not None:
-                res["val_loss"] = vl
-            if cfg.validation.images and plan.val_prompts:
-                denoiser.eval()
-                with accelerator.autocast():
-                    res["images"] = validation_images(cfg, model, patcher, decoder, plan.val_prompts, out_dir, step, decoder_name,
-                                                      val_controls)
-                denoiser.train()
-            log.write({k: v for k, v in res.items() if k != "images"})
-            console.print(
-                f"validation at step {step}: "
-                + (f"loss {res['val_loss']:.5f} on {plan.val_loss_count} fixed samples x {cfg.validation.loss_timesteps} timesteps" if vl is not None else "")
-                + (f"; {len(res.get('images', []))} image(s) in {out_dir / VAL_DIR / f'step-{step:07d}'}" if res.get("images") else "")
-            )
-        accelerator.wait_for_everyone()
-        return res
-
-    def checkpoint(step: int) -> Optional[Path]:
-        path = None
-        if main:
-            raw_opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-            state = {"trainable": trainable_state(), "optimizer": raw_opt.state_dict(), "rng": _rng_state()}
-            extra = {"micro_batch": step * cfg.grad_accum, "world_size": world,
-                     "data_position": step * cfg.grad_accum * cfg.batch_size * world}
-            path = save_checkpoint(out_dir, step, cfg, model, state["trainable"], state, extra)
-            export_final(out_dir, path, weights_file(cfg))
-        accelerator.wait_for_everyone()
-        return path
-
+        H.write_config(out_dir, cfg)
     summary: dict[str, Any] = {"out_dir": str(out_dir), "mode": cfg.mode, "start_step": start_step, "baseline": None,
                                "last_val": None, "weights": str(out_dir / weights_file(cfg))}
-    if ckpt_path is None and cfg.validation.at_start:
-        summary["baseline"] = validate(0)
-
-    step = start_step
-    last_ckpt_step = start_step if ckpt_path is not None else None
-    last_ckpt = ckpt_path
-    t_start = time.time()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn(f"train-lora ({cfg.mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, disable=not main or quiet, transient=False,
-    )
-    status = "completed"
+    step, status, t_start = start_step, "completed", time.time()
+    last_ckpt, last_ckpt_step = ckpt_path, (start_step if ckpt_path is not None else None)
     first_losses: list[float] = []
     recent: list[float] = []
-    with StopFlag(console if main else None) as stop, progress:
-        task = progress.add_task("train", total=cfg.steps, completed=step, rate="", loss="")
-        rate_t0, rate_n = time.time(), 0
-        while step < cfg.steps:
-            factor = lr_factor(step, cfg.optim, cfg.steps)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                try:
-                    batch = next(batches)
-                except Exception:
-                    if stop.stop:  # a DataLoader worker died from the same Ctrl-C
+    try:
+        if ckpt_path is None and cfg.validation.at_start:
+            summary["baseline"] = run.validate(0)
+        with H.StopFlag(console if main else None) as stop, H.Reporter(f"train-lora ({cfg.mode})", console, log, cfg.steps, step, cfg.log_every, main and not quiet) as rep:
+            while step < cfg.steps:
+                factor = lr_factor(step, cfg.optim, cfg.steps)
+                H.set_lr((optimizer,), factor)
+                total = 0.0
+                for _micro in range(cfg.grad_accum):
+                    batch = H.next_batch(batches, stop)
+                    if batch is None:
                         break
-                    raise
-                with accelerator.accumulate(denoiser):
-                    mean, std, ctrl = stats_of(batch)
-                    emb = embeds_of(batch)
-                    rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
-                    with accelerator.autocast():
-                        loss, _per = diffusion_loss(cfg, sched, denoiser, mean, std, emb, batch["clean"], rand, frames, device,
-                                                    model.latent_scale, ctrl)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                        accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                v = accelerator.reduce(loss.detach().float().reshape(1), "mean")
-                total += float(v) / cfg.grad_accum
-            else:
-                if not math.isfinite(total):
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else " (no checkpoint was written yet)"
-                    raise JobFailed(f"the loss became {total} at step {step + 1}: training stopped{where}")
-                step += 1
-                rate_n += 1
-                if len(first_losses) < 20:
-                    first_losses.append(total)
-                recent = (recent + [total])[-20:]
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    now = time.time()
-                    row = {"kind": "train", "step": step, "loss": total, "lr_factor": factor,
-                           "steps_per_s": rate_n / max(now - rate_t0, 1e-9)}
-                    log.write(row)
-                    progress.update(task, rate=f"{row['steps_per_s']:.2f} step/s", loss=f"loss {total:.4f}")
-                    if not sys.stderr.isatty() and main and not quiet:
-                        console.print(f"step {step}/{cfg.steps} loss {total:.5f} {row['steps_per_s']:.2f} step/s")
-                    rate_t0, rate_n = now, 0
-                progress.update(task, completed=step)
-                if step % cfg.validation.every == 0 or step == cfg.steps:
-                    summary["last_val"] = validate(step)
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    last_ckpt = checkpoint(step)
-                    last_ckpt_step = step
-                if stop_after is not None and step >= stop_after:
-                    stop.stop = True
-                if stop.stop:
-                    status = "interrupted"
-                    break
-                continue
-            status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
-            break
-    if step >= cfg.steps:
-        status = "completed"
-    if status == "interrupted" and last_ckpt_step != step and step > 0:
-        last_ckpt = checkpoint(step)
-        last_ckpt_step = step
-        console.print(f"stopped at step {step}; checkpoint written: {last_ckpt} (continue with --resume)")
-    log.close()
-    elapsed = time.time() - t_start
+                    with accelerator.accumulate(denoiser):
+                        mean, std, ctrl = run.stats_of(batch)
+                        rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
+                        with accelerator.autocast():
+                            loss, _per = diffusion_loss(cfg, run.sched, denoiser, mean, std, run.embeds_of(batch), batch["clean"], rand,
+                                                        frames, device, run.model.latent_scale, ctrl)
+                        v = accelerator.reduce(loss.detach().float().reshape(1), "mean")
+                        H.check_finite(v, step, last_ckpt)  # before backward: nothing of this step is applied
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                            accelerator.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    total += float(v) / cfg.grad_accum
+                else:  # all micro-batches done: one optimizer step was taken
+                    step += 1
+                    if len(first_losses) < 20:
+                        first_losses.append(total)
+                    recent = (recent + [total])[-20:]
+                    rep.tick(step, lambda: {"loss": total, "lr_factor": factor},
+                             lambda rate: f"step {step}/{cfg.steps} loss {total:.5f} {rate:.2f} step/s")
+                    with rep.aside():  # steps/s counts training time only
+                        if H.due(step, cfg.validation.every, cfg.steps):
+                            summary["last_val"] = run.validate(step)
+                        if H.due(step, cfg.checkpoint_every, cfg.steps):
+                            last_ckpt, last_ckpt_step = run.checkpoint(step), step
+                    if (stop_after is not None and step >= stop_after) or stop.stop:
+                        status = "interrupted"
+                        break
+                    continue
+                status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
+                break
+        if step >= cfg.steps:
+            status = "completed"
+        if status == "interrupted" and last_ckpt_step != step and step > 0:
+            last_ckpt, last_ckpt_step = run.checkpoint(step), step
+            console.print(f"stopped at step {step}; checkpoint written: {last_ckpt} (continue with --resume)")
+    finally:
+        log.close()
+        if run.patcher is not None:
+            run.patcher.remove()
+    H.finish_summary(summary, status, step, start_step, t_start, last_ckpt, accelerator)
     summary.update(
-        status=status,
-        steps=step,
-        checkpoint=str(last_ckpt) if last_ckpt else None,
-        seconds=elapsed,
-        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else None,
         train_loss_first=float(np.mean(first_losses)) if first_losses else None,
         train_loss_last=float(np.mean(recent)) if recent else None,
-        decoder=decoder_name,
-        encoder=encoder_name,
-        world_size=world,
-        main_process=main,
+        decoder=run.decoder_name,
+        encoder=run.encoder_name,
         val_loss_start=(summary["baseline"] or {}).get("val_loss"),
         val_loss_end=(summary["last_val"] or {}).get("val_loss"),
     )
-    if patcher is not None:
-        patcher.remove()
     accelerator.end_training()
     return summary
 

@@ -22,17 +22,13 @@ renamed: the two nets in the official file layout
 weights when EMA is on), `state.pt` (raw weights, discriminator, optimizers,
 EMA, RNG) and `state.json` (step, data position, config). Data order is a pure
 function of (seed, position), so the step counter is the data position.
+
+The user guide is docs/train-vae.md; the parts shared with the other trainer are in training/harness.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-import shutil
-import signal
-import sys
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -40,13 +36,12 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerctl.errors import JobFailed, LayerctlError
+from layerctl.training import harness as H
+from layerctl.training.harness import list_checkpoints, lr_factor, read_log  # noqa: F401 - part of this module's API
 
 OFFICIAL_DECODER_CHANNELS = (32, 32, 64, 128, 256, 512, 512)
-CKPT_DIR = "checkpoints"
-CKPT_RE = re.compile(r"^step-(\d+)$")
 ENCODER_FILE = "transparent_encoder.safetensors"
 DECODER_FILE = "transparent_decoder.safetensors"
-LOG_FILE = "log.jsonl"
 
 
 # ---------------------------------------------------------------- config
@@ -104,7 +99,7 @@ class DataOptions(_Section):
         return v
 
 
-class ModelOptions(_Section):
+class VaeModelOptions(_Section):
     model: str = Field("tiny", description="the base model whose VAE stays frozen (a backend reference)")
     init_encoder: Optional[str] = Field(None, description="start from these encoder weights (official layout)")
     init_decoder: Optional[str] = Field(None, description="start from these decoder weights (official layout)")
@@ -174,7 +169,7 @@ class VAETrainConfig(_Section):
     val_tta: bool = Field(False, description="validate with the 8-way test-time augmentation (slower)")
     log_every: int = Field(10, gt=0)
     tensorboard: bool = False
-    model: ModelOptions = Field(default_factory=ModelOptions)
+    model: VaeModelOptions = Field(default_factory=VaeModelOptions)
     data: DataOptions = Field(default_factory=DataOptions)
     loss: LossOptions = Field(default_factory=LossOptions)
     optim: OptimOptions = Field(default_factory=OptimOptions)
@@ -195,7 +190,7 @@ def load_config(path, overrides=()) -> VAETrainConfig:
 # ---------------------------------------------------------------- data (checked before any model loads)
 
 
-class DataPlan:
+class VaeDataPlan:
     """The training stream and the held-out set, decided (and checked) before a model loads."""
 
     def __init__(self, cfg: VAETrainConfig):
@@ -402,17 +397,6 @@ def load_frozen_vae(ref: str, device):
 # ---------------------------------------------------------------- learning-rate schedule, EMA
 
 
-def lr_factor(step: int, cfg: OptimOptions, total: int) -> float:
-    """Multiplier of the peak learning rate for optimizer step `step` (0-based)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine":
-        span = max(1, total - cfg.warmup_steps)
-        t = min(1.0, (step - cfg.warmup_steps) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return 1.0
-
-
 class EMA:
     """Exponential moving average of parameters (fp32 shadow copies)."""
 
@@ -489,191 +473,18 @@ def metrics_table(results: dict, title: str):
 # ---------------------------------------------------------------- checkpoints
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    d = Path(out_dir) / CKPT_DIR
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def _save_dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def save_checkpoint(out_dir: Path, step: int, state: dict, encoder, decoder, cfg: VAETrainConfig, extra: dict) -> Path:
-    """Write checkpoints/step-N/ under a temporary name, then rename; keep the last K."""
-    import torch
-
+    """checkpoints/step-N/: the two nets in the official layout, state.pt, state.json (harness.write_checkpoint)."""
     from layerctl.models.transparent_vae import save_module
 
-    root = Path(out_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        dt = _save_dtype(cfg.save_dtype)
-        save_module(encoder, tmp / ENCODER_FILE, dtype=dt, overwrite=True)
-        save_module(decoder, tmp / DECODER_FILE, dtype=dt, overwrite=True)
-        for name in (ENCODER_FILE, DECODER_FILE):
-            _usual_mode(tmp / name)
-        torch.save(state, tmp / "state.pt")
-        info = {"step": step, "config": cfg.model_dump(mode="json"), **extra}
-        (tmp / "state.json").write_text(json.dumps(info, indent=1, sort_keys=True, default=str))
-        if final.exists():
-            old = root / f".old-step-{step:07d}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _s, p in list_checkpoints(out_dir)[: -cfg.keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
+    def write_files(folder: Path) -> None:
+        dt = H.save_dtype(cfg.save_dtype)
+        for net, name in ((encoder, ENCODER_FILE), (decoder, DECODER_FILE)):
+            save_module(net, folder / name, dtype=dt, overwrite=True)
+            H.usual_mode(folder / name)
 
-
-def _usual_mode(path: Path) -> None:
-    """Temporary files are created 0600; give a finished file the mode a plain open() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _export_final(out_dir: Path, ckpt: Path) -> None:
-    """Copy the last checkpoint's weight files to OUT/ (atomically), the files a user picks up."""
-    for name in (ENCODER_FILE, DECODER_FILE):
-        tmp = Path(out_dir) / f".{name}.tmp-{os.getpid()}"
-        shutil.copyfile(ckpt / name, tmp)
-        os.replace(tmp, Path(out_dir) / name)
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-    import torch
-
-    st = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()[1]), "numpy_seed": int(np.random.get_state()[1][0])}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    import random
-
-    import torch
-
-    torch.set_rng_state(st["torch"])
-    state = tuple(json.loads(st["python"]))
-    random.setstate((3, state, None))
-    if "cuda" in st and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(st["cuda"])
-        except Exception:  # noqa: BLE001 - another GPU count: not fatal
-            pass
-
-
-# ---------------------------------------------------------------- the log
-
-
-class RunLog:
-    """Appends JSON lines to OUT/log.jsonl (and TensorBoard when asked). On resume, drops lines after the step."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume_step: Optional[int]):
-        self.path = Path(out_dir) / LOG_FILE
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None and self.path.exists():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if row.get("step", 0) <= resume_step:
-                    keep.append(line)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(k + "\n" for k in keep))
-            os.replace(tmp, self.path)
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # noqa: BLE001
-                raise LayerctlError("tensorboard: true needs the tensorboard package (pip install 'layerctl[tensorboard]')") from None
-            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-        if self.tb is not None:
-            prefix = "val/" if row.get("kind") == "val" else "train/"
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "kind"):
-                    self.tb.add_scalar(prefix + k, v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_log(out_dir, kind: str = "train") -> list[dict]:
-    p = Path(out_dir) / LOG_FILE
-    if not p.exists():
-        return []
-    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    return [r for r in rows if r.get("kind") == kind]
-
-
-# ---------------------------------------------------------------- Ctrl-C
-
-
-class StopFlag:
-    """First Ctrl-C: finish the current step, write a checkpoint, stop. Second: abort at once."""
-
-    def __init__(self, console=None):
-        self.stop = False
-        self.console = console
-        self._old = None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        if self.console is not None:
-            self.console.print("[yellow]Ctrl-C: stopping after this step and writing a checkpoint (Ctrl-C again aborts)[/]")
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-
+    info = {"config": cfg.model_dump(mode="json"), **extra}
+    return H.write_checkpoint(out_dir, step, write_files, state, info, cfg.keep_last)
 # ---------------------------------------------------------------- the loop
 
 
@@ -704,14 +515,148 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _mixed_precision(name: str) -> str:
+class _Run:
+    """The parts of one train-vae run that validation and checkpoints need (built by `_setup`)."""
+
+    def __init__(self, **parts):
+        self.__dict__.update(parts)
+
+    def validate(self, step: int) -> Optional[dict]:
+        """Metrics of the current (EMA) weights on the held-out set, on the main process."""
+        from layerctl.training import data as D
+
+        plan, acc = self.plan, self.accelerator
+        if plan.val is None or not plan.val_count:
+            return None
+        res = None
+        if acc.is_main_process:
+            with self.ema_weights():
+                self.raw_pair.eval()
+                with acc.autocast():
+                    batches = D.fixed_batches(plan.val, plan.val_count, self.cfg.val_batch_size)
+                    res = evaluate(self.model, self.raw_pair.encoder, self.raw_pair.decoder, batches, tta=self.cfg.val_tta, device=acc.device)
+                self.raw_pair.train()
+            self.log.write({"kind": "val", "step": step, **res})
+            self.console.print(metrics_table(res, f"validation at step {step} ({res['images']} held-out images)"))
+        acc.wait_for_everyone()
+        return res
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Inside: the pair holds the EMA weights (when EMA is on); the raw ones come back after."""
+        backup = None
+        if self.ema is not None:
+            backup = {k: v.detach().clone() for k, v in self.raw_pair.state_dict().items()}
+            self.ema.copy_to(self.raw_pair)
+        try:
+            yield
+        finally:
+            if backup is not None:
+                self.raw_pair.load_state_dict(backup)
+
+    def checkpoint(self, step: int, bad_files: set) -> Optional[Path]:
+        """checkpoints/step-N/ (raw weights and optimizers in state.pt, EMA weights in the files) and OUT/'s files."""
+        cfg, acc, path = self.cfg, self.accelerator, None
+        if acc.is_main_process:
+            world = acc.num_processes
+            state = {
+                "pair": {k: v.detach().clone() for k, v in self.raw_pair.state_dict().items()},  # raw (not EMA) weights
+                "disc": self.raw_disc.state_dict(),
+                "opt_g": _raw_optimizer(self.opt_g).state_dict(),
+                "opt_d": _raw_optimizer(self.opt_d).state_dict(),
+                "ema": self.ema.shadow if self.ema is not None else None,
+                "rng": H.rng_state(),
+            }
+            extra = {
+                "data_position": step * cfg.grad_accum * cfg.batch_size * world,
+                "micro_batch": step * cfg.grad_accum,
+                "world_size": world,
+                "schedule": {"kind": cfg.optim.schedule, "factor": lr_factor(max(step - 1, 0), cfg.optim, cfg.steps)},
+                "bad_files": sorted(bad_files),
+                "ema": self.ema is not None,
+            }
+            with self.ema_weights():  # the exported files hold the EMA weights
+                path = save_checkpoint(self.out_dir, step, state, self.raw_pair.encoder, self.raw_pair.decoder, cfg, extra)
+            H.export_files(self.out_dir, path, (ENCODER_FILE, DECODER_FILE))
+        acc.wait_for_everyone()
+        return path
+
+
+def _raw_optimizer(opt):
+    return opt.optimizer if hasattr(opt, "optimizer") else opt
+
+
+def _setup(cfg: VAETrainConfig, accelerator, console, ckpt_path: Optional[Path]):
+    """Frozen VAE, the trained pair, discriminator, optimizers, EMA; restored from `ckpt_path` when given.
+    Returns (parts, start_step, bad_files) - parts not yet prepared by the accelerator."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    from layerctl.training import losses as L
+
+    model = load_frozen_vae(cfg.model.model, accelerator.device)
+    pair = make_pair(*build_nets(cfg))
+    torch.manual_seed(cfg.seed + 2)
+    disc = L.PatchDiscriminator(4, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    o = cfg.optim
+    opt_g = torch.optim.AdamW(
+        [
+            {"params": list(pair.encoder.parameters()), "lr": o.lr_encoder, "base_lr": o.lr_encoder},
+            {"params": list(pair.decoder.parameters()), "lr": o.lr_decoder, "base_lr": o.lr_decoder},
+        ],
+        betas=o.betas,
+        weight_decay=o.weight_decay,
+    )
+    opt_d = torch.optim.AdamW([{"params": list(disc.parameters()), "lr": o.lr_disc, "base_lr": o.lr_disc}], betas=o.betas, weight_decay=o.weight_decay)
+    ema = EMA(pair, cfg.ema.decay) if cfg.ema.enabled else None
+    start_step, bad_files = 0, set()
+    if ckpt_path is not None:
+        st, info = H.load_checkpoint(ckpt_path)
+        pair.load_state_dict(st["pair"])
+        disc.load_state_dict(st["disc"])
+        opt_g.load_state_dict(st["opt_g"])
+        opt_d.load_state_dict(st["opt_d"])
+        if ema is not None and st.get("ema") is not None:
+            ema.shadow = {k: v.float() for k, v in st["ema"].items()}
+        H.set_rng_state(st["rng"])
+        start_step = int(info["step"])
+        bad_files = set(info.get("bad_files", []))
+        console.print(f"resuming from {ckpt_path} (step {start_step})")
+        changed = config_changes(info.get("config", {}), cfg.model_dump(mode="json"))
+        if info.get("world_size", 1) != accelerator.num_processes:
+            changed.append(f"processes {info.get('world_size', 1)} -> {accelerator.num_processes}")
+        if changed:
+            console.print("[yellow]resuming with changed settings[/] (the run will differ from an uninterrupted one): " + "; ".join(changed))
+        if start_step >= cfg.steps:
+            console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
+    return dict(model=model, pair=pair, disc=disc, opt_g=opt_g, opt_d=opt_d, ema=ema), start_step, bad_files
+
+
+def _losses(cfg: VAETrainConfig, model, pair, raw_disc, rgba, padded, views, use_adv: bool):
+    """Forward pass of one micro-batch: (loss, identity, recon, adv, pred, target)."""
+    import torch
+
+    from layerctl.training import losses as L
+
+    prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
+    mean, std = model.vae_encode(prem)
+    if cfg.loss.identity_target == "vae":
+        with torch.no_grad():
+            id_target = frozen_decode(model, mean)
+    else:
+        id_target = prem
+    _latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, lambda z: frozen_decode(model, z), views)
+    target = decoder_target(rgba, padded)
+    l_id = L.identity_loss(decoded, id_target)
+    l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
+    loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
+    if use_adv:
+        raw_disc.requires_grad_(False)  # the generator's adversarial term does not train the discriminator
+        l_adv = L.g_loss(raw_disc(L.to_disc_input(pred.float())), cfg.loss.disc_loss)
+        raw_disc.requires_grad_(True)
+        loss = loss + cfg.loss.disc_weight * l_adv
+    else:
+        l_adv = torch.zeros((), device=rgba.device)
+    return loss, l_id, l_rec, l_adv, pred, target
 
 
 def train(
@@ -726,257 +671,64 @@ def train(
 
     `stop_after`: behave as if Ctrl-C came right after that step (tests, smoke runs).
     """
+    import torch
     from rich.console import Console
+
+    from layerctl.training import losses as L
 
     out_dir = Path(cfg.out_dir).expanduser()
     console = Console(stderr=True, highlight=False, quiet=quiet)
-
     # -- everything a user can get wrong, before any model loads
-    ckpts = list_checkpoints(out_dir)
-    ckpt_path: Optional[Path] = None
-    if resume_from:
-        ckpt_path = Path(resume_from).expanduser()
-        if not (ckpt_path / "state.json").is_file():
-            raise LayerctlError(f"--resume-from {ckpt_path}: not a train-vae checkpoint folder (no state.json)")
-    elif resume:
-        if not ckpts:
-            raise LayerctlError(f"--resume: no checkpoint in {out_dir / CKPT_DIR} to resume from")
-        ckpt_path = ckpts[-1][1]
-    elif ckpts or (out_dir / LOG_FILE).exists():
-        if not overwrite:
-            raise LayerctlError(f"{out_dir} already holds a run (use --resume to continue it, or --overwrite to start over)")
-        shutil.rmtree(out_dir / CKPT_DIR, ignore_errors=True)
-    if cfg.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise LayerctlError("tensorboard: true needs the tensorboard package (pip install 'layerctl[tensorboard]')")
-    plan = DataPlan(cfg)
+    ckpt_path = H.check_out_dir(out_dir, resume, resume_from, overwrite, "train-vae")
+    H.check_tensorboard(cfg.tensorboard)
+    plan = VaeDataPlan(cfg)
     for note in plan.scan_notes:
         console.print(f"data: {note}")
-
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from layerctl.training import data as D
-    from layerctl.training import losses as L
-    from layerctl.models.transparent_vae import decode_rgba  # noqa: F401 - fail early if missing
-
-    mp = _mixed_precision(cfg.mixed_precision)
-    cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
-    main = accelerator.is_main_process
-    if not main:
-        console.quiet = True
-    device = accelerator.device
-    if cfg.cpu_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads)
-    set_seed(cfg.seed)
-
-    model = load_frozen_vae(cfg.model.model, device)
-    encoder, decoder = build_nets(cfg)
-    pair = make_pair(encoder, decoder)
-    torch.manual_seed(cfg.seed + 2)
-    disc = L.PatchDiscriminator(4, cfg.loss.disc_channels, cfg.loss.disc_layers)
-    o = cfg.optim
-    opt_g = torch.optim.AdamW(
-        [
-            {"params": list(pair.encoder.parameters()), "lr": o.lr_encoder, "base_lr": o.lr_encoder},
-            {"params": list(pair.decoder.parameters()), "lr": o.lr_decoder, "base_lr": o.lr_decoder},
-        ],
-        betas=o.betas,
-        weight_decay=o.weight_decay,
-    )
-    opt_d = torch.optim.AdamW([{"params": list(disc.parameters()), "lr": o.lr_disc, "base_lr": o.lr_disc}], betas=o.betas, weight_decay=o.weight_decay)
-    ema = EMA(pair, cfg.ema.decay) if cfg.ema.enabled else None
-
-    start_step = 0
-    bad_files: set[str] = set()
-    if ckpt_path is not None:
-        st = torch.load(ckpt_path / "state.pt", map_location="cpu", weights_only=True)
-        info = json.loads((ckpt_path / "state.json").read_text())
-        pair.load_state_dict(st["pair"])
-        disc.load_state_dict(st["disc"])
-        opt_g.load_state_dict(st["opt_g"])
-        opt_d.load_state_dict(st["opt_d"])
-        if ema is not None and st.get("ema") is not None:
-            ema.shadow = {k: v.float() for k, v in st["ema"].items()}
-        _set_rng_state(st["rng"])
-        start_step = int(info["step"])
-        bad_files = set(info.get("bad_files", []))
-        console.print(f"resuming from {ckpt_path} (step {start_step})")
-        changed = config_changes(info.get("config", {}), cfg.model_dump(mode="json"))
-        if info.get("world_size", 1) != accelerator.num_processes:
-            changed.append(f"processes {info.get('world_size', 1)} -> {accelerator.num_processes}")
-        if changed:
-            console.print(
-                "[yellow]resuming with changed settings[/] (the run will differ from an uninterrupted one): " + "; ".join(changed)
-            )
-        if start_step >= cfg.steps:
-            console.print(f"nothing to do: the checkpoint is at step {start_step} and steps = {cfg.steps}")
-
-    pair, disc, opt_g, opt_d = accelerator.prepare(pair, disc, opt_g, opt_d)
-    raw_pair = accelerator.unwrap_model(pair)
-    raw_disc = accelerator.unwrap_model(disc)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    loader = D.make_loader(
-        plan.train, cfg.batch_size, start=start_step * cfg.grad_accum, rank=rank, world=world, workers=cfg.data.workers
-    )
-    batches = iter(loader)
-    log = RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
+    # -- models, optimizers, data
+    accelerator, _mp = H.start_accelerator(cfg, cfg.model.device, console)
+    main, device, world, rank = accelerator.is_main_process, accelerator.device, accelerator.num_processes, accelerator.process_index
+    parts, start_step, bad_files = _setup(cfg, accelerator, console, ckpt_path)
+    pair, disc, opt_g, opt_d = accelerator.prepare(parts.pop("pair"), parts.pop("disc"), parts.pop("opt_g"), parts.pop("opt_d"))
+    batches = iter(H.make_loader(plan.train, cfg.batch_size, start_step * cfg.grad_accum, rank, world, cfg.data.workers, cfg.seed))
+    log = H.RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-
-    def decode_fn(latent):
-        return frozen_decode(model, latent)
-
-    def validate(step: int) -> Optional[dict]:
-        if plan.val is None or not plan.val_count:
-            return None
-        if main:
-            enc, dec = raw_pair.encoder, raw_pair.decoder
-            backup = None
-            if ema is not None:
-                backup = {k: v.detach().clone() for k, v in raw_pair.state_dict().items()}
-                ema.copy_to(raw_pair)
-            raw_pair.eval()
-            with accelerator.autocast():
-                res = evaluate(model, enc, dec, D.fixed_batches(plan.val, plan.val_count, cfg.val_batch_size), tta=cfg.val_tta, device=device)
-            raw_pair.train()
-            if backup is not None:
-                raw_pair.load_state_dict(backup)
-            log.write({"kind": "val", "step": step, **res})
-            console.print(metrics_table(res, f"validation at step {step} ({res['images']} held-out images)"))
-        else:
-            res = None
-        accelerator.wait_for_everyone()
-        return res
-
-    def checkpoint(step: int) -> Optional[Path]:
-        path = None
-        if main:
-            state = {
-                "pair": {k: v.detach().clone() for k, v in raw_pair.state_dict().items()},  # raw (not EMA) weights
-                "disc": raw_disc.state_dict(),
-                "opt_g": opt_g.optimizer.state_dict() if hasattr(opt_g, "optimizer") else opt_g.state_dict(),
-                "opt_d": opt_d.optimizer.state_dict() if hasattr(opt_d, "optimizer") else opt_d.state_dict(),
-                "ema": ema.shadow if ema is not None else None,
-                "rng": _rng_state(),
-            }
-            backup = None
-            if ema is not None:  # the exported files hold the EMA weights
-                backup = state["pair"]
-                ema.copy_to(raw_pair)
-            extra = {
-                "data_position": step * cfg.grad_accum * cfg.batch_size * world,
-                "micro_batch": step * cfg.grad_accum,
-                "world_size": world,
-                "schedule": {"kind": cfg.optim.schedule, "factor": lr_factor(max(step - 1, 0), cfg.optim, cfg.steps)},
-                "bad_files": sorted(bad_files),
-                "ema": ema is not None,
-            }
-            try:
-                path = save_checkpoint(out_dir, step, state, raw_pair.encoder, raw_pair.decoder, cfg, extra)
-            finally:
-                if backup is not None:
-                    raw_pair.load_state_dict(backup)
-            _export_final(out_dir, path)
-        accelerator.wait_for_everyone()
-        return path
-
-    def check_finite(value, step: int, what: str = "loss") -> None:
-        v = float(value)
-        if not math.isfinite(v):
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else " (no checkpoint was written yet)"
-            raise JobFailed(f"the {what} became {v} at step {step + 1}: training stopped, nothing of this step was applied{where}")
-
+        H.write_config(out_dir, cfg)
+    run = _Run(cfg=cfg, plan=plan, accelerator=accelerator, console=console, log=log, out_dir=out_dir, opt_g=opt_g, opt_d=opt_d,
+               raw_pair=accelerator.unwrap_model(pair), raw_disc=accelerator.unwrap_model(disc), **parts)
     summary: dict[str, Any] = {"out_dir": str(out_dir), "start_step": start_step, "baseline": None, "last_val": None}
-    if ckpt_path is None and cfg.val_at_start:
-        summary["baseline"] = validate(0)
-
-    step = start_step
-    last_ckpt_step = start_step if ckpt_path is not None else None
-    last_ckpt = ckpt_path
-    t_start = time.time()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn("train-vae"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not main or quiet,
-        transient=False,
-    )
-    status = "completed"
-    g_unwrapped_disc = raw_disc
+    step, status, t_start = start_step, "completed", time.time()
+    last_ckpt, last_ckpt_step = ckpt_path, (start_step if ckpt_path is not None else None)
     try:
-        with StopFlag(console if main else None) as stop, progress:
-            task = progress.add_task("train", total=cfg.steps, completed=step, rate="", loss="")
-            rate_t0, rate_n = time.time(), 0
+        if ckpt_path is None and cfg.val_at_start:
+            summary["baseline"] = run.validate(0)
+        with H.StopFlag(console if main else None) as stop, H.Reporter("train-vae", console, log, cfg.steps, step, cfg.log_every, main and not quiet) as rep:
             while step < cfg.steps:
                 use_adv = cfg.loss.disc_weight > 0 and step >= cfg.loss.disc_start
                 factor = lr_factor(step, cfg.optim, cfg.steps)
-                for opt in (opt_g, opt_d):
-                    for g in opt.param_groups:
-                        g["lr"] = g["base_lr"] * factor
-                sums = {"loss": 0.0, "identity": 0.0, "recon": 0.0, "adv": 0.0, "disc": 0.0}
-                for _micro in range(cfg.grad_accum):
-                    micro = step * cfg.grad_accum + _micro  # the global micro-batch index (the data position)
-                    try:
-                        batch = next(batches)
-                    except Exception:
-                        if stop.stop:  # a DataLoader worker died from the same Ctrl-C
-                            break
-                        raise
+                H.set_lr((opt_g, opt_d), factor)
+                sums = dict.fromkeys(("loss", "identity", "recon", "adv", "disc"), 0.0)
+                for micro in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):  # global micro-batch index
+                    batch = H.next_batch(batches, stop)
+                    if batch is None:
+                        break
                     bad_files.update(batch["bad"])
-                    rgba = batch["rgba"].to(device)
-                    padded = batch["padded"].to(device)
-                    prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
+                    rgba, padded = batch["rgba"].to(device), batch["padded"].to(device)
+                    first = (micro * world + rank) * cfg.batch_size  # its data position, as data.PositionBatches
+                    views = decoder_views(cfg.seed, range(first, first + rgba.shape[0])) if cfg.loss.decoder_views else None
                     with accelerator.accumulate(pair, disc):
                         with accelerator.autocast():
-                            mean, std = model.vae_encode(prem)
-                            if cfg.loss.identity_target == "vae":
-                                with torch.no_grad():
-                                    id_target = frozen_decode(model, mean)
-                            else:
-                                id_target = prem
-                            views = None
-                            if cfg.loss.decoder_views:
-                                first = (micro * world + rank) * cfg.batch_size  # as data.PositionBatches
-                                views = decoder_views(cfg.seed, range(first, first + rgba.shape[0]))
-                            latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, decode_fn, views)
-                            target = decoder_target(rgba, padded)
-                            l_id = L.identity_loss(decoded, id_target)
-                            l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
-                            loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
-                            if use_adv:
-                                g_unwrapped_disc.requires_grad_(False)
-                                l_adv = L.g_loss(g_unwrapped_disc(L.to_disc_input(pred.float())), cfg.loss.disc_loss)
-                                g_unwrapped_disc.requires_grad_(True)
-                                loss = loss + cfg.loss.disc_weight * l_adv
-                            else:
-                                l_adv = torch.zeros((), device=device)
+                            loss, l_id, l_rec, l_adv, pred, target = _losses(cfg, run.model, pair, run.raw_disc, rgba, padded, views, use_adv)
                         g_vals = accelerator.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
-                        check_finite(g_vals[0], step)  # before any gradient of this step is applied
+                        H.check_finite(g_vals[0], step, last_ckpt)  # before backward: nothing of this step is applied
                         accelerator.backward(loss)
+                        d_val = torch.zeros((), device=device)
                         if use_adv:
                             with accelerator.autocast():
                                 logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
-                                n = target.shape[0]
-                                l_d = L.d_loss(logits[:n], logits[n:], cfg.loss.disc_loss)
+                                l_d = L.d_loss(logits[: target.shape[0]], logits[target.shape[0] :], cfg.loss.disc_loss)
                             d_val = accelerator.reduce(l_d.detach().float(), "mean")
-                            check_finite(d_val, step, "discriminator loss")
+                            H.check_finite(d_val, step, last_ckpt, "discriminator loss")
                             accelerator.backward(l_d)
-                        else:
-                            d_val = torch.zeros((), device=device)
                         if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
                             accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
                             if use_adv:
@@ -988,66 +740,36 @@ def train(
                             opt_d.zero_grad(set_to_none=True)
                     for k, v in zip(sums, g_vals.tolist() + [float(d_val)]):
                         sums[k] += v / cfg.grad_accum
-                else:
-                    # all micro-batches done: one optimizer step was taken
-                    if ema is not None:
-                        ema.update(raw_pair)
+                else:  # all micro-batches done: one optimizer step was taken
+                    if run.ema is not None:
+                        run.ema.update(run.raw_pair)
                     step += 1
-                    rate_n += 1
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        now = time.time()
-                        row = {"kind": "train", "step": step, "lr_factor": factor, **{k: v for k, v in sums.items()}}
-                        row["steps_per_s"] = rate_n / max(now - rate_t0, 1e-9)
-                        log.write(row)
-                        progress.update(task, rate=f"{row['steps_per_s']:.2f} step/s", loss=f"loss {sums['loss']:.4f}")
-                        if not sys.stderr.isatty() and main and not quiet:
-                            console.print(
-                                f"step {step}/{cfg.steps} loss {sums['loss']:.4f} (id {sums['identity']:.4f} rec {sums['recon']:.4f}"
-                                + (f" adv {sums['adv']:.3f} d {sums['disc']:.3f}" if use_adv else "")
-                                + f") {row['steps_per_s']:.2f} step/s"
-                            )
-                        rate_t0, rate_n = now, 0
-                    progress.update(task, completed=step)
-                    t_side = time.time()
-                    if step % cfg.val_every == 0 or step == cfg.steps:
-                        summary["last_val"] = validate(step)
-                    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                        last_ckpt = checkpoint(step)
-                        last_ckpt_step = step
-                    rate_t0 += time.time() - t_side  # steps/s counts training time only
-                    if stop_after is not None and step >= stop_after:
-                        stop.stop = True
-                    if stop.stop:
+                    rep.tick(step, lambda: {"lr_factor": factor, **sums}, lambda rate: (
+                        f"step {step}/{cfg.steps} loss {sums['loss']:.4f} (id {sums['identity']:.4f} rec {sums['recon']:.4f}"
+                        + (f" adv {sums['adv']:.3f} d {sums['disc']:.3f}" if use_adv else "") + f") {rate:.2f} step/s"))
+                    with rep.aside():  # steps/s counts training time only
+                        if H.due(step, cfg.val_every, cfg.steps):
+                            summary["last_val"] = run.validate(step)
+                        if H.due(step, cfg.checkpoint_every, cfg.steps):
+                            last_ckpt, last_ckpt_step = run.checkpoint(step, bad_files), step
+                    if (stop_after is not None and step >= stop_after) or stop.stop:
                         status = "interrupted"
                         break
                     continue
                 status = "interrupted"  # the micro-batch loop broke: stop requested mid-step
                 break
+        if status == "interrupted":
+            if last_ckpt_step != step:
+                last_ckpt, last_ckpt_step = run.checkpoint(step, bad_files), step
+            console.print(f"stopped at step {step}; the checkpoint is {last_ckpt} (continue with --resume)")
     finally:
         log.close()
-    if status == "interrupted":
-        if last_ckpt_step != step:
-            last_ckpt = checkpoint(step)
-            last_ckpt_step = step
-        console.print(f"stopped at step {step}; the checkpoint is {last_ckpt} (continue with --resume)")
-    elapsed = time.time() - t_start
-    summary.update(
-        main_process=main,
-        world_size=world,
-        status=status,
-        steps=step,
-        checkpoint=str(last_ckpt) if last_ckpt else None,
-        encoder=str(out_dir / ENCODER_FILE),
-        decoder=str(out_dir / DECODER_FILE),
-        skipped_files=sorted(bad_files),
-        seconds=elapsed,
-        steps_per_s=(step - start_step) / elapsed if elapsed > 0 else None,
-    )
+    H.finish_summary(summary, status, step, start_step, t_start, last_ckpt, accelerator)
+    summary.update(encoder=str(out_dir / ENCODER_FILE), decoder=str(out_dir / DECODER_FILE), skipped_files=sorted(bad_files))
     if bad_files and main:
         console.print(f"[yellow]{len(bad_files)} unreadable image(s) were skipped[/]: " + ", ".join(sorted(bad_files)[:5]) + (" ..." if len(bad_files) > 5 else ""))
     accelerator.end_training()
     return summary
-
 
 # ---------------------------------------------------------------- eval-vae
 
@@ -1094,7 +816,9 @@ def _eval_batches(records, resolution: Optional[int], batch_size: int, skipped: 
         yield D.collate(pending)
 
 
-def _load_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
+def load_transparent_net(kind: str, path: Optional[str], model, weights_dir: Optional[str], device):
+    """(net, where it came from): the transparent "encoder"/"decoder" at `path`, else the tiny stand-in
+    or the model's official file (eval-vae, train-lora)."""
     import torch
 
     from layerctl.models import transparent_vae as tv
@@ -1160,8 +884,8 @@ def run_eval(
 
     dev = resolve_device(device)
     model = load_frozen_vae(model_ref, dev)
-    dec, dec_name = _load_net("decoder", decoder, model, weights_dir, dev)
-    enc, enc_name = _load_net("encoder", encoder, model, weights_dir, dev)
+    dec, dec_name = load_transparent_net("decoder", decoder, model, weights_dir, dev)
+    enc, enc_name = load_transparent_net("encoder", encoder, model, weights_dir, dev)
     t0 = time.time()
     metrics = evaluate(model, enc, dec, batches_fn(), tta=tta, device=dev)
     if not metrics["images"]:
