@@ -1,20 +1,33 @@
-"""Quality figures of the bundled toy model (docs/toy-model.md).
+"""Quality figures of the bundled toy model (docs/toy-model.md, issues 9 and 14).
 
-    python bench/toy_quality.py --seeds 4 --json runs/toy/quality.json
+    nice -n 10 python bench/toy_quality.py --threads 1 --json runs/toy/quality.json   # 10 prompts x 100 seeds
+    python bench/toy_quality.py --quick                                             # smoke test (seconds)
 
-1. prompt -> shape accuracy: `layerctl gen "<colour> <shape>"` (rgba mode) over seeds; the
-   generated alpha is classified by template IoU against the ten toy shapes (templates drawn
-   by the scene source at several sizes and offsets). The classifier's own accuracy on
-   ground-truth scene alphas is reported next to it.
-2. body alpha: mean alpha over the object's body (the object mask, alpha above a quarter of
-   its 95th percentile, eroded by 2 px so the anti-aliased rim does not count) for
-   "glass <shape>" and "<colour> <shape>" (solid) prompts, with the same figure on the
-   ground-truth scenes; also the mean over every pixel with alpha > 0.05 ("object alpha").
-3. transparency VAE, from the shipped encoder/decoder: alpha PSNR and composite RGB PSNR (9
-   backgrounds) on held-out procedural RGBA scenes (a seed no stage trained on), against the
-   zero-initialised pair (offset 0, decoder output 0) of the same architecture.
-4. generation time of one 64x64 image (steps as given, 8-way TTA decode), model loaded.
-5. shipped size of layerctl/toy_weights/.
+Everything is generated through `Session.gen` exactly as `layerctl gen` runs it (the shipped
+weights unless --layer-weights / --decoder name other files), model loaded once.
+
+1. text -> RGBA, 10 prompts (7 solid "<colour> <shape>", 3 "glass <shape>") x seeds:
+   - shape accuracy: the generated alpha classified by template IoU against the eight toy shapes
+     with a crisp outline; thin-shape accuracy is the same over the cup (handle), ring and star
+     prompts;
+   - solid objects, as a person sees them: the mean alpha over every pixel with alpha > 0.05
+     (the rim included; target > 0.85), the share of images with a hole inside the object
+     (a region of alpha <= 0.5 enclosed by alpha > 0.5, at least 2 px; shapes without a hole
+     by design only) and the share with a stray speck (a second blob apart from the object);
+   - glass: the body alpha (the object without its 2-px rim; target 0.2-0.8), the rim alpha,
+     and the share of images whose rim is more opaque than their body;
+   - the older measure of issue 9 (solid body alpha without the rim) for continuity.
+   The same measures on the training scenes' own alphas ("ground truth") show what each
+   measure gives on perfect pictures.
+2. layer modes, 10 held-out scenes (SceneSource(777), 7 solid + 3 glass objects) x layer seeds:
+   `gen --joint` (fg, bg, blended drawn together), `gen --bg` (the scene's background given)
+   and `gen --fg` (the scene's foreground given). Per image: the blended picture vs `fg over
+   bg` (MAE over the object; target < 0.1) and the foreground's object mask vs the region where
+   the blended picture differs from the background (IoU; target > 0.7); for joint and --bg
+   also whether the generated foreground has the prompt's shape.
+3. transparency VAE, from the shipped encoder/decoder: alpha PSNR and composite RGB PSNR on
+   held-out scenes against the zero-initialised pair.
+4. time of one 64x64 image (20 steps, 8-way TTA decode), model loaded; shipped size.
 """
 
 from __future__ import annotations
@@ -30,45 +43,205 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from layerctl.training.toy_metrics import (  # noqa: E402
-    CLASSIFY_SHAPES, body_alpha_mean, classify, object_alpha_mean, templates,
+    CLASSIFY_SHAPES, HOLED_SHAPES, THIN_SHAPES, body_alpha_mean, classify, has_hole, has_speck,
+    layer_agreement, object_alpha_mean, rim_and_body, templates,
 )
-from layerctl.training.scenes import SHAPES  # noqa: E402
+from layerctl.training.scenes import SHAPES, SceneSource  # noqa: E402
+
+SOLID_TARGET = 0.85  # issue 14: mean alpha over the object's pixels, rim included
+MAE_TARGET, IOU_TARGET = 0.1, 0.7
+LAYER_SCENES = [("ball", "solid"), ("cup", "solid"), ("bottle", "solid"), ("heart", "solid"), ("star", "solid"),
+                ("ring", "solid"), ("leaf", "solid"), ("cup", "glass"), ("ball", "glass"), ("bottle", "glass")]
+LAYER_SCENE_SEED = 777
 
 
-def ground_truth(n: int = 300):
-    from layerctl.training.scenes import SceneSource
+def rgba_prompts() -> tuple[list[str], list[str]]:
+    colours = ["red", "blue", "yellow", "green", "purple"]
+    solid = [f"{colours[i % len(colours)]} {SHAPES[s]}" for i, s in enumerate(CLASSIFY_SHAPES) if s != "glass"]
+    glass = [f"glass {SHAPES[s]}" for s in ("cup", "ball", "bottle")]
+    return solid, glass
 
+
+def shape_of(prompt: str) -> str:
+    return next(s for s in CLASSIFY_SHAPES if prompt.split()[-1] == SHAPES[s])
+
+
+def layer_scenes(count: int = len(LAYER_SCENES)) -> list:
+    """The first scene of SceneSource(777) with each (shape, material) of LAYER_SCENES: held out (no
+    training stage uses seed 777)."""
+    src, out, i = SceneSource(seed=LAYER_SCENE_SEED), [], 0
+    for want in LAYER_SCENES[:count]:
+        while True:
+            obj, _bg, _rng = src.plan(i)
+            i += 1
+            if (obj.shape, obj.material) == want:
+                out.append(src(i - 1))
+                break
+    return out
+
+
+# ---------------------------------------------------------------- per-image measures
+
+
+def rgba_measures(alpha: np.ndarray, prompt: str, temps) -> dict:
+    want = shape_of(prompt)
+    got, score = classify(alpha, temps)
+    rim, body_rimless = rim_and_body(alpha)
+    return {"shape": got, "correct": got == want, "iou": round(score, 3),
+            "object_alpha": round(object_alpha_mean(alpha), 4), "body_alpha": round(body_alpha_mean(alpha), 4),
+            "rim_alpha": round(rim, 4), "body_alpha_rimless": round(body_rimless, 4),
+            "hole": bool(has_hole(alpha)), "speck": bool(has_speck(alpha))}
+
+
+def summarise_rgba(rows: dict, solid: list[str], glass: list[str]) -> dict:
+    """rows: prompt -> list of per-image measure dicts."""
+    allr = [r for p in solid + glass for r in rows[p]]
+    thin = [r for p in solid + glass if shape_of(p) in THIN_SHAPES for r in rows[p]]
+    sol = [r for p in solid for r in rows[p]]
+    holeless = [r for p in solid if shape_of(p) not in HOLED_SHAPES for r in rows[p]]
+    gla = [r for p in glass for r in rows[p]]
+    m = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None  # noqa: E731
+    share = lambda rs, f: float(np.mean([bool(f(r)) for r in rs])) if rs else None  # noqa: E731
+    return {
+        "images": len(allr),
+        "shape_accuracy": m(allr, "correct"),
+        "chance": 1 / len(CLASSIFY_SHAPES),
+        "thin_shape_accuracy": m(thin, "correct"),
+        "thin_shape_images": len(thin),
+        "solid_object_alpha": m(sol, "object_alpha"),
+        "solid_share_object_alpha_above_target": share(sol, lambda r: r["object_alpha"] > SOLID_TARGET),
+        "solid_hole_share": share(holeless, lambda r: r["hole"]),
+        "solid_hole_images": len(holeless),
+        "speck_share": share(allr, lambda r: r["speck"]),
+        "solid_body_alpha_rimless": m(sol, "body_alpha"),
+        "glass_body_alpha": m(gla, "body_alpha"),
+        "glass_share_body_in_0.2_0.8": share(gla, lambda r: 0.2 <= r["body_alpha"] <= 0.8),
+        "glass_rim_alpha": m(gla, "rim_alpha"),
+        "glass_share_rim_above_body": share(gla, lambda r: r["rim_alpha"] > r["body_alpha_rimless"]),
+        "glass_object_alpha": m(gla, "object_alpha"),
+    }
+
+
+def ground_truth(n: int = 400, seed: int = 12345) -> dict:
+    """The measures on the training scenes' own alphas (solid and glass objects with a crisp outline)."""
     temps = templates()
-    src = SceneSource(seed=12345)
-    hits = total = 0
-    means = {"solid": [], "glass": [], "smoke": []}
-    body = {"solid": [], "glass": [], "smoke": []}
+    src = SceneSource(seed=seed)
+    rows = {}
     for i in range(n):
         s = src(i)
-        a = s.fg[..., 3]
-        means[s.obj.material].append(object_alpha_mean(a))
-        if s.obj.shape != "tuft":
-            body[s.obj.material].append(body_alpha_mean(a))
-        if s.obj.shape == "tuft":
+        if s.obj.shape not in CLASSIFY_SHAPES or s.obj.material not in ("solid", "glass"):
             continue
-        if s.obj.shape in CLASSIFY_SHAPES and s.obj.material == "solid":
-            total += 1
-            hits += classify(a, temps)[0] == s.obj.shape
-    return {"classifier_accuracy_on_data": hits / max(total, 1), "n": total,
-            "alpha_mean_data_without_hair": {k: float(np.mean(v)) for k, v in means.items() if v},
-            "body_alpha_data_without_hair": {k: float(np.mean(v)) for k, v in body.items() if v}}
+        if s.obj.material == "glass" and s.obj.shape == "glass":
+            continue
+        prompt = f"{'glass' if s.obj.material == 'glass' else 'red'} {SHAPES[s.obj.shape]}"
+        rows.setdefault(prompt, []).append(rgba_measures(s.fg[..., 3], prompt, temps))
+    solid = sorted(p for p in rows if not p.startswith("glass"))
+    glass = sorted(p for p in rows if p.startswith("glass"))
+    return summarise_rgba(rows, solid, glass)
 
 
-def transparent_vae_figures(n: int = 64, seed: int = 424242) -> dict:
+# ---------------------------------------------------------------- generation
+
+
+def _weights_args(weights_dir: str | None, decoder: str | None, role: str) -> dict:
+    out = {}
+    if decoder:
+        out["transparent_decoder"] = decoder
+    if weights_dir and (Path(weights_dir) / f"{role}.safetensors").is_file():
+        out["layer_weights"] = str(Path(weights_dir) / f"{role}.safetensors")
+    return out
+
+
+def load_png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path), dtype=np.float32) / 255.0
+
+
+def generate_rgba(session, prompts, seeds, steps, cfg, out_dir: Path, model: str, wargs: dict):
+    from layerctl.requests import GenRequest
+
+    alphas, times = {}, []
+    for p in prompts:
+        for seed in seeds:
+            path = out_dir / f"{p.replace(' ', '_')}_{seed}.png"
+            t = time.perf_counter()
+            session.gen(GenRequest(prompt=p, model=model, out=str(path), seed=seed, steps=steps, cfg=cfg, device="cpu",
+                                   overwrite=True, **wargs))
+            times.append(time.perf_counter() - t)
+            alphas[(p, seed)] = load_png(path)[..., 3]
+    return alphas, times
+
+
+def generate_layers(session, mode: str, scenes, seeds, steps, cfg, out_dir: Path, model: str, wargs: dict):
+    """mode: joint | bg2fg (gen --bg) | fg2bg (gen --fg). -> list of per-image dicts."""
+    from PIL import Image
+
+    from layerctl.requests import GenRequest
+
+    rows, times = [], []
+    for k, s in enumerate(scenes):
+        known = {}
+        if mode == "bg2fg":
+            known["bg"] = str(out_dir / f"scene{k}_bg.png")
+            Image.fromarray(np.clip(np.rint(s.bg * 255), 0, 255).astype(np.uint8), "RGB").save(known["bg"])
+        if mode == "fg2bg":
+            known["fg"] = str(out_dir / f"scene{k}_fg.png")
+            Image.fromarray(np.clip(np.rint(s.fg * 255), 0, 255).astype(np.uint8), "RGBA").save(known["fg"])
+        for seed in seeds:
+            d = out_dir / mode / f"scene{k}_{seed}"
+            t = time.perf_counter()
+            texts = {"fg_prompt": s.fg_caption if mode != "fg2bg" else None,
+                     "bg_prompt": s.bg_caption if mode != "bg2fg" else None}
+            session.gen(GenRequest(prompt=s.caption, **texts,
+                                   joint=(mode == "joint"), model=model, out_dir=str(d), seed=seed, steps=steps,
+                                   cfg=cfg, device="cpu", overwrite=True, **known, **wargs))
+            times.append(time.perf_counter() - t)
+            fg = load_png(known["fg"]) if "fg" in known else load_png(d / "fg.png")
+            bg = load_png(known["bg"]) if "bg" in known else load_png(d / "bg.png")
+            blended = load_png(d / "blended.png")
+            agree = layer_agreement(fg, bg[..., :3], blended[..., :3])
+            row = {"scene": k, "seed": seed, "caption": s.caption, "mae": round(agree["mae"], 4),
+                   "iou": round(agree["iou"], 4)}
+            if mode != "fg2bg":
+                row["fg_shape"] = classify(fg[..., 3])[0]
+                row["fg_shape_correct"] = row["fg_shape"] == s.obj.shape
+            rows.append(row)
+    return rows, times
+
+
+def summarise_layers(rows: list) -> dict:
+    out = {"images": len(rows),
+           "mae": float(np.mean([r["mae"] for r in rows])),
+           "share_mae_below_target": float(np.mean([r["mae"] < MAE_TARGET for r in rows])),
+           "iou": float(np.mean([r["iou"] for r in rows])),
+           "share_iou_above_target": float(np.mean([r["iou"] > IOU_TARGET for r in rows]))}
+    if rows and "fg_shape_correct" in rows[0]:
+        out["fg_shape_accuracy"] = float(np.mean([r["fg_shape_correct"] for r in rows]))
+    return out
+
+
+def layers_ground_truth(scenes) -> dict:
+    rows = []
+    for s in scenes:
+        a = layer_agreement(s.fg, s.bg, s.blended)
+        rows.append({"mae": a["mae"], "iou": a["iou"]})
+    return summarise_layers(rows)
+
+
+# ---------------------------------------------------------------- transparency VAE
+
+
+def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None = None) -> dict:
     """Shipped transparency encoder/decoder vs the zero-initialised pair, on n held-out scenes."""
     import torch
 
-    from layerctl.models import transparent_vae as tv
     from layerctl.backends.toy import weight_path
     from layerctl.core.imagemath import pad_rgb
-    from layerctl.training.scenes import SceneSource
+    from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import evaluate, load_decoder_any, load_frozen_vae
 
     src = SceneSource(seed=seed)
@@ -78,94 +251,137 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242) -> dict:
     batches = [{"rgba": to_t(rgba[i : i + 16]), "padded": to_t(padded[i : i + 16])} for i in range(0, n, 16)]
     model = load_frozen_vae("toy", torch.device("cpu"))
     enc = tv.load_encoder(weight_path("encoder")).float().eval()
-    dec = load_decoder_any(weight_path("decoder")).float().eval()
+    dec = load_decoder_any(decoder or weight_path("decoder")).float().eval()
     shipped = evaluate(model, enc, dec, batches, tta=False)
     zero_dec = tv.new_decoder(seed=0, block_out_channels=tuple(dec.block_out_channels)).float().eval()
     baseline = evaluate(model, tv.new_encoder(seed=0).float().eval(), zero_dec, batches, tta=False)
     return {"held_out_images": n, "seed": seed, "shipped": shipped, "zero_init": baseline}
 
 
-def generate(prompts: list[str], seeds: list[int], steps: int, cfg: float | None, out_dir: Path, model: str = "toy"):
-    from PIL import Image
+# ---------------------------------------------------------------- report
 
-    from layerctl.api import Session
-    from layerctl.requests import GenRequest
 
-    alphas, times = {}, []
-    with Session(quiet=True) as s:
-        for p in prompts:
-            for seed in seeds:
-                path = out_dir / f"{p.replace(' ', '_')}_{seed}.png"
-                t = time.perf_counter()
-                s.gen(GenRequest(prompt=p, model=model, out=str(path), seed=seed, steps=steps, cfg=cfg, device="cpu", overwrite=True))
-                times.append(time.perf_counter() - t)
-                alphas[(p, seed)] = np.asarray(Image.open(path), dtype=np.float32)[..., 3] / 255.0
-    return alphas, times
+def fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def print_summary(report: dict) -> None:
+    r, g = report["rgba"], report["ground_truth"]["rgba"]
+    lines = [] if not r["images"] else [
+        ("shape accuracy", fmt(r["shape_accuracy"], True), fmt(g["shape_accuracy"], True), "majority"),
+        ("thin-shape accuracy (cup, ring, star)", fmt(r["thin_shape_accuracy"], True), fmt(g["thin_shape_accuracy"], True), ""),
+        ("solid: object alpha, rim included", fmt(r["solid_object_alpha"]), fmt(g["solid_object_alpha"]), f"> {SOLID_TARGET}"),
+        ("solid: share of images above 0.85", fmt(r["solid_share_object_alpha_above_target"], True),
+         fmt(g["solid_share_object_alpha_above_target"], True), ""),
+        ("solid: share with a hole", fmt(r["solid_hole_share"], True), fmt(g["solid_hole_share"], True), "0"),
+        ("share with a stray speck", fmt(r["speck_share"], True), fmt(g["speck_share"], True), "0"),
+        ("solid: body alpha without the rim (issue 9)", fmt(r["solid_body_alpha_rimless"]), fmt(g["solid_body_alpha_rimless"]), ""),
+        ("glass: body alpha", fmt(r["glass_body_alpha"]), fmt(g["glass_body_alpha"]), "0.2-0.8"),
+        ("glass: share of bodies in 0.2-0.8", fmt(r["glass_share_body_in_0.2_0.8"], True), fmt(g["glass_share_body_in_0.2_0.8"], True), ""),
+        ("glass: rim alpha", fmt(r["glass_rim_alpha"]), fmt(g["glass_rim_alpha"]), "> body"),
+        ("glass: share with rim above body", fmt(r["glass_share_rim_above_body"], True), fmt(g["glass_share_rim_above_body"], True), ""),
+    ]
+    for mode, s in report.get("layers", {}).items():
+        gt = report["ground_truth"]["layers"]
+        lines.append((f"{mode}: MAE blended vs fg over bg", fmt(s["mae"]), fmt(gt["mae"]), f"< {MAE_TARGET}"))
+        lines.append((f"{mode}: share MAE < {MAE_TARGET}", fmt(s["share_mae_below_target"], True), "", ""))
+        lines.append((f"{mode}: IoU fg alpha vs object in blended", fmt(s["iou"]), fmt(gt["iou"]), f"> {IOU_TARGET}"))
+        lines.append((f"{mode}: share IoU > {IOU_TARGET}", fmt(s["share_iou_above_target"], True), "", ""))
+        if "fg_shape_accuracy" in s:
+            lines.append((f"{mode}: fg shape accuracy", fmt(s["fg_shape_accuracy"], True), "", ""))
+    if report["seconds_per_image_median"] is not None:
+        lines.append(("seconds per image (median)", f"{report['seconds_per_image_median']:.2f}", "", "about 1"))
+    lines.append(("shipped size (MB)", f"{report['shipped_bytes'] / 1e6:.1f}", "", "<= 40"))
+    print("| figure | toy model | ground truth | target |")
+    print("|---|---|---|---|")
+    for row in lines:
+        print("| " + " | ".join(row) + " |")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=100, help="seeds per prompt (issue 9: 100)")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=100, help="seeds per text->RGBA prompt (issue 14: 100; 0: layer modes only)")
+    ap.add_argument("--layer-seeds", type=int, default=None, help="seeds per layer scene and mode (default: --seeds)")
+    ap.add_argument("--modes", default="joint,bg2fg,fg2bg", help="layer modes to measure ('' for none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--model", default="toy")
+    ap.add_argument("--layer-weights", default=None,
+                    help="folder with candidate rgba/joint/fg2bg/bg2fg.safetensors (default: the shipped ones)")
+    ap.add_argument("--decoder", default=None, help="candidate transparent decoder (default: the shipped one)")
+    ap.add_argument("--no-vae", action="store_true", help="skip the transparency-VAE figures")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, 3 layer scenes, no VAE figures")
     ap.add_argument("--keep", default=None, help="folder to keep the generated PNGs in")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    import torch
+    if args.quick:
+        args.seeds, args.layer_seeds, args.steps, args.no_vae = 1, 1, 4, True
+    from common import machine_info, set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     temps = templates()
     seeds = list(range(1, args.seeds + 1))
-    colours = ["red", "blue", "yellow", "green", "purple"]
-    # 10 prompts: 7 solid shapes + 3 glass ones (issue 9: 10 prompts x 100 seeds)
-    solid = [f"{colours[i % len(colours)]} {SHAPES[s]}" for i, s in enumerate(CLASSIFY_SHAPES) if s != "glass"]
-    glass = [f"glass {SHAPES[s]}" for s in ("cup", "ball", "bottle")]
+    layer_seeds = list(range(1, (args.seeds if args.layer_seeds is None else args.layer_seeds) + 1))
+    solid, glass = rgba_prompts()
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="toyq-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    alphas, times = generate(solid + glass, seeds, args.steps, args.cfg, out_dir, args.model)
+    modes = [m for m in args.modes.split(",") if m]
+    scenes = layer_scenes(3 if args.quick else len(LAYER_SCENES))
 
-    per_prompt, hits, total = {}, 0, 0
-    for p in solid + glass:
-        want = next(s for s in CLASSIFY_SHAPES if p.endswith(SHAPES[s]))
-        got = [classify(alphas[(p, sd)], temps) for sd in seeds]
-        ok = sum(g[0] == want for g in got)
-        hits, total = hits + ok, total + len(seeds)
-        counts = {}
-        for g in got:
-            counts[g[0]] = counts.get(g[0], 0) + 1
-        per_prompt[p] = {"correct": ok, "of": len(seeds), "predicted": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-                         "alpha_mean": float(np.mean([object_alpha_mean(alphas[(p, sd)]) for sd in seeds])),
-                         "body_alpha": float(np.mean([body_alpha_mean(alphas[(p, sd)]) for sd in seeds])),
-                         "body_alpha_per_seed": [round(body_alpha_mean(alphas[(p, sd)]), 3) for sd in seeds]}
-    solid_body = [b for p in solid for b in per_prompt[p]["body_alpha_per_seed"]]
-    glass_body = [b for p in glass for b in per_prompt[p]["body_alpha_per_seed"]]
-    report = {
-        "shape_accuracy": hits / total,
-        "chance": 1 / len(CLASSIFY_SHAPES),
-        "body_alpha_solid_prompts": float(np.mean(solid_body)),
-        "body_alpha_glass_prompts": float(np.mean(glass_body)),
-        "share_solid_body_above_0.9": float(np.mean([b > 0.9 for b in solid_body])),
-        "share_glass_body_in_0.2_0.8": float(np.mean([0.2 <= b <= 0.8 for b in glass_body])),
-        "alpha_mean_solid_prompts": float(np.mean([per_prompt[p]["alpha_mean"] for p in solid])),
-        "alpha_mean_glass_prompts": float(np.mean([per_prompt[p]["alpha_mean"] for p in glass])),
-        "seconds_per_image_median": float(np.median(times[1:] if len(times) > 1 else times)),
-        "steps": args.steps,
-        "per_prompt": per_prompt,
-        "ground_truth": ground_truth(),
-        "images": str(out_dir),
-    }
+    from layerctl.api import Session
+
+    report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg,
+              "seeds": len(seeds), "layer_seeds": len(layer_seeds),
+              "weights": {"layer_weights": args.layer_weights, "decoder": args.decoder}}
+    t0 = time.perf_counter()
+    with Session(quiet=True) as s:
+        alphas, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
+                                      _weights_args(args.layer_weights, args.decoder, "rgba"))
+        rows = {p: [rgba_measures(alphas[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
+        report["rgba"] = summarise_rgba(rows, solid, glass)
+        layer_rows, layer_times = {}, {}
+        for mode in modes:
+            layer_rows[mode], layer_times[mode] = generate_layers(
+                s, mode, scenes, layer_seeds, args.steps, args.cfg, out_dir, args.model,
+                _weights_args(args.layer_weights, args.decoder, mode))
+    report["layers"] = {m: summarise_layers(r) for m, r in layer_rows.items()}
+    report["seconds_per_image_median"] = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
+    report["seconds_per_layer_job_median"] = {m: float(np.median(t)) for m, t in layer_times.items()}
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    report["ground_truth"] = {"rgba": ground_truth(), "layers": layers_ground_truth(scenes)}
+    report["per_prompt"] = {
+        p: {"correct": sum(r["correct"] for r in rows[p]), "of": len(rows[p]),
+            "predicted": dict(sorted({k: sum(r["shape"] == k for r in rows[p]) for k in {r["shape"] for r in rows[p]}}.items(),
+                                     key=lambda kv: -kv[1])),
+            "object_alpha": float(np.mean([r["object_alpha"] for r in rows[p]])),
+            "body_alpha": float(np.mean([r["body_alpha"] for r in rows[p]])),
+            "rim_alpha": float(np.mean([r["rim_alpha"] for r in rows[p]])),
+            "holes": sum(r["hole"] for r in rows[p]), "specks": sum(r["speck"] for r in rows[p])}
+        for p in solid + glass}
+    report["per_scene_layers"] = {
+        m: {s.caption: {"mae": float(np.mean([r["mae"] for r in rs if r["scene"] == k])),
+                        "iou": float(np.mean([r["iou"] for r in rs if r["scene"] == k]))}
+            for k, s in enumerate(scenes)}
+        for m, rs in layer_rows.items()}
     wdir = ROOT / "layerctl" / "toy_weights"
     files = {p.name: p.stat().st_size for p in sorted(wdir.glob("*.safetensors"))}
     report["shipped_bytes"] = sum(files.values())
     report["shipped_files"] = files
-    report["transparent_vae"] = transparent_vae_figures()
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
+    if not args.no_vae:
+        report["transparent_vae"] = transparent_vae_figures(decoder=args.decoder)
+    report["images"] = str(out_dir)
+    report["per_image"] = {p: rows[p] for p in rows}
+    report["per_image_layers"] = layer_rows
+    print_summary(report)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

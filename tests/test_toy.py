@@ -198,3 +198,62 @@ def test_every_layer_mode_runs_on_toy(tmp_path):
             assert im.size == (64, 64)
             if r == "fg":
                 assert im.mode == "RGBA" and np.asarray(im)[..., 3].std() > 0
+
+
+def test_issue14_measures_on_the_toy_world():
+    """The measures of bench/toy_quality.py give the right answer on pictures whose answer is known."""
+    from layerctl.training.toy_metrics import has_hole, has_speck, layer_agreement, object_alpha_mean, rim_and_body
+
+    ball = SceneSource(seed=3, shapes=["ball"], materials=["solid"])(0)
+    ring = SceneSource(seed=3, shapes=["ring"], materials=["solid"])(0)
+    glass = SceneSource(seed=3, shapes=["bottle"], materials=["glass"])(0)
+    a = ball.fg[..., 3]
+    assert not has_hole(a) and has_hole(ring.fg[..., 3])
+    assert object_alpha_mean(a) > 0.85  # a solid object, rim included
+    holed = a.copy()
+    holed[30:33, 30:33] = 0.1  # a transparent hole inside the ball
+    assert has_hole(holed)
+    assert object_alpha_mean(holed) < object_alpha_mean(a)
+    assert not has_speck(a)
+    specked = a.copy()
+    specked[1:3, 1:3] = 0.6  # a stray speck in a corner
+    assert has_speck(specked)
+    haze = np.maximum(a, 0.1 * (a == 0))  # a faint haze around the object lowers the rim-included mean
+    assert object_alpha_mean(haze) < 0.5 < object_alpha_mean(a)
+    rim, body = rim_and_body(glass.fg[..., 3])
+    assert rim > body and 0.2 < body < 0.8
+    rim, body = rim_and_body(a)
+    assert rim < body  # a solid object's anti-aliased edge is below its body
+    # layers that agree: blended is fg over bg
+    ok = layer_agreement(ball.fg, ball.bg, ball.blended)
+    assert ok["mae"] < 1e-5 and ok["iou"] > 0.9
+    # layers that disagree: the object is drawn elsewhere in the blended picture
+    moved = np.roll(ball.fg, 20, axis=1)
+    bad = layer_agreement(moved, ball.bg, ball.blended)
+    assert bad["mae"] > 0.1 and bad["iou"] < 0.5
+
+
+def test_toy_quality_bench_quick(tmp_path, capsys):
+    """bench/toy_quality.py --quick runs every measure through Session.gen and writes its report."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    _weights()
+    bench = Path(__file__).resolve().parents[1] / "bench" / "toy_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_toy_quality", bench)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    assert mod.main(["--quick", "--modes", "joint", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "solid: object alpha, rim included" in text and "joint: IoU fg alpha vs object in blended" in text
+    r = json.loads(out.read_text())
+    assert r["rgba"]["images"] == 10 and r["layers"]["joint"]["images"] == 3
+    for k in ("shape_accuracy", "solid_object_alpha", "solid_hole_share", "glass_body_alpha", "glass_share_rim_above_body"):
+        assert 0.0 <= r["rgba"][k] <= 1.0, k
+    # the measures on the training scenes themselves: what a perfect model would score
+    gt = r["ground_truth"]
+    assert gt["rgba"]["solid_object_alpha"] > 0.85 and gt["rgba"]["solid_hole_share"] == 0.0
+    assert gt["rgba"]["glass_share_rim_above_body"] == 1.0
+    assert gt["layers"]["mae"] < 0.01 and gt["layers"]["iou"] > 0.9
