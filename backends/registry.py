@@ -14,6 +14,8 @@ from layerctl.errors import LayerctlError
 
 
 ENTRY_POINT_GROUP = "layerctl.backends"
+# key prefixes that mark a single-file FLUX.1 transformer checkpoint
+FLUX_TRANSFORMER_KEYS = ("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks.")
 
 
 def available_backends() -> dict[str, type]:
@@ -30,6 +32,8 @@ def available_backends() -> dict[str, type]:
         "toy": "layerctl.backends.toy:ToyBackend",
         "sd15": "layerctl.backends.sd15:SD15Backend",
         "sdxl": "layerctl.backends.sdxl:SDXLBackend",
+        "flux": "layerctl.backends.flux:FluxBackend",
+        "tiny-flux": "layerctl.backends.tiny_flux:TinyFluxBackend",
     }.items():
         found.setdefault(name, target)
     return found
@@ -74,6 +78,8 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
         if not index.exists():
             raise LayerctlError(f"unknown model reference '{ref}': a folder without model_index.json (not a diffusers model)")
         cls = json.loads(index.read_text()).get("_class_name", "")
+        if "Flux" in cls:
+            return "flux", str(p)
         return ("sdxl" if "XL" in cls else "sd15"), str(p)
     if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise LayerctlError(
@@ -89,11 +95,15 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
                 keys = list(f.keys())
         except Exception as exc:  # noqa: BLE001
             raise LayerctlError(f"cannot read checkpoint {ref}: {exc}") from None
+        if any(k.startswith(FLUX_TRANSFORMER_KEYS) for k in keys):  # a FLUX.1 transformer (BFL or diffusers names)
+            return "flux", str(p)
         is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
         return ("sdxl" if is_xl else "sd15"), str(p)
     if p.exists():
         raise LayerctlError(f"unknown model reference '{ref}': not a diffusers folder or a .safetensors checkpoint")
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        if "flux" in ref.lower():
+            return "flux", ref
         return ("sdxl" if "xl" in ref.lower() else "sd15"), ref
     raise LayerctlError(
         f"unknown model reference '{ref}' (give a diffusers folder, a .safetensors file, a hub id like "
@@ -109,5 +119,6 @@ def load_model(ref: str, device="auto", dtype="auto", attention="auto") -> Loade
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = get_backend(name).load(inner, dev, dt, attention=attention)
-    model.attention = setup_attention(model.unet, attention, dev)
+    custom = getattr(model, "configure_attention", None)  # a family without a UNet (FLUX.1) sets its own
+    model.attention = custom(attention) if custom is not None else setup_attention(model.unet, attention, dev)
     return model

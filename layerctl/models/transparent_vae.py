@@ -45,7 +45,12 @@ class TransparentEncoder(nn.Module):
     The last conv starts at zero, so a new encoder leaves the VAE latent unchanged.
     """
 
-    def __init__(self, channels: Sequence[int] = (32, 32, 64, 64, 128, 128, 256, 256), zero_init_output: bool = True):
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 32, 64, 64, 128, 128, 256, 256),
+        zero_init_output: bool = True,
+        latent_channels: int = 4,
+    ):
         super().__init__()
         if len(channels) != 8:
             raise ValueError("TransparentEncoder needs 8 hidden widths")
@@ -55,7 +60,7 @@ class TransparentEncoder(nn.Module):
             stride = 2 if i in (2, 4, 6) else 1
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
             c_in = c_out
-        last = nn.Conv2d(c_in, 4, 3, padding=1)
+        last = nn.Conv2d(c_in, latent_channels, 3, padding=1)  # 4 (SD1.5/SDXL) or 16 (FLUX.1)
         if zero_init_output:
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)

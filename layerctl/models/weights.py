@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from layerctl.core.frames import OFFICIAL_REPO
+from layerctl.core.flux_facts import official_repo_for
 from layerctl.errors import LayerctlError
 
 
@@ -53,16 +54,18 @@ def find_official(filenames: list[str], wdir: Optional[str]) -> list[Path]:
                 if not local_only and offline:
                     break
                 try:
-                    found[name] = Path(hf_hub_download(OFFICIAL_REPO, name, local_files_only=local_only))
+                    repo = official_repo_for(name, OFFICIAL_REPO)  # the FLUX.1 files live in their own repo
+                    found[name] = Path(hf_hub_download(repo, name, local_files_only=local_only))
                     missing.remove(name)
                     break
                 except Exception:  # noqa: BLE001 - not cached / no network
                     continue
     if missing:
         where = f"--weights-dir {d}" if d else "a folder given by --weights-dir or LAYERCTL_WEIGHTS_DIR"
+        repos = ", ".join(sorted({official_repo_for(n, OFFICIAL_REPO) for n in missing}))
         raise LayerctlError(
             f"missing LayerDiffuse weights: {', '.join(missing)}. Download them from the Hugging Face repo "
-            f"{OFFICIAL_REPO} into {where} (or run once online to fill the Hugging Face cache)"
+            f"{repos} into {where} (or run once online to fill the Hugging Face cache)"
         )
     return [found[n] for n in filenames]
 
