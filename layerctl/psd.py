@@ -80,6 +80,40 @@ def _layer_uint8(pixels: np.ndarray) -> np.ndarray:
     return to_uint8(as_float(pixels))
 
 
+# Layer and group names: Photoshop keeps two copies. The Unicode name block ("luni", UTF-16,
+# 4-byte length) is what Photoshop, GIMP, Krita, ag-psd and psd-tools read; the record's Pascal
+# string (one length byte, MacRoman) is the fallback for readers without "luni" (ImageMagick 6
+# reads only this one). A Pascal string holds at most 255 bytes.
+PASCAL_NAME_MAX = 255
+
+
+def clean_name(name) -> str:
+    """A layer name as it can be stored: text, lone surrogates (from undecodable file names)
+    replaced by U+FFFD, trailing NULs dropped."""
+    text = str(name)
+    text = text.encode("utf-16-be", "surrogatepass").decode("utf-16-be", "replace")
+    return text.rstrip("\x00")
+
+
+def pascal_fallback(name: str) -> str:
+    """The MacRoman Pascal-string copy of a name: characters MacRoman lacks become '?', cut to
+    255 bytes (MacRoman is one byte a character, so the cut never splits one)."""
+    data = clean_name(name).encode("mac_roman", "replace")[:PASCAL_NAME_MAX]
+    return data.decode("mac_roman")
+
+
+def set_psd_name(psd_layer, name: str) -> None:
+    """Write `name` on a psd-tools layer or group as Photoshop does: the full name in the
+    Unicode block, the MacRoman fallback in the record. (psd-tools' own setter refuses names
+    of 256+ characters and falls back to a single '?' for any non-MacRoman name.)"""
+    from psd_tools.constants import Tag
+
+    text = clean_name(name)
+    record = psd_layer._record  # psd-tools' LayerRecord: the writer already works at this level
+    record.name = pascal_fallback(text)
+    record.tagged_blocks.set_data(Tag.UNICODE_LAYER_NAME, text)
+
+
 def build_psd(layers: Sequence[LayerInput], size: Optional[tuple[int, int]] = None):
     """The psd_tools.PSDImage for `layers` (bottom -> top), merged image included. Not saved."""
     from PIL import Image
@@ -115,7 +149,8 @@ def build_psd(layers: Sequence[LayerInput], size: Optional[tuple[int, int]] = No
         for gpath, gop in groups[keep:]:
             parent = open_groups[-1][1] if open_groups else doc
             g255 = int(round(min(max(float(gop), 0.0), 1.0) * 255))
-            psd_group = parent.create_group(name=str(gpath).rsplit("/", 1)[-1], opacity=g255)
+            psd_group = parent.create_group(name="Group", opacity=g255)
+            set_psd_name(psd_group, str(gpath).rsplit("/", 1)[-1])
             open_groups.append(((gpath, gop), psd_group))
         parent = open_groups[-1][1] if open_groups else doc
         name = item.name
@@ -123,8 +158,9 @@ def build_psd(layers: Sequence[LayerInput], size: Optional[tuple[int, int]] = No
             name = name[len(str(groups[-1][0])) + 1 :]
         x, y = item.offset
         psd_layer = parent.create_pixel_layer(
-            Image.fromarray(px, "RGBA"), name=name, top=int(y), left=int(x), opacity=op255
+            Image.fromarray(px, "RGBA"), name="Layer", top=int(y), left=int(x), opacity=op255
         )
+        set_psd_name(psd_layer, name)
         if not item.visible:
             psd_layer.visible = False
         # What a reader sees: 8-bit pixels, opacities in 1/255 steps.
@@ -254,7 +290,7 @@ def _leaf_pixels(layer) -> tuple[Optional[np.ndarray], tuple[int, int], bool]:
 
 def _walk(group, prefix: str, groups: tuple, visible: bool, out: list, warnings: list, path: Path) -> None:
     for layer in group:
-        name = prefix + (layer.name or "")
+        name = prefix + clean_name(layer.name or "")
         kind = layer.kind
         this_visible = visible and bool(layer.visible)
         if kind in _GROUP_KINDS or layer.is_group():
