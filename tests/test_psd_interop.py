@@ -122,3 +122,142 @@ def test_cli_psd_with_unicode_names_and_a_cyrillic_resave(tmp_path, capsys):
     run_cli(["compose", str(again), "--list", "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["name"] for r in rows] == ["Слой 1"]
+
+
+# ---------------------------------------------------------------- 16 bits
+
+
+def _want8(v):
+    return ((np.asarray(v, np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def test_16bit_layers_are_rounded_not_truncated(tmp_path):
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    arr = np.stack([v, v[::-1], v.T, v[:, ::-1]], -1)  # every 16-bit value in every channel
+    doc = PSDImage.new("RGBA", (260, 260), depth=16)
+    doc.create_pixel_layer_from_array(arr, name="deep", top=2, left=3)
+    doc.save(tmp_path / "deep.psd")
+    assert (v >> 8 != _want8(v)).mean() > 0.24  # truncation and rounding differ on a quarter of the values
+    layer = lpsd.read_psd(tmp_path / "deep.psd")[0]
+    assert layer.offset == (3, 2) and layer.pixels.dtype == np.uint8
+    for c in range(4):
+        assert np.array_equal(layer.pixels[..., c], _want8(arr[..., c])), c
+    # e.g. 255 is 0.992 in 8-bit terms: 1 (truncation gives 0); 32767 is 127.498: 127
+    assert _want8([255, 32767]).tolist() == [1, 127] and (255 >> 8) == 0
+
+
+def test_16bit_merged_image_is_rounded(tmp_path):
+    from layerctl.imageio import load_image
+
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    doc = PSDImage.new("RGB", (256, 256), depth=16)
+    doc.save(tmp_path / "flat.psd")  # no layers: the merged image is the picture
+    doc = PSDImage.open(tmp_path / "flat.psd")
+    record = doc._record
+    record.image_data.set_data([p.astype(">u2").tobytes() for p in (v, v.T, v[::-1])], record.header)
+    with open(tmp_path / "flat.psd", "wb") as f:
+        record.write(f)
+    layers = lpsd.read_psd(tmp_path / "flat.psd")
+    assert [layer.name for layer in layers] == ["composite"]
+    want = np.stack([_want8(v), _want8(v.T), _want8(v[::-1]), np.full(v.shape, 255, np.uint8)], -1)
+    assert np.array_equal(layers[0].pixels, want)
+    assert np.array_equal(np.asarray(load_image(tmp_path / "flat.psd", "RGBA")), want)
+
+
+# ---------------------------------------------------------------- designers' files
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_designer_psd_lists_every_layer_with_its_kind(capsys):
+    run_cli(["compose", str(DATA / "designer.psd"), "--list", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["index"], r["name"], r["kind"]) for r in rows] == [
+        (1, "Фон", "pixel"),
+        (2, "Заголовок ✨", "type"),
+        (3, "Rectangle 1", "shape"),
+        (4, "Color Fill 1", "fill"),
+        (5, "Gradient Fill 1", "fill"),
+        (None, "Группа", "group"),
+        (6, "Группа/Logo", "smart object"),
+        (None, "Группа/Invert 1", "adjustment"),
+        (None, "Curves 1", "adjustment"),
+        (None, "Frame", "artboard"),
+        (7, "Frame/Inside", "pixel"),
+    ]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["Color Fill 1"]["mask"] is True  # the fill's mask stays a mask
+    assert "not applied" in by_name["Curves 1"]["note"]
+    assert "applied to 'Logo'" in by_name["Группа/Invert 1"]["note"]
+    run_cli(["compose", str(DATA / "designer.psd"), "--list"])
+    text = capsys.readouterr().out
+    assert "fill (gradient)" in text and "adjustment (curves)" in text and "smart object" in text
+
+
+def test_designer_psd_flattens_type_shape_fill_and_smart_object_layers(tmp_path, capsys):
+    out = tmp_path / "flat.png"
+    run_cli(["compose", str(DATA / "designer.psd"), "--out", str(out)])
+    err = capsys.readouterr().err
+    img = np.asarray(Image.open(out)).astype(int)
+    assert img.shape == (32, 48, 4) and (img[..., 3] == 255).all()
+    assert img[1, 1].tolist() == [8, 8, 100, 255]  # background, colour (8x, 8y, 100)
+    # type layer: red (230, 20, 20) at alpha 200 over the background at (6, 6) = (48, 48, 100)
+    a = 200 / 255
+    assert img[6, 6, :3].tolist() == [round(230 * a + 48 * (1 - a)), round(20 * a + 48 * (1 - a)), round(20 * a + 100 * (1 - a))]
+    assert img[10, 30].tolist() == [0, 0, 255, 255]  # the vector rectangle, drawn by psd-tools
+    assert img[10, 23].tolist() == [184, 80, 100, 255]  # just left of it: background
+    assert img[25, 2].tolist() == [0, 200, 0, 255]  # solid fill where its mask shows it
+    assert img[25, 20].tolist() == [160, 200, 100, 255]  # ... and not where the mask hides it
+    assert img[30, 36, 0] == round(36 / 47 * 255) and img[30, 36, 0] == img[30, 36, 2]  # gradient fill
+    assert img[4, 44].tolist() == [0, 35, 255, 255]  # the yellow smart object, inverted by its clipped adjustment
+    assert img[30, 1].tolist() == [255, 255, 255, 255]  # inside the artboard
+    # one warning per changed layer, naming what changed; one for the adjustment not applied
+    lines = [ln for ln in err.splitlines() if ln.startswith("layerctl: warning:")]
+    for name in ("Заголовок ✨", "Rectangle 1", "Color Fill 1", "Gradient Fill 1", "Группа/Logo"):
+        mine = [ln for ln in lines if f"layer {name!r}" in ln]
+        assert len(mine) == 1 and "rasterised" in mine[0], name
+    adjustments = [ln for ln in lines if "adjustment layer" in ln and "not applied" in ln]
+    assert len(adjustments) == 1 and "'Curves 1'" in adjustments[0] and "Invert" not in adjustments[0]
+    assert not any("'Фон'" in ln for ln in lines)  # a plain pixel layer changes in no way
+
+
+def test_designer_psd_extract_writes_every_drawable_layer(tmp_path, capsys):
+    run_cli(["compose", str(DATA / "designer.psd"), "--extract", str(tmp_path / "x")])
+    names = sorted(p.name for p in (tmp_path / "x").iterdir())
+    assert len(names) == 7 and names[1].startswith("02-") and names[2] == "03-Rectangle 1.png"
+    text = np.asarray(Image.open(tmp_path / "x" / names[1]))
+    assert text.shape == (8, 16, 4) and (text == [230, 20, 20, 200]).all()
+    rect = np.asarray(Image.open(tmp_path / "x" / "03-Rectangle 1.png"))
+    assert rect.shape == (16, 16, 4) and (rect == [0, 0, 255, 255]).all()
+
+
+def test_a_psd_with_nothing_drawable_is_refused_with_the_reason(tmp_path, capsys):
+    out = tmp_path / "n.png"
+    run_cli(["compose", str(DATA / "nothing.psd"), "--out", str(out)], expect=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("layerctl: error: no layers to compose")
+    assert "nothing drawable" in err[-1] and "'Curves 1'" in err[-1] and "'Empty group'" in err[-1]
+    assert not out.exists()
+    run_cli(["compose", str(DATA / "nothing.psd"), "--extract", str(tmp_path / "x")], expect=2)
+    assert not (tmp_path / "x").exists()
+    # --list alone still shows what is there
+    run_cli(["compose", str(DATA / "nothing.psd"), "--list", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["kind"], r["index"]) for r in rows] == [("Curves 1", "adjustment", None), ("Empty group", "group", None)]
+
+
+def test_without_psd_tools_renderer_stored_pixels_are_used_or_the_layer_is_named(monkeypatch):
+    import psd_tools.composite as pc
+
+    def missing(*args, **kwargs):
+        raise ImportError("Vector shape rendering requires: aggdraw")
+
+    monkeypatch.setattr(pc, "composite", missing)
+    doc = lpsd.open_psd(DATA / "designer.psd")
+    names = [layer.name for layer in doc.layers]
+    assert "Заголовок ✨" in names  # the type layer has stored pixels
+    assert "Rectangle 1" not in names  # the shape has none: named, with what to install
+    text = "\n".join(doc.warnings)
+    assert "'Rectangle 1'" in text and "pip install 'psd-tools[composite]'" in text
+    assert "stored pixels" in text
