@@ -261,3 +261,94 @@ def test_without_psd_tools_renderer_stored_pixels_are_used_or_the_layer_is_named
     text = "\n".join(doc.warnings)
     assert "'Rectangle 1'" in text and "pip install 'psd-tools[composite]'" in text
     assert "stored pixels" in text
+
+
+# ---------------------------------------------------------------- what a compose re-save keeps
+
+
+def _square(h, w, rgba):
+    return Image.fromarray(np.broadcast_to(np.array(rgba, np.uint8), (h, w, 4)).copy(), "RGBA")
+
+
+def _editable_psd(path):
+    """A designer's PSD with what psd-tools can write: blend modes, fill opacity, masks (one with
+    a white default colour, one disabled), a hidden screen-mode group at 50%, a visible group."""
+    from psd_tools.constants import BlendMode
+
+    doc = PSDImage.new("RGBA", (16, 16), color=(255, 255, 255, 0))
+    doc.create_pixel_layer(_square(16, 16, (200, 40, 40, 255)), name="base")
+    mul = doc.create_pixel_layer(_square(8, 8, (40, 40, 200, 255)), name="mul", top=0, left=8)
+    mul.blend_mode = BlendMode.MULTIPLY
+    mul.opacity = 200
+    mul.fill_opacity = 128
+    masked = doc.create_pixel_layer(_square(8, 8, (0, 255, 0, 255)), name="masked", top=8, left=0)
+    m = np.full((4, 4), 255, np.uint8)
+    m[:, :2] = 0
+    masked.create_mask(Image.fromarray(m, "L"), top=10, left=2)
+    masked._record.mask_data.background_color = 255  # outside the mask's rectangle: shown
+    off = doc.create_pixel_layer(_square(4, 4, (255, 255, 0, 255)), name="mask off", top=12, left=12)
+    off.create_mask(Image.fromarray(np.zeros((4, 4), np.uint8), "L"), top=12, left=12)
+    off.mask.disabled = True
+    hidden = doc.create_group(name="Hidden group", opacity=128, blend_mode=BlendMode.SCREEN)
+    hidden.create_pixel_layer(_square(4, 4, (255, 255, 255, 255)), name="inner", top=0, left=0)
+    gone = hidden.create_pixel_layer(_square(4, 4, (0, 0, 0, 255)), name="inner hidden", top=0, left=4)
+    gone.visible = False
+    hidden.visible = False
+    shown = doc.create_group(name="Shown")
+    shown.create_pixel_layer(_square(2, 2, (9, 9, 9, 255)), name="child", top=14, left=6)
+    doc.save(path)
+    return path
+
+
+def test_compose_resave_keeps_blend_modes_masks_fill_and_group_visibility(tmp_path, capsys):
+    from psd_tools.constants import BlendMode
+
+    src = _editable_psd(tmp_path / "src.psd")
+    again = tmp_path / "again.psd"
+    run_cli(["compose", str(src), "--out", str(again)])
+    err = capsys.readouterr().err
+    doc = PSDImage.open(again)
+    top = {layer.name: layer for layer in doc}
+    assert list(top) == ["base", "mul", "masked", "mask off", "Hidden group", "Shown"]
+    mul = top["mul"]
+    assert (mul.blend_mode, mul.opacity, mul.fill_opacity) == (BlendMode.MULTIPLY, 200, 128)
+    masked = top["masked"]
+    assert masked.has_mask() and masked.mask.bbox == (2, 10, 6, 14) and masked.mask.background_color == 255
+    assert not masked.mask.disabled
+    assert np.array_equal(np.asarray(masked.mask.topil()), np.array([[0, 0, 255, 255]] * 4, np.uint8))
+    assert np.asarray(masked.topil())[..., 3].min() == 255  # the mask is not baked into the pixels
+    assert top["mask off"].has_mask() and top["mask off"].mask.disabled
+    grp = top["Hidden group"]
+    assert grp.is_group() and grp.visible is False  # a hidden group stays a hidden group
+    assert (grp.blend_mode, grp.opacity) == (BlendMode.SCREEN, 128)
+    assert [(c.name, c.visible) for c in grp] == [("inner", True), ("inner hidden", False)]
+    assert top["Shown"].visible and top["Shown"].blend_mode == BlendMode.PASS_THROUGH
+    # the same picture either way (layerctl composites blend modes as normal, and says so)
+    assert np.array_equal(lpsd.flatten(again), lpsd.flatten(src))
+    assert "'mul'" in err and "blend mode multiply: kept in a PSD" in err
+    assert "'Hidden group'" in err and "blend mode screen" in err
+    assert "'masked'" not in err and "'mask off'" not in err  # nothing about them changed
+
+
+def test_masks_fill_and_hidden_groups_in_the_flattened_picture(tmp_path):
+    src = _editable_psd(tmp_path / "src.psd")
+    flat = lpsd.flatten(src).astype(int)
+    # mul: (40, 40, 200) at opacity 200/255 x fill 128/255 over (200, 40, 40), composited as normal
+    a = 200 / 255 * 128 / 255
+    assert flat[2, 12, :3].tolist() == [round(40 * a + 200 * (1 - a)), 40, round(200 * a + 40 * (1 - a))]
+    assert flat[11, 2].tolist() == [200, 40, 40, 255]  # masked: hidden by the mask's black half
+    assert flat[11, 4].tolist() == [0, 255, 0, 255]  # ... shown by its white half
+    assert flat[9, 0].tolist() == [0, 255, 0, 255]  # ... and outside its rectangle (white default)
+    assert flat[13, 13].tolist() == [255, 255, 0, 255]  # a disabled mask hides nothing
+    assert flat[1, 1].tolist() == [200, 40, 40, 255]  # the hidden group draws nothing
+    assert flat[15, 7].tolist() == [9, 9, 9, 255]
+
+
+def test_moving_and_scaling_a_masked_layer_moves_and_scales_its_mask(tmp_path):
+    src = _editable_psd(tmp_path / "src.psd")
+    out = tmp_path / "moved.psd"
+    run_cli(["compose", str(src), "--at", "masked=4,2", "--scale", "masked=2", "--out", str(out), "--size", "32x32"])
+    masked = {layer.name: layer for layer in PSDImage.open(out)}["masked"]
+    assert masked.offset == (4, 2) and masked.size == (16, 16)
+    # the mask sat at (+2, +2) from the layer, 4x4: now at (+4, +4), 8x8
+    assert masked.mask.bbox == (8, 6, 16, 14) and masked.mask.background_color == 255
