@@ -316,14 +316,6 @@ def _blend_name(layer) -> str:
     return name.lower()
 
 
-def _leaf_pixels(layer) -> tuple[Optional[np.ndarray], tuple[int, int], bool]:
-    """(HxWx4 uint8 or None, (x, y), opacity_baked) for a non-group layer.
-
-    Kept for callers of the old helper; the walker uses _read_leaf (masks kept, opacity apart)."""
-    leaf = _read_leaf(layer)
-    return leaf.pixels, leaf.offset, False
-
-
 # ---------------------------------------------------------------- reading: kinds, pixels, rounding
 
 _FILL_KINDS = {"solidcolorfill", "gradientfill", "patternfill", "fill"}

@@ -352,3 +352,15 @@ def test_moving_and_scaling_a_masked_layer_moves_and_scales_its_mask(tmp_path):
     assert masked.offset == (4, 2) and masked.size == (16, 16)
     # the mask sat at (+2, +2) from the layer, 4x4: now at (+4, +4), 8x8
     assert masked.mask.bbox == (8, 6, 16, 14) and masked.mask.background_color == 255
+
+
+def test_recipe_compose_job_on_a_psd_with_nothing_drawable_fails_with_the_reason(tmp_path, monkeypatch, capsys):
+    import shutil as sh
+
+    monkeypatch.chdir(tmp_path)
+    sh.copy(DATA / "nothing.psd", tmp_path / "nothing.psd")
+    (tmp_path / "r.yaml").write_text("output_dir: o\njobs:\n  - compose: {layers: [nothing.psd], out: x.png}\n", encoding="utf-8")
+    run_cli(["run", "r.yaml"], expect=1)
+    err = capsys.readouterr().err
+    assert "no layers to compose" in err and "nothing drawable" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "x.png").exists()
