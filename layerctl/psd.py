@@ -10,12 +10,21 @@ What the writer produces (checked by tests/test_psd.py, with psd-tools and Image
   "RGBA"): each layer's alpha goes into the layer's own transparency channel,
   not into a layer mask (an "RGB" document would put it into a user mask);
 - one pixel layer per input, named (Unicode names kept), at its offset, with
-  its opacity;
+  its opacity; names go into the Unicode name block ("luni", what Photoshop, GIMP,
+  Krita, ag-psd and psd-tools read) with a MacRoman fallback of at most 255 bytes;
+- what a layer read from a PSD carried and psd-tools can write: blend mode, fill
+  opacity, layer mask (default colour, disabled flag), hidden groups and their
+  blend modes;
 - a flattened composite in the merged image section, computed here (straight
   "over" in float, rounded once), stored the way Photoshop stores it: colour
   matted on white, the first extra channel being the composite's transparency
   (the layer count is written negative to say so). Viewers that read only the
   composite show the right picture.
+
+What the reader gives (open_psd): pixel layers exactly (16/32-bit rounded to 8 bits);
+type, shape, fill and smart-object layers rendered by psd-tools (masks kept apart,
+opacity and fill kept as numbers); adjustment layers clipped to a layer applied to
+it, others named in one warning; every node in `outline`, for listings.
 """
 
 from __future__ import annotations
@@ -380,18 +389,6 @@ def _color_mode(doc) -> str:
 def _float_path(doc) -> bool:
     """Whether layerctl rounds this document's pixels itself (RGB and greyscale, any depth)."""
     return _color_mode(doc) in ("RGB", "GRAYSCALE")
-
-
-def round_to_8bit(values: np.ndarray, depth: int) -> np.ndarray:
-    """Stored channel values of a `depth`-bit PSD -> uint8, rounded to nearest (as ag-psd and
-    ImageMagick do: v*255/65535 rounded for 16 bits; psd-tools' PIL path truncates, v >> 8)."""
-    values = np.asarray(values)
-    if depth == 16 and values.dtype.kind in "ui":
-        v = values.astype(np.int64)
-        return ((v * 255 + 32767) // 65535).astype(np.uint8)
-    if depth == 8 and values.dtype == np.uint8:
-        return values
-    return to_uint8(np.asarray(values, dtype=np.float64))
 
 
 def _to_srgb(rgba: np.ndarray, doc, grey: bool) -> np.ndarray:
