@@ -215,59 +215,6 @@ def test_groups_survive_a_rewrite(tmp_path):
     assert np.abs(stored - lpsd.flatten(src.layers, src.size)).max() <= 1
 
 
-class _FakeLayer:
-    """Just enough of a psd-tools layer for the walker (PSDs with text or adjustment layers
-    need Photoshop to make; the walker only looks at these attributes)."""
-
-    def __init__(self, name, kind, children=None, pixels=None):
-        self.name, self.kind, self._children = name, kind, children
-        self.visible, self.opacity, self.fill_opacity = True, 255, 255
-        self.blend_mode, self.clipping = "normal", False
-        self._pixels = pixels
-        self.offset = (0, 0)
-        self.bbox = (0, 0, 2, 2)
-
-    def is_group(self):
-        return self._children is not None
-
-    def __iter__(self):
-        return iter(self._children or [])
-
-    def has_mask(self):
-        return False
-
-    def has_vector_mask(self):
-        return False
-
-    def has_clip_layers(self, visible=False):
-        return False
-
-    def has_effects(self):
-        return False
-
-    def topil(self):
-        return Image.fromarray(self._pixels, "RGBA")
-
-    composite = topil
-
-
-def test_unfaithful_kinds_are_named_in_warnings():
-    px = np.full((2, 2, 4), 200, np.uint8)
-    tree = [
-        _FakeLayer("photo", "pixel", pixels=px),
-        _FakeLayer("Title", "type", pixels=px),
-        _FakeLayer("grp", "group", children=[_FakeLayer("Curves 1", "curves"), _FakeLayer("logo", "smartobject", pixels=px)]),
-    ]
-    out, warnings = [], []
-    lpsd._walk(tree, "", (), True, out, warnings, Path("x.psd"))
-    assert [layer.name for layer in out] == ["photo", "Title", "grp/logo"]
-    text = "\n".join(warnings)
-    assert "'Title'" in text and "type" in text
-    assert "'grp/Curves 1'" in text and "skipped" in text
-    assert "'grp/logo'" in text and "smartobject" in text
-    assert "'photo'" not in text
-
-
 def test_damaged_psds_give_clear_errors(tmp_path, stack):
     good = lpsd.write_psd(tmp_path / "s.psd", stack)
     cut = tmp_path / "cut.psd"

@@ -113,11 +113,16 @@ def compose(
         check_side("canvas size", canvas[0], canvas[1], force)
 
     # 2. Load, apply options, settle the canvas.
-    layers, psd_canvas, warnings = load_stack(specs, force=force)
+    outline: list = []
+    empty: list = []
+    layers, psd_canvas, warnings = load_stack(specs, force=force, outline=outline, empty=empty)
     if not layers:
-        raise LayerctlError("no layers to compose (the inputs hold no drawable layers)")
+        why = "; ".join(empty) if empty else "the inputs hold no drawable layers"
+        if out_path is not None or extract is not None or not outline:
+            raise LayerctlError(f"no layers to compose: {why}")
+        warnings.append(f"nothing to compose: {why}")  # --list alone still shows what is there
     apply_options(layers, at=at, scale=scale, opacity=opacity, rename=name, force=force)
-    if canvas is None:
+    if canvas is None and layers:
         canvas = psd_canvas or layers[0].size
         check_side("canvas (the bottom layer's size)", canvas[0], canvas[1], force)
     for w in warnings:
@@ -135,29 +140,7 @@ def compose(
             extract_paths.append(target)
 
     if list_layers:
-        for i, layer in enumerate(layers, 1):
-            w, h = layer.size
-            row = {
-                "index": i,
-                "name": layer.name,
-                "kind": layer.kind,
-                "width": w,
-                "height": h,
-                "x": layer.offset[0],
-                "y": layer.offset[1],
-                "opacity": round(layer.opacity, 4),
-                "effective_opacity": round(layer.effective_opacity, 4),
-                "groups": [g for g, _ in layer.groups],
-                "visible": layer.visible,
-            }
-            if as_json:
-                typer.echo(json.dumps(row, ensure_ascii=False))
-            else:
-                flags = "" if layer.visible else "  hidden"
-                typer.echo(
-                    f"{i:3d}  {layer.name}\t{layer.kind}  {w}x{h}  at {layer.offset[0]},{layer.offset[1]}"
-                    f"  opacity {layer.effective_opacity:.3g}{flags}"
-                )
+        _list(layers, outline, as_json)
 
     if extract_paths:
         from layerctl.io.imageio import save_png
@@ -178,6 +161,67 @@ def compose(
 
             written = save_png(out_path, flatten(layers, canvas), overwrite=overwrite)
         typer.echo(json.dumps({"path": str(written), "size": list(canvas), "layers": len(layers)}) if as_json else str(written))
+
+
+def _list(layers: list, outline: list, as_json: bool) -> None:
+    """`--list`: every entry of the stack in order; what draws is numbered (as --extract numbers
+    its files), a PSD's groups, adjustment and empty layers are shown with '-' and why."""
+    from layerctl.core.compose import Layer
+    from layerctl.io.psd import kind_label, kind_text
+
+    index = {id(layer): i for i, layer in enumerate(layers, 1)}
+    for entry in outline or layers:
+        if not isinstance(entry, Layer):
+            row = {
+                "index": None,
+                "name": entry.name,
+                "kind": kind_label(entry.kind),
+                "psd_kind": entry.kind,
+                "note": entry.note,
+                "depth": entry.depth,
+                "visible": entry.visible,
+            }
+            if as_json:
+                typer.echo(json.dumps(row, ensure_ascii=False))
+            else:
+                flags = "" if entry.visible else "  hidden"
+                note = f"  ({entry.note})" if entry.note and entry.note != kind_label(entry.kind) else ""
+                typer.echo(f"  -  {entry.name}\t{kind_text(entry.kind)}{note}{flags}")
+            continue
+        layer = entry
+        i = index.get(id(layer))
+        if i is None:
+            continue
+        w, h = layer.size
+        row = {
+            "index": i,
+            "name": layer.name,
+            "kind": kind_label(layer.kind),
+            "psd_kind": layer.kind,
+            "width": w,
+            "height": h,
+            "x": layer.offset[0],
+            "y": layer.offset[1],
+            "opacity": round(layer.opacity, 4),
+            "fill": round(layer.fill, 4),
+            "effective_opacity": round(layer.effective_opacity, 4),
+            "blend": layer.blend,
+            "mask": layer.mask is not None,
+            "groups": [g for g, _ in layer.groups],
+            "visible": layer.shown,
+        }
+        if as_json:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            flags = "" if layer.shown else "  hidden"
+            if layer.blend not in ("normal",):
+                flags += f"  {layer.blend}"
+            if layer.mask is not None:
+                flags += "  mask" + (" (disabled)" if layer.mask.disabled else "")
+            typer.echo(
+                f"{i:3d}  {layer.name}\t{kind_text(layer.kind)}  {w}x{h}  at {layer.offset[0]},{layer.offset[1]}"
+                f"  opacity {layer.effective_opacity:.3g}{flags}"
+            )
 
 
 def register(app: typer.Typer) -> None:

@@ -42,14 +42,21 @@ def emit(records, as_json: bool) -> None:
 
 
 def read_prompts(path: str) -> list[str]:
+    """One prompt a line ('-': stdin); blank lines and '#' comments skipped. Files saved by
+    Windows Notepad read the same: a UTF-8 byte-order mark is dropped, CRLF/CR line ends split
+    lines (UTF-16 with its byte-order mark, Notepad's "Unicode", is read too)."""
     if path == "-":
-        lines = sys.stdin.read().splitlines()
+        text = sys.stdin.read()
     else:
         try:
-            with open(path, encoding="utf-8") as fh:
-                lines = fh.read().splitlines()
+            with open(path, "rb") as fh:
+                raw = fh.read()
         except OSError as exc:
             raise LayerctlError(f"cannot read prompts file {path}: {exc.strerror}") from None
+        text = decode_text(raw, f"prompts file {path}")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.splitlines()  # \r\n, \r and \n alike
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise LayerctlError(f"no prompts in {path}")
@@ -72,6 +79,21 @@ def tell_seed(seed: int, was_random: bool, quiet: bool) -> None:
     """Say which random seed a finished (or interrupted) run used."""
     if was_random and not quiet:
         sys.stderr.write(f"layerctl: random seed {seed} (give --seed {seed} to make the same again)\n")
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """Bytes of a text file -> str: UTF-8 (a byte-order mark dropped), or UTF-16 when it starts
+    with its byte-order mark; anything else is a clear error."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise LayerctlError(f"{what} is not UTF-16 text, though it starts like it") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LayerctlError(f"{what}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8") from None
 
 
 def gen(

@@ -42,6 +42,12 @@ class Layer:
     # Enclosing groups, outermost first, as (path, opacity): consecutive layers that share a
     # group are composited together first and the result placed with the group's opacity.
     groups: tuple = ()
+    # What a PSD layer carries besides pixels, kept so that re-saving a PSD keeps it:
+    blend: str = "normal"  # blend mode (psd-tools' name: "multiply", ...); composited as normal here
+    fill: float = 1.0  # fill opacity: multiplies the pixels like opacity does
+    mask: Optional["LayerMask"] = None  # a layer mask, applied when compositing
+    # One GroupStyle per entry of `groups` (missing entries: a visible pass-through group).
+    group_styles: tuple = ()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -50,11 +56,80 @@ class Layer:
 
     @property
     def effective_opacity(self) -> float:
-        """The layer's opacity times its groups' opacities."""
-        out = float(self.opacity)
+        """The layer's opacity (times its fill opacity) times its groups' opacities."""
+        out = float(self.opacity) * float(self.fill)
         for _, op in self.groups:
             out *= float(op)
         return out
+
+    @property
+    def shown(self) -> bool:
+        """Visible, and so are all its groups."""
+        return bool(self.visible) and all(group_style(self, i).visible for i in range(len(self.groups)))
+
+
+@dataclass(frozen=True)
+class GroupStyle:
+    """How a PSD group draws, besides its opacity: its eye and its blend mode."""
+
+    visible: bool = True
+    blend: str = "pass_through"
+
+
+@dataclass
+class LayerMask:
+    """A layer mask: HxW uint8 (255 shows the layer, 0 hides it) whose top-left corner sits at
+    `offset` from the layer's own top-left corner (so it moves with the layer, as a linked mask
+    does in Photoshop); `default` is its value outside its rectangle."""
+
+    pixels: np.ndarray
+    offset: tuple[int, int] = (0, 0)
+    default: int = 0
+    disabled: bool = False
+
+
+def group_style(layer: Layer, i: int) -> GroupStyle:
+    """The GroupStyle of layer.groups[i] (a visible pass-through group when none is recorded)."""
+    styles = getattr(layer, "group_styles", ()) or ()
+    return styles[i] if i < len(styles) and styles[i] is not None else GroupStyle()
+
+
+def mask_coverage(mask: LayerMask, size: tuple[int, int]) -> np.ndarray:
+    """HxW float in [0,1]: the mask over a layer of size (w, h)."""
+    w, h = size
+    cover = np.full((h, w), mask.default / 255.0, dtype=np.float64)
+    mp = np.asarray(mask.pixels)
+    mh, mw = mp.shape[:2]
+    x, y = int(mask.offset[0]), int(mask.offset[1])
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + mw, w), min(y + mh, h)
+    if x0 < x1 and y0 < y1:
+        part = mp[y0 - y : y1 - y, x0 - x : x1 - x]
+        cover[y0:y1, x0:x1] = part.astype(np.float64) / 255.0 if part.dtype == np.uint8 else np.clip(part, 0.0, 1.0)
+    return cover
+
+
+def masked_pixels(layer: Layer) -> np.ndarray:
+    """The layer's pixels with its (enabled) mask applied to their alpha; unchanged without one."""
+    mask = getattr(layer, "mask", None)
+    if mask is None or mask.disabled:
+        return layer.pixels
+    out = as_float(layer.pixels).copy()
+    out[..., 3] *= mask_coverage(mask, layer.size)
+    return out
+
+
+def scale_mask(mask: Optional[LayerMask], factor: float) -> Optional[LayerMask]:
+    """A mask for the layer scaled by `factor` (bilinear; offset scaled and rounded)."""
+    if mask is None or factor == 1.0:
+        return mask
+    from PIL import Image
+
+    mp = np.asarray(mask.pixels, dtype=np.uint8)
+    h, w = mp.shape[:2]
+    nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
+    resized = np.asarray(Image.fromarray(mp, "L").resize((nw, nh), Image.Resampling.BILINEAR), dtype=np.uint8)
+    offset = (round(mask.offset[0] * factor), round(mask.offset[1] * factor))
+    return LayerMask(resized, offset, mask.default, mask.disabled)
 
 
 @dataclass
@@ -113,7 +188,7 @@ def _composite_into(canvas: np.ndarray, layers: list, depth: int) -> None:
             j = i
             while j < len(layers) and len(layers[j].groups) > depth and layers[j].groups[depth] == group:
                 j += 1
-            if group[1] > 0:
+            if group[1] > 0 and group_style(layer, depth).visible:
                 # A group is composited on its own, then placed with its opacity. For normal
                 # blending this equals a pass-through group too.
                 sub = np.zeros_like(canvas)
@@ -121,8 +196,9 @@ def _composite_into(canvas: np.ndarray, layers: list, depth: int) -> None:
                 place_over(canvas, sub, (0, 0), group[1])
             i = j
             continue
-        if layer.visible and layer.opacity > 0:
-            place_over(canvas, layer.pixels, layer.offset, layer.opacity)
+        opacity = float(layer.opacity) * float(getattr(layer, "fill", 1.0))
+        if layer.visible and opacity > 0:
+            place_over(canvas, masked_pixels(layer), layer.offset, opacity)
         i += 1
 
 
@@ -309,10 +385,15 @@ def _unique(name: str, taken: set) -> str:
     return f"{name}-{i}"
 
 
-def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[Layer], Optional[tuple[int, int]], list[str]]:
+def load_stack(
+    specs: Sequence[LayerSpec], force: bool = False, outline: Optional[list] = None, empty: Optional[list] = None
+) -> tuple[list[Layer], Optional[tuple[int, int]], list[str]]:
     """Load each spec (images; PSDs expand into their layers) -> (layers, PSD canvas of the bottom input, warnings).
 
     Names default to the file stem (a PSD's layers keep theirs) and are made unique with -2, -3, ...
+    With `outline` (a list), every entry of the stack is appended to it in order: the Layer for
+    what draws, layerctl.io.psd.PsdNode for a PSD's groups, adjustment and empty layers. With
+    `empty` (a list), a one-line reason is appended for each PSD that has nothing drawable.
     """
     from layerctl.io.imageio import is_psd, load_image
 
@@ -328,7 +409,12 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
             warnings.extend(doc.warnings)
             if k == 0:
                 first_canvas = doc.size
+            if empty is not None and not doc.layers:
+                from layerctl.io.psd import nothing_drawable
+
+                empty.append(nothing_drawable(doc, spec.path))
             dx, dy = spec.at or (0, 0)
+            made: dict = {}
             for layer in doc.layers:
                 pixels = layer.pixels if spec.scale == 1.0 else scale_pixels(layer.pixels, spec.scale)
                 ox, oy = layer.offset
@@ -340,9 +426,11 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
                 name = _unique(prefix + layer.name, taken)
                 taken.add(name)
                 groups = tuple((prefix + gpath, gop) for gpath, gop in layer.groups)
+                styles = tuple(group_style(layer, i) for i in range(len(layer.groups)))
                 if spec.opacity != 1.0:
                     # the whole document at this opacity: one more enclosing group
                     groups = ((spec.name or spec.path.stem, spec.opacity),) + groups
+                    styles = (GroupStyle(),) + styles
                 layers.append(
                     Layer(
                         name,
@@ -352,8 +440,24 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
                         visible=layer.visible and spec.visible,
                         kind=layer.kind,
                         groups=groups,
+                        blend=layer.blend,
+                        fill=layer.fill,
+                        mask=scale_mask(layer.mask, spec.scale),
+                        group_styles=styles,
                     )
                 )
+                made[id(layer)] = layers[-1]
+            if outline is not None:
+                import dataclasses
+
+                prefix = f"{spec.name}/" if spec.name else ""
+                for node in getattr(doc, "outline", None) or doc.layers:
+                    if isinstance(node, Layer):
+                        outline.append(made.get(id(node), node))
+                    elif node.layer is not None:
+                        outline.append(made.get(id(node.layer), node.layer))
+                    else:
+                        outline.append(dataclasses.replace(node, name=prefix + node.name))
             continue
         im = load_image(spec.path, "RGBA")
         pixels = np.asarray(im, dtype=np.uint8)
@@ -364,6 +468,8 @@ def load_stack(specs: Sequence[LayerSpec], force: bool = False) -> tuple[list[La
         name = _unique(spec.name or spec.path.stem or f"layer{k + 1}", taken)
         taken.add(name)
         layers.append(Layer(name, pixels, spec.at or (0, 0), opacity=spec.opacity, visible=spec.visible))
+        if outline is not None:
+            outline.append(layers[-1])
     return layers, first_canvas, warnings
 
 
@@ -415,3 +521,4 @@ def apply_options(
         w, h = layers[i].size
         check_side(f"layer {layers[i].name} scaled by {f:g} to", max(1, round(w * f)), max(1, round(h * f)), force)
         layers[i].pixels = scale_pixels(layers[i].pixels, f)
+        layers[i].mask = scale_mask(layers[i].mask, f)

@@ -170,6 +170,8 @@ def _scalar_key(k) -> Any:
 
 def loads_yaml(text: str, source: str = "<string>"):
     """Parse YAML text safely; returns (data, Locator). Empty text gives (None, locator)."""
+    if text.startswith("\ufeff"):  # a byte-order mark (Windows Notepad), e.g. a recipe on stdin
+        text = text[1:]
     loc = Locator(source)
     loader = yaml.SafeLoader(text)
     try:

@@ -270,7 +270,10 @@ def run_compose(req: ComposeStep) -> dict:
                     visible=(l.get("visible", True) if isinstance(l, dict) else l.visible))
         for l in req.layers
     ]
-    layers, first_canvas, _warnings = C.load_stack(specs)
+    empty: list = []
+    layers, first_canvas, _warnings = C.load_stack(specs, empty=empty)
+    if not layers:
+        raise LayerctlError("no layers to compose: " + ("; ".join(empty) or "the inputs hold no drawable layers"))
     if req.size is not None:
         size = tuple(req.size)
     elif first_canvas is not None:
