@@ -30,7 +30,7 @@ class OutputRecord:
 
 def check_outputs(paths, overwrite: bool, suffixes=(".png",)) -> None:
     """Every path ends in one of `suffixes` and may be written (exists only with --overwrite)."""
-    from layerctl.io.imageio import check_writable
+    from layerctl.io.files import check_writable
 
     for p in paths:
         if suffixes and Path(p).suffix.lower() not in suffixes:

@@ -63,16 +63,8 @@ def compose(
 
     Example: layerctl compose bg.png fg.png --at fg=120,40 --opacity fg=0.9 --out scene.psd
     """
-    from layerctl.core.compose import (
-        LayerSpec,
-        apply_options,
-        check_side,
-        flatten,
-        is_yaml,
-        load_stack,
-        parse_size,
-        read_stack_yaml,
-    )
+    from layerctl.core.compose import check_side, flatten
+    from layerctl.io.stack import LayerSpec, apply_options, is_yaml, load_stack, parse_size, read_stack_yaml
     from layerctl.errors import LayerctlError
 
     # 1. Everything that can be checked before reading a pixel.

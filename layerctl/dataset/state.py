@@ -131,7 +131,7 @@ def _append_line(path: Path, row: dict) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from layerctl.io.imageio import atomic_write
+    from layerctl.io.files import atomic_write
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -189,7 +189,7 @@ def _prepare(out: Path, kind: str, settings: dict, mode: str, shard: Shard) -> s
         _state(out).mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex[:12]
         state = {"kind": kind, "settings": settings, "layerctl_version": __version__, "run": run_id}
-        from layerctl.io.imageio import atomic_write
+        from layerctl.io.files import atomic_write
 
         atomic_write(
             _state(out) / STATE_FILE,

@@ -260,7 +260,7 @@ def write_psd(
     optional 4th item opacity in [0,1], or a layerctl.core.compose.Layer. `size` (w, h) defaults to the
     bottom layer's size. Layers may reach outside the canvas (kept whole, as editors do).
     """
-    from layerctl.io.imageio import atomic_write
+    from layerctl.io.files import atomic_write
 
     doc = build_psd(layers, size)
     record = doc._record
@@ -295,7 +295,7 @@ def write_role_psd(path, roles: dict, overwrite: bool = False) -> Path:
 def _open(path):
     from psd_tools import PSDImage
 
-    from layerctl.io.imageio import check_pixel_limit
+    from layerctl.io.files import check_pixel_limit
 
     p = Path(path)
     if not p.exists():

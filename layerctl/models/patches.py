@@ -698,7 +698,7 @@ def write_patch(patch: Patch, path: Union[str, os.PathLike], *, dtype: torch.dty
         raise LayerctlError("patch has two entries for the same weight")
     tensors = {k: sd[k].detach().to("cpu", dtype).contiguous().clone() for k in sorted(sd)}
     meta = {str(k): str(v) for k, v in {**patch.metadata, **(metadata or {})}.items()}
-    from layerctl.io.imageio import atomic_write
+    from layerctl.io.files import atomic_write
 
     # the shared writer: temporary file, normal permissions, rename (overwrite was checked above)
     return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata=meta or None), overwrite=True, suffix=".tmp")

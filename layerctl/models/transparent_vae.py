@@ -399,7 +399,7 @@ def save_module(module: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
     atomically: a temporary file in the same folder, then os.replace."""
     from safetensors.torch import save_file
 
-    from layerctl.io.imageio import atomic_write
+    from layerctl.io.files import atomic_write
 
     state = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in module.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, tmp), overwrite=overwrite, suffix=".tmp")

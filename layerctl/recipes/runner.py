@@ -259,10 +259,11 @@ def _one_line(s: str) -> str:
 def run_compose(req: ComposeStep) -> dict:
     """Stack the layers (bottom -> top) into a PSD (with layers) or a flat PNG."""
     from layerctl.core import compose as C
+    from layerctl.io import stack as S
     from layerctl.io.imageio import save_png
 
     specs = [
-        C.LayerSpec(path=Path(l["path"] if isinstance(l, dict) else l.path),
+        S.LayerSpec(path=Path(l["path"] if isinstance(l, dict) else l.path),
                     name=(l.get("name") if isinstance(l, dict) else l.name),
                     at=(tuple(l["at"]) if isinstance(l, dict) and l.get("at") else (tuple(l.at) if not isinstance(l, dict) and l.at else None)),
                     scale=(l.get("scale", 1.0) if isinstance(l, dict) else l.scale),
@@ -271,7 +272,7 @@ def run_compose(req: ComposeStep) -> dict:
         for l in req.layers
     ]
     empty: list = []
-    layers, first_canvas, _warnings = C.load_stack(specs, empty=empty)
+    layers, first_canvas, _warnings = S.load_stack(specs, empty=empty)
     if not layers:
         raise LayerctlError("no layers to compose: " + ("; ".join(empty) or "the inputs hold no drawable layers"))
     if req.size is not None:
