@@ -71,6 +71,18 @@ class LoadedModel:
         """How many chunks the longest of `texts` needs (1 for a backend without chunking)."""
         return 1
 
+    def notice_cut(self, text: str, chunks: int) -> None:
+        """Say once per text that a prompt is longer than the chunks layerctl encodes."""
+        from layerctl.core.prompts import MAX_CHUNKS
+        from layerctl.progress import log
+
+        told = self.__dict__.setdefault("_told_cut", set())
+        if text in told:
+            return
+        told.add(text)
+        log(f"layerctl: a prompt of {len(text)} characters needs {chunks} chunks of tokens; only the first "
+            f"{MAX_CHUNKS} chunks are used, the rest is ignored ('{text[:40]}...')", bool(getattr(self, "quiet", False)))
+
     def vae_encode(self, pixels):
         """pixels [B,3,H,W] in [-1,1] -> (mean, std) of the frozen VAE posterior, unscaled."""
         import torch
@@ -120,7 +132,7 @@ class SD15Model(LoadedModel):
 
         texts = (list(negatives) + list(prompts)) if cfg else list(prompts)
         tok, enc = self._text_pairs()[0]
-        hidden = encode_sd15(tok, enc, texts, clip_skip, min_chunks, self.device)
+        hidden = encode_sd15(tok, enc, texts, clip_skip, min_chunks, self.device, self.notice_cut)
         return PromptEmbeds(hidden=hidden.to(self.dtype))
 
 
@@ -142,7 +154,7 @@ class SDXLModel(LoadedModel):
 
         pipe = self.pipe
         texts = (list(negatives) + list(prompts)) if cfg else list(prompts)
-        hidden, text_embeds = encode_sdxl(self._text_pairs(), texts, clip_skip, min_chunks, self.device)
+        hidden, text_embeds = encode_sdxl(self._text_pairs(), texts, clip_skip, min_chunks, self.device, self.notice_cut)
         proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else text_embeds.shape[-1]
         time_ids = pipe._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=hidden.dtype, text_encoder_projection_dim=proj_dim

@@ -55,11 +55,11 @@ def chunk_count(pairs, texts) -> int:
     return max(count_chunks(texts, _tokenize(tok), chunk_spec(tok, enc)) for tok, enc in pairs)
 
 
-def token_ids(tokenizer, encoder, texts, chunks: int, device):
+def token_ids(tokenizer, encoder, texts, chunks: int, device, cut=None):
     """texts -> LongTensor [len(texts), chunks, length] of wrapped, padded chunks."""
     import torch
 
-    rows = batch_chunks(texts, _tokenize(tokenizer), chunk_spec(tokenizer, encoder), min_chunks=chunks)
+    rows = batch_chunks(texts, _tokenize(tokenizer), chunk_spec(tokenizer, encoder), min_chunks=chunks, cut=cut)
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
@@ -87,14 +87,14 @@ def run_encoder(encoder, ids, layer: int, final_norm: bool):
     return hidden.reshape(n, k * length, hidden.shape[-1]), first
 
 
-def encode_sd15(tokenizer, encoder, texts, clip_skip: int, chunks: int, device):
+def encode_sd15(tokenizer, encoder, texts, clip_skip: int, chunks: int, device, cut=None):
     """[N, K*77, D]: A1111's SD1.5 conditioning."""
     check_clip_skip(clip_skip, [encoder])
-    ids = token_ids(tokenizer, encoder, texts, chunks, device)
+    ids = token_ids(tokenizer, encoder, texts, chunks, device, cut)
     return run_encoder(encoder, ids, int(clip_skip), final_norm=True)[0]
 
 
-def encode_sdxl(pairs, texts, clip_skip: int, chunks: int, device):
+def encode_sdxl(pairs, texts, clip_skip: int, chunks: int, device, cut=None):
     """pairs: [(tokenizer, encoder)] in diffusers order (CLIP-L, then OpenCLIP-G with projection;
     either may be missing, as in the refiner). Returns (hidden [N, K*77, sum D], pooled [N, P])."""
     import torch
@@ -105,7 +105,7 @@ def encode_sdxl(pairs, texts, clip_skip: int, chunks: int, device):
     chunks = max(chunks, chunk_count(pairs, texts))  # both encoders must give the same number of chunks
     hidden, pooled = [], None
     for tok, enc in pairs:
-        h, first = run_encoder(enc, token_ids(tok, enc, texts, chunks, device), layer, final_norm=False)
+        h, first = run_encoder(enc, token_ids(tok, enc, texts, chunks, device, cut), layer, final_norm=False)
         hidden.append(h)
         if first is not None:
             pooled = first[:, 0]  # the first chunk's pooled embedding (A1111)

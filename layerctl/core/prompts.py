@@ -23,11 +23,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from layerctl.errors import LayerctlError
 
 BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
 COMMA_BACKTRACK = 20  # A1111's default "comma_padding_backtrack"
-MAX_CHUNKS = 40  # 3000 text tokens: far beyond any real prompt; more is surely a mistake (a file pasted in)
+MAX_CHUNKS = 40  # 3000 CLIP tokens, far beyond any real prompt; the rest of a longer text is dropped (with a notice)
 
 
 @dataclass(frozen=True)
@@ -94,19 +93,20 @@ def text_chunks(text: str, tokenize: Callable[[str], list[int]], spec: ChunkSpec
 
 
 def batch_chunks(texts: Sequence[str], tokenize: Callable[[str], list[int]], spec: ChunkSpec,
-                 min_chunks: int = 1) -> list[list[list[int]]]:
+                 min_chunks: int = 1, cut: Optional[Callable[[str, int], None]] = None) -> list[list[list[int]]]:
     """Every text -> the same number of wrapped chunks (at least `min_chunks`), each ``spec.length``
-    ids long: result[text][chunk] is one encoder input row."""
+    ids long: result[text][chunk] is one encoder input row. A text of more than MAX_CHUNKS chunks
+    keeps its first MAX_CHUNKS; `cut(text, chunks it needed)` is told."""
     per_text = [text_chunks(t, tokenize, spec) for t in texts]
-    count = max([min_chunks, *(len(c) for c in per_text)])
-    if count > MAX_CHUNKS:
-        raise LayerctlError(
-            f"a prompt of {count} chunks of {spec.text_tokens} tokens is longer than layerctl takes "
-            f"({MAX_CHUNKS} chunks, {MAX_CHUNKS * spec.text_tokens} tokens)"
-        )
+    for text, chunks in zip(texts, per_text):
+        if len(chunks) > MAX_CHUNKS:
+            if cut is not None:
+                cut(text, len(chunks))
+            del chunks[MAX_CHUNKS:]
+    count = min(MAX_CHUNKS, max([min_chunks, *(len(c) for c in per_text)]))
     return [[wrap_chunk(c, spec) for c in chunks + [[]] * (count - len(chunks))] for chunks in per_text]
 
 
 def count_chunks(texts: Sequence[str], tokenize: Callable[[str], list[int]], spec: ChunkSpec) -> int:
     """How many chunks the longest of `texts` needs."""
-    return max([1, *(len(text_chunks(t, tokenize, spec)) for t in texts)])
+    return min(MAX_CHUNKS, max([1, *(len(text_chunks(t, tokenize, spec)) for t in texts)]))
