@@ -310,3 +310,36 @@ def test_recipe_defaults_and_job_clip_skip(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("defaults: {model: tiny, clip_skip: 0}\njobs:\n  - gen: {prompt: cup, out: c.png}\n")
     code, _, stderr = run_cli("run", tmp_path / "bad.yaml")
     assert code == 2 and "clip_skip" in stderr and "Traceback" not in stderr
+
+
+def test_inpaint_pipeline_path_takes_our_embeddings(tiny):
+    """A 9-channel (inpainting) UNet runs diffusers' pipeline, fed our chunked, clip-skipped embeddings."""
+    import dataclasses
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from layerctl.backends.tiny import tiny_unet_config
+    from layerctl.pipelines.inpaint import inpaint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**tiny_unet_config(False), "in_channels": 9})
+    m9 = dataclasses.replace(tiny, pipe=StableDiffusionPipeline(**{**tiny.pipe.components, "unet": unet}))
+    img = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
+    mask = np.zeros((64, 64), np.float32)
+    mask[:, 32:] = 1
+    run = lambda p, skip=1: inpaint(m9, img, mask, p, "bad", steps=1, cfg=5.0, seed=0, clip_skip=skip).image  # noqa: E731
+    base = run(words(199) + " y")
+    assert not np.array_equal(base, run(words(199) + " z"))  # token 200 matters
+    assert not np.array_equal(base, run(words(199) + " y", skip=2))
+    assert np.array_equal(base, run(words(199) + " y"))
+
+
+def test_training_text_cache_pads_captions_of_different_lengths(tiny):
+    from layerctl.training.lora import TextCache
+
+    cache = TextCache(tiny, 64, enabled=True)
+    short = cache.encode(["cup"]).hidden
+    both = cache.encode([words(100), "cup"]).hidden  # "cup" comes from the cache (77 tokens), padded to 154
+    direct = tiny.encode_prompt([words(100), "cup"], [], False, 64, 64).hidden
+    assert short.shape == (1, 77, 32) and both.shape == (2, 154, 32)
+    assert torch.allclose(both, direct, atol=1e-5)
