@@ -343,3 +343,39 @@ def test_training_text_cache_pads_captions_of_different_lengths(tiny):
     direct = tiny.encode_prompt([words(100), "cup"], [], False, 64, 64).hidden
     assert short.shape == (1, 77, 32) and both.shape == (2, 154, 32)
     assert torch.allclose(both, direct, atol=1e-5)
+
+
+def test_clip_skip_reaches_edit_upscale_and_decompose(tmp_path):
+    """--clip-skip and long prompts on the editing paths: img2img + mask + hires, upscale, decompose.
+    Each runs twice (clip skip 1 and 2): the pictures differ and the metadata says which."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:16, :, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(rgba[..., :3].copy()).save(tmp_path / "pic.png")
+    runs = {
+        "edit": lambda o, s: ("gen", words(120), "--init", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                              "--hires", "2", "--model", "tiny", "--out", o),
+        "upscale": lambda o, s: ("upscale", tmp_path / "in.png", "--prompt", words(120), "--model", "tiny-xl", "--out", o),
+        "decompose": lambda o, s: ("decompose", tmp_path / "pic.png", "--fg-prompt", words(120), "--model", "tiny",
+                                   "--out-dir", o),
+    }
+    for name, argv in runs.items():
+        outs = []
+        for skip in ("1", "2"):
+            o = tmp_path / f"{name}{skip}" / ("o.png" if name != "decompose" else "")
+            code, _, stderr = run_cli(*argv(o, skip), "--clip-skip", skip, "--steps", "2", "--seed", "5", "--no-tta",
+                                      "--quiet")
+            assert code == 0, (name, stderr)
+            png = o if name != "decompose" else o / "fg.png"
+            meta, params = _meta(png)
+            assert meta["clip_skip"] == int(skip) and (("Clip skip: 2" in params) == (skip == "2")), name
+            outs.append(_px(png))
+        if name == "upscale":  # SDXL: 1 and 2 are the same layer (the penultimate)
+            assert np.array_equal(*outs), name
+        else:
+            assert not np.array_equal(*outs), name
