@@ -379,3 +379,13 @@ def test_clip_skip_reaches_edit_upscale_and_decompose(tmp_path):
             assert np.array_equal(*outs), name
         else:
             assert not np.array_equal(*outs), name
+
+
+def test_flux_refuses_clip_skip():
+    from layerctl.backends.registry import load_model
+    from layerctl.errors import LayerctlError
+
+    flux = load_model("tiny-flux", "cpu", "fp32")
+    assert flux.encode_prompt(["a cup"], [""], False, 64, 64, clip_skip=1).hidden.shape[0] == 1
+    with pytest.raises(LayerctlError, match="--clip-skip applies to SD1.5 and SDXL"):
+        flux.encode_prompt(["a cup"], [""], False, 64, 64, clip_skip=2)
