@@ -302,7 +302,7 @@ def check_break_only(v: Optional[str], what: str = "prompt") -> Optional[str]:
     from layerctl.core.prompts import only_break
 
     if only_break(v):
-        raise ValueError(f"the {what} {v.strip()!r} is only BREAK keywords (BREAK starts a new 75-token chunk)")
+        raise ValueError(f"{what} {v.strip()!r} is only BREAK keywords, nothing to draw (BREAK starts a new 75-token chunk)")
     return v
 
 
