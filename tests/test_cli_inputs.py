@@ -349,6 +349,9 @@ def test_very_long_prompt_says_how_many_chunks_were_used(tmp_path):
     assert code == 0, stderr
     line = next(ln for ln in stderr.splitlines() if "chunks" in ln)
     assert "20000 characters" in line and "358 chunks" in line and "only the first 40 chunks" in line
+    code, _, stderr = run_cli("gen", "red cup " * 2500, "--model", "toy", "--steps", "1", "--seed", "1",
+                              "--out", tmp_path / "q.png", "--quiet")
+    assert code == 0 and "chunks" not in stderr, stderr  # --quiet silences it
 
 
 def test_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):
