@@ -197,6 +197,7 @@ class ModelCache:
             model = load_model(ref, opts.device, opts.dtype, opts.attention)
             if model.notes:
                 log(f"layerctl: {model.notes}", self.quiet)
+            model.quiet = self.quiet  # the model's own notices (a prompt cut at the chunk cap) follow --quiet
             self._kits[key] = ModelKit(model, self._vae_nets, self.quiet)
         return self._kits[key]
 

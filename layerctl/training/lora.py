@@ -835,7 +835,26 @@ class TextCache:
             emb = self._encode(chunk)
             for j, t in enumerate(chunk):
                 self.memo[t] = _slice_embeds(emb, j)
-        return _cat_embeds([self.memo[t] for t in texts])
+        rows = [self.memo[t] for t in texts]
+        longest = max(r.hidden.shape[1] for r in rows)
+        if any(r.hidden.shape[1] != longest for r in rows):  # long captions: pad the others with empty chunks
+            if "" not in self.memo:
+                self.memo[""] = _slice_embeds(self._encode([""]), 0)
+            rows = [_pad_chunks(r, self.memo[""].hidden, longest) for r in rows]
+        return _cat_embeds(rows)
+
+
+def _pad_chunks(emb, empty, length: int):
+    """A one-row PromptEmbeds padded to `length` tokens with copies of the empty prompt's chunk
+    (what encoding it together with a longer text gives: every chunk is encoded on its own)."""
+    import torch
+
+    from layerctl.backends.base import PromptEmbeds
+
+    missing = (length - emb.hidden.shape[1]) // empty.shape[1]
+    if missing <= 0:
+        return emb
+    return PromptEmbeds(hidden=torch.cat([emb.hidden] + [empty.to(emb.hidden)] * missing, dim=1), extra=emb.extra)
 
 
 def _slice_embeds(emb, j: int):
@@ -1043,9 +1062,10 @@ def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size:
 
     frames = frames_of(cfg)
     F_ = len(frames)
-    embeds = model.encode_prompt([texts[frames.index("blended")]], [v.negative], use_cfg, size, size)
+    chunks = model.prompt_chunks(list(texts) + [v.negative])  # every frame's text to the same token count
+    embeds = model.encode_prompt([texts[frames.index("blended")]], [v.negative], use_cfg, size, size, min_chunks=chunks)
     embeds.hidden = repeat_frames(embeds.hidden, F_)
-    overrides = [model.encode_prompt([t], [v.negative], False, size, size).hidden[:1] for t in texts]
+    overrides = [model.encode_prompt([t], [v.negative], False, size, size, min_chunks=chunks).hidden[:1] for t in texts]
     try:
         patcher.set_cond_mark(make_cond_mark([True, False] if use_cfg else [False], F_))
         patcher.set_prompt_overrides(overrides)
