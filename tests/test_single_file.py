@@ -220,3 +220,19 @@ def test_cli_unknown_family_and_bad_config_exit_2(tmp_path):
     assert code == 2 and "--family sdxl does not fit" in err
     code, _, err = run_cli(*["gen", "cup", "--model", "tiny", "--family", "sd3", "--out", str(tmp_path / "o.png")])
     assert code == 2 and "family" in err
+
+
+def test_every_model_option_schema_carries_family_config_and_no_variant(checkpoints):
+    """gen/decompose/upscale requests, recipes, dataset layers and the training recipes all take them."""
+    from layerctl.backends.base import LoadOptions
+    from layerctl.dataset.requests import LayersDatasetRequest
+    from layerctl.requests import DecomposeRequest, GenRequest, UpscaleRequest
+    from layerctl.training.lora import LoraModelOptions
+    from layerctl.training.vae import VaeModelOptions
+
+    config = str(checkpoints["tiny"][1])
+    for cls in (GenRequest, DecomposeRequest, UpscaleRequest, LayersDatasetRequest, LoraModelOptions, VaeModelOptions):
+        assert {"family", "config", "no_variant"} <= set(cls.model_fields), cls.__name__
+    opts = LoadOptions.of(LoraModelOptions(family="sdxl", no_variant=True, config=config))
+    assert (opts.family, opts.variant, opts.config) == ("sdxl", False, config)
+    assert LoadOptions.of(GenRequest(prompt="x")) == LoadOptions()
