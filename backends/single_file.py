@@ -187,6 +187,11 @@ def openclip_text_encoder(path, folder: Path, dtype):
 
 def load_single_file(pipeline_cls, path, dtype, family: str, facts: CheckpointFacts, config: Optional[str], extra: dict):
     """A diffusers pipeline from a single-file checkpoint, with nothing fetched from the network."""
+    if not facts.text_encoders:
+        raise LayerctlError(
+            f"{path} holds no text encoder (a UNet-only file: {facts.describe()}); use a full checkpoint or a "
+            f"diffusers folder of the base model with this UNet in it"
+        )
     folder = config_folder(family, facts, config)
     kwargs = dict(extra, **tokenizers_to_pass(folder))
     if family == "sdxl" and OPENCLIP_SDXL in facts.text_encoders and "text_encoder_2" not in kwargs:

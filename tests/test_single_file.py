@@ -183,7 +183,10 @@ def test_families_and_inpainting_are_read_from_the_header(tmp_path):
     assert (facts.family, facts.inpainting, facts.context_dim) == ("sdxl", True, 2048)
     assert sf.config_folder("sdxl", facts, None) == sf.shipped_config("sdxl", inpainting=True)
     unet_only = {k: v for k, v in SDXL.items() if k.startswith(sf.UNET)}
-    assert sf.read_facts(_fake(tmp_path / "c.safetensors", unet_only)).family == "sdxl"
+    facts = sf.read_facts(_fake(tmp_path / "c.safetensors", unet_only))
+    assert facts.family == "sdxl" and facts.text_encoders == ()
+    with pytest.raises(LayerctlError, match="holds no text encoder"):
+        sf.load_single_file(None, tmp_path / "c.safetensors", torch.float32, "sdxl", facts, None, {})
 
 
 def test_v_pred_and_ztsnr_keys_are_detected(tmp_path):
