@@ -239,3 +239,16 @@ def test_every_model_option_schema_carries_family_config_and_no_variant(checkpoi
     opts = LoadOptions.of(LoraModelOptions(family="sdxl", no_variant=True, config=config))
     assert (opts.family, opts.variant, opts.config) == ("sdxl", False, config)
     assert LoadOptions.of(GenRequest(prompt="x")) == LoadOptions()
+
+
+def test_checkpoint_hints_expose_v_pred_on_the_model_with_a_notice(tmp_path, capsys):
+    from layerctl.backends.base import LoadedModel, checkpoint_hints
+
+    _, facts = sf.detect_family(_fake(tmp_path / "v.safetensors", dict(SDXL, v_pred=(0,))))
+    hints = checkpoint_hints(facts)
+    assert hints == {"prediction_type": "v_prediction", "zero_terminal_snr": None}
+    assert "v-prediction (a 'v_pred' key)" in capsys.readouterr().err
+    assert set(hints) <= set(LoadedModel.__dataclass_fields__)
+    _, plain = sf.detect_family(_fake(tmp_path / "e.safetensors", SDXL))
+    assert checkpoint_hints(plain) == {"prediction_type": None, "zero_terminal_snr": None}
+    assert capsys.readouterr().err == "" and checkpoint_hints(None) == {}
