@@ -74,10 +74,11 @@ def read_facts(path) -> CheckpointFacts:
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign file
         raise LayerctlError(f"cannot read checkpoint {path}: {exc}") from None
     prefixes = tuple(p for p in (CLIP_L_SD15, OPENCLIP_SD2, CLIP_L_SDXL, OPENCLIP_SDXL) if any(k.startswith(p) for k in keys))
+    conv_in, to_k = shapes.get(CONV_IN, ()), shapes.get(attn, ())
     facts = CheckpointFacts(
         family=None,
-        in_channels=shapes[CONV_IN][1] if CONV_IN in shapes else None,
-        context_dim=shapes[attn][1] if attn in shapes else None,
+        in_channels=conv_in[1] if len(conv_in) == 4 else None,  # a conv weight [out, in, 3, 3]
+        context_dim=to_k[1] if len(to_k) == 2 else None,  # a linear weight [inner, context]
         text_encoders=prefixes,
         v_pred="v_pred" in keys,
         ztsnr="ztsnr" in keys,

@@ -189,6 +189,12 @@ def test_families_and_inpainting_are_read_from_the_header(tmp_path):
         sf.load_single_file(None, tmp_path / "c.safetensors", torch.float32, "sdxl", facts, None, {})
 
 
+def test_odd_shapes_are_an_unknown_family_not_a_crash(tmp_path):
+    path = _fake(tmp_path / "odd.safetensors", {sf.CONV_IN: (1,), **{k: v for k, v in SD15.items() if k != sf.CONV_IN}})
+    with pytest.raises(LayerctlError, match=r"cannot tell the model family.*input_blocks\.0\.0\.weight \[1\]"):
+        sf.detect_family(path)
+
+
 def test_v_pred_and_ztsnr_keys_are_detected(tmp_path):
     path = _fake(tmp_path / "v.safetensors", dict(SDXL, v_pred=(0,), ztsnr=(0,)))
     family, facts = sf.detect_family(path)
