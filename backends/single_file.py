@@ -131,6 +131,8 @@ def config_folder(family: str, facts: CheckpointFacts, config: Optional[str]) ->
     fit the checkpoint's shapes)."""
     if config:
         folder = Path(config).expanduser()
+        if not folder.is_dir():
+            raise LayerctlError(f"config folder not found: {config}")
         index = folder / "model_index.json"
         if not index.is_file():
             raise LayerctlError(f"--config {config}: not a diffusers config folder (no model_index.json)")

@@ -54,17 +54,16 @@ class ModelOptions(BaseModel):
 
 
 def check_config_folder(v: Optional[str]) -> Optional[str]:
-    """--config: an existing diffusers-layout folder (model_index.json inside), checked before any load."""
+    """--config: a diffusers-layout folder (model_index.json inside). A folder that is not here (yet) is
+    left to the recipe planner (recipe-relative paths) and to the loader, which both say so before any load."""
     if v is None:
         return v
     from pathlib import Path
 
     p = Path(v).expanduser()
-    if not p.is_dir():
-        raise ValueError(f"config folder not found: {v}")
-    if not (p / "model_index.json").is_file():
+    if p.exists() and not (p / "model_index.json").is_file():
         raise ValueError(f"config folder {v} has no model_index.json (a diffusers-layout folder of configs is needed)")
-    return str(p)
+    return v
 
 
 class JobOptions(ModelOptions):

@@ -223,7 +223,8 @@ def test_cli_unknown_family_and_bad_config_exit_2(tmp_path):
     code, _, err = run_cli(*["gen", "cup", "--model", str(path), "--out", str(tmp_path / "o.png")])
     assert code == 2 and "cannot tell the model family" in err and "[320, 1024]" in err
     assert "Traceback" not in err and not (tmp_path / "o.png").exists()
-    code, _, err = run_cli(*["gen", "cup", "--model", str(path), "--config", str(tmp_path / "nope"), "--out", str(tmp_path / "o.png")])
+    sd15 = _fake(tmp_path / "sd15.safetensors", SD15)
+    code, _, err = run_cli(*["gen", "cup", "--model", str(sd15), "--config", str(tmp_path / "nope"), "--out", str(tmp_path / "o.png")])
     assert code == 2 and "config folder not found" in err
     code, _, err = run_cli(*["gen", "cup", "--model", "tiny", "--family", "sdxl", "--out", str(tmp_path / "o.png")])
     assert code == 2 and "--family sdxl does not fit" in err
@@ -258,3 +259,20 @@ def test_checkpoint_hints_expose_v_pred_on_the_model_with_a_notice(tmp_path, cap
     _, plain = sf.detect_family(_fake(tmp_path / "e.safetensors", SDXL))
     assert checkpoint_hints(plain) == {"prediction_type": None, "zero_terminal_snr": None}
     assert capsys.readouterr().err == "" and checkpoint_hints(None) == {}
+
+
+def test_recipe_config_is_recipe_relative_and_must_exist(checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    from layerctl import recipes
+
+    sub = tmp_path / "proj"
+    sub.mkdir()
+    shutil.copytree(checkpoints["tiny"][1], sub / "tinycfg")
+    monkeypatch.chdir(tmp_path)  # the recipe's folder is not the current one
+    (sub / "r.yaml").write_text("jobs:\n  - gen:\n      prompt: x\n      family: sd15\n      config: tinycfg\n")
+    plan = recipes.plan_recipe(sub / "r.yaml")
+    assert plan.jobs[0].request.config == str(sub / "tinycfg") and plan.jobs[0].request.family == "sd15"
+    (sub / "bad.yaml").write_text("jobs:\n  - gen:\n      prompt: x\n      config: nocfg\n")
+    msg = str(pytest.raises(LayerctlError, recipes.plan_recipe, sub / "bad.yaml").value)
+    assert ":4: jobs[0].gen.config: config: file not found: nocfg" in msg
