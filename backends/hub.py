@@ -60,8 +60,10 @@ def load_from_hub(pipeline_cls, ref: str, kwargs: dict, device, options):
         return pipe
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return pipeline_cls.from_pretrained(ref, local_files_only=True, **kwargs)  # raises the cache's own error
-    variant = choose_variant(dtype, device, _repo_files(ref) if half else None, options.variant)
+    files = _repo_files(ref) if half else None
+    variant = choose_variant(dtype, device, files, options.variant)
     pipe = pipeline_cls.from_pretrained(ref, variant=variant, **kwargs)
-    what = "fp16 files" if variant else f"default files ({why_default(dtype, device, options.variant)})"
+    why = "the repo's file list could not be read" if half and files is None else why_default(dtype, device, options.variant)
+    what = "fp16 files" if variant else f"default files ({why})"
     log(f"layerctl: {ref}: downloaded and using the {what}", options.quiet)
     return pipe

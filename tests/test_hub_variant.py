@@ -86,3 +86,10 @@ def test_offline_and_not_cached_raises_the_cache_error(fake, monkeypatch):
     with pytest.raises(OSError, match="not cached"):
         load_from_hub(fake, "owner/xl", {"torch_dtype": torch.float32}, torch.device("cpu"), LoadOptions())
     assert all(local for local, _ in fake.calls)
+
+
+def test_unreadable_listing_falls_back_to_the_default_files(fake, monkeypatch, capsys):
+    monkeypatch.setattr("layerctl.backends.hub._repo_files", lambda ref: None)
+    got = load_from_hub(fake, "owner/xl", {"torch_dtype": torch.float16}, torch.device("cuda"), LoadOptions())
+    assert got == ("owner/xl", None)
+    assert "default files (the repo's file list could not be read)" in capsys.readouterr().err
