@@ -9,9 +9,25 @@ works on the LoadedModel any backend returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from layerctl.errors import LayerctlError
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model reference, beyond device/dtype/attention (--family, --config, --no-variant)."""
+
+    family: Optional[str] = None  # "sd15" / "sdxl": overrides detection
+    config: Optional[str] = None  # a diffusers-layout folder of configs for a single-file checkpoint
+    variant: bool = True  # False (--no-variant): the hub's default files even when an fp16 variant exists
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, opts, quiet: bool = False) -> "LoadOptions":
+        """From request options with `family`, `config`, `no_variant` fields (absent ones: the defaults)."""
+        return cls(family=getattr(opts, "family", None), config=getattr(opts, "config", None),
+                   variant=not getattr(opts, "no_variant", False), quiet=quiet)
 
 @dataclass
 class PromptEmbeds:
@@ -45,6 +61,9 @@ class LoadedModel:
     notes: str = ""  # e.g. "tiny: random weights, pictures are noise"
     attention: str = "sdpa"  # what the UNet's attention runs on
     tiny: bool = False  # a built-in test model (random weights; layer weights made in memory)
+    # what the checkpoint says about itself (single files: a `v_pred` / `ztsnr` key); None = it does not say
+    prediction_type: Optional[str] = None  # "v_prediction" or "epsilon"
+    zero_terminal_snr: Optional[bool] = None
 
     @property
     def unet(self):
@@ -112,7 +131,8 @@ class Backend:
         """Whether this backend recognises a model reference (for auto-detection)."""
         return False
 
-    def load(self, ref: str, device, dtype, attention: str = "auto") -> LoadedModel:
+    def load(self, ref: str, device, dtype, attention: str = "auto", options: Optional[LoadOptions] = None) -> LoadedModel:
+        """Load a model. `options` is passed only to backends whose load() takes it (older plugins do not)."""
         raise NotImplementedError
 
 
@@ -292,38 +312,62 @@ def _safetensors_ok(path) -> bool:
         return False
 
 
-def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str):
+def load_diffusers_pipeline(pipeline_cls, ref: str, dtype, what: str, device=None, options: Optional[LoadOptions] = None):
     """A diffusers pipeline from a folder, a single-file .safetensors, or a hub id (cache first)."""
-    import os
+    return load_base_pipeline(pipeline_cls, ref, dtype, what, device, options)[0]
+
+
+def load_base_pipeline(pipeline_cls, ref: str, dtype, what: str, device=None, options: Optional[LoadOptions] = None):
+    """(pipeline, facts): facts are a single file's CheckpointFacts (None for a folder or hub id)."""
     from pathlib import Path
 
+    options = options or LoadOptions()
+    family = "sdxl" if "XL" in pipeline_cls.__name__ else "sd15"
     kwargs = dict(torch_dtype=dtype)
-    if "XL" not in pipeline_cls.__name__:
+    if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     p = Path(ref)
+    facts = None
     try:
         if p.suffix == ".safetensors":
-            return pipeline_cls.from_single_file(str(p), **kwargs)
+            from layerctl.backends.single_file import detect_family, load_single_file
+
+            _, facts = detect_family(p, options.family)
+            extra = {k: v for k, v in kwargs.items() if k != "torch_dtype"}
+            return load_single_file(pipeline_cls, p, dtype, family, facts, options.config, extra), facts
         if p.is_dir():
-            return pipeline_cls.from_pretrained(str(p), **kwargs)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        try:
-            return pipeline_cls.from_pretrained(ref, local_files_only=True, **kwargs)
-        except Exception:  # noqa: BLE001 - not cached: try the network unless offline
-            if offline:
-                raise
-            return pipeline_cls.from_pretrained(ref, **kwargs)
+            return pipeline_cls.from_pretrained(str(p), **kwargs), None
+        from layerctl.backends.hub import load_from_hub
+
+        return load_from_hub(pipeline_cls, ref, kwargs, device, options), None
     except LayerctlError:
         raise
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if p.is_dir():  # a local folder: say what in it is missing or broken, not "offline?"
-            problem = diagnose_diffusers_folder(p) or first
-            raise LayerctlError(f"cannot load {what} model from the folder {ref}: {problem}") from None
-        if p.suffix == ".safetensors" and p.exists():
-            raise LayerctlError(f"cannot load {what} checkpoint {ref}: the file is damaged or not a checkpoint ({first})") from None
-        raise LayerctlError(
-            f"cannot load {what} model '{ref}': {first}. Offline? Download it once with network access "
-            f"(it is then taken from the Hugging Face cache), or give a local diffusers folder or a "
-            f".safetensors checkpoint with --model"
-        ) from None
+        raise _load_error(exc, ref, p, what) from None
+
+
+def _load_error(exc, ref, p, what) -> LayerctlError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if p.is_dir():  # a local folder: say what in it is missing or broken, not "offline?"
+        problem = diagnose_diffusers_folder(p) or first
+        return LayerctlError(f"cannot load {what} model from the folder {ref}: {problem}")
+    if p.suffix == ".safetensors" and p.exists():
+        return LayerctlError(f"cannot load {what} checkpoint {ref}: the file is damaged or not a checkpoint ({first})")
+    return LayerctlError(
+        f"cannot load {what} model '{ref}': {first}. Offline? Download it once with network access "
+        f"(it is then taken from the Hugging Face cache), or give a local diffusers folder or a "
+        f".safetensors checkpoint with --model"
+    )
+
+
+def checkpoint_hints(facts, quiet: bool = False) -> dict:
+    """LoadedModel fields from what a single file says about itself, with a notice when it says something."""
+    if facts is None:
+        return {}
+    hints = {"prediction_type": facts.prediction_type, "zero_terminal_snr": True if facts.ztsnr else None}
+    said = [w for w, on in (("v-prediction (a 'v_pred' key)", facts.v_pred), ("zero terminal SNR (a 'ztsnr' key)", facts.ztsnr)) if on]
+    if said:
+        from layerctl.progress import log
+
+        log(f"layerctl: the checkpoint says it was trained for {' and '.join(said)}", quiet)
+    return hints

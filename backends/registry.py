@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from layerctl.backends.base import Backend, LoadedModel, resolve_device, resolve_dtype, setup_attention
+from layerctl.backends.base import Backend, LoadedModel, LoadOptions, resolve_device, resolve_dtype, setup_attention
 from layerctl.errors import LayerctlError
 
 
@@ -55,12 +55,13 @@ def get_backend(name: str) -> Backend:
     return _resolve(backends[name])()
 
 
-def resolve_model_ref(ref: str | None) -> tuple[str, str]:
+def resolve_model_ref(ref: str | None, family: str | None = None) -> tuple[str, str]:
     """Model reference -> (backend name, reference for that backend).
 
     `tiny`, `tiny-xl` and any registered backend name stand for themselves;
     `NAME:REF` picks a backend explicitly; a diffusers folder or a single-file
     checkpoint is recognised from its contents; anything else is a hub id.
+    `family` ("sd15"/"sdxl", from --family) overrides what a folder, file or hub id looks like.
     """
     import json
     import os
@@ -80,7 +81,10 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
         cls = json.loads(index.read_text()).get("_class_name", "")
         if "Flux" in cls:
             return "flux", str(p)
-        return ("sdxl" if "XL" in cls else "sd15"), str(p)
+        found = "sdxl" if "XL" in cls else "sd15"
+        if family and family != found:
+            raise LayerctlError(f"--family {family}, but the folder {ref} holds a {cls or 'pipeline'} ({found})")
+        return found, str(p)
     if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise LayerctlError(
             f"refusing to unpickle {ref}: pickle checkpoints can run code. Convert it to .safetensors first"
@@ -90,6 +94,8 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
             raise LayerctlError(f"model file not found: {ref}")
         from safetensors import safe_open
 
+        from layerctl.backends.single_file import detect_family
+
         try:
             with safe_open(str(p), "pt") as f:
                 keys = list(f.keys())
@@ -97,11 +103,12 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
             raise LayerctlError(f"cannot read checkpoint {ref}: {exc}") from None
         if any(k.startswith(FLUX_TRANSFORMER_KEYS) for k in keys):  # a FLUX.1 transformer (BFL or diffusers names)
             return "flux", str(p)
-        is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-        return ("sdxl" if is_xl else "sd15"), str(p)
+        return detect_family(p, family)[0], str(p)
     if p.exists():
         raise LayerctlError(f"unknown model reference '{ref}': not a diffusers folder or a .safetensors checkpoint")
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        if family:
+            return family, ref
         if "flux" in ref.lower():
             return "flux", ref
         return ("sdxl" if "xl" in ref.lower() else "sd15"), ref
@@ -111,14 +118,25 @@ def resolve_model_ref(ref: str | None) -> tuple[str, str]:
     )
 
 
-def load_model(ref: str, device="auto", dtype="auto", attention="auto") -> LoadedModel:
+def load_model(ref: str, device="auto", dtype="auto", attention="auto", options: LoadOptions | None = None) -> LoadedModel:
+    import inspect
+
     from layerctl.quiet import quiet_libraries
 
     quiet_libraries()
-    name, inner = resolve_model_ref(ref)
+    options = options or LoadOptions()
+    name, inner = resolve_model_ref(ref, options.family)
+    backend = get_backend(name)
+    if options.family and backend.family and backend.family != options.family:
+        raise LayerctlError(f"--family {options.family} does not fit the model '{ref}' (a {backend.family} model)")
+    if options.config and not inner.endswith(".safetensors"):
+        raise LayerctlError(f"--config is for single-file .safetensors checkpoints, not for '{ref}'")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = get_backend(name).load(inner, dev, dt, attention=attention)
+    if "options" in inspect.signature(backend.load).parameters:
+        model = backend.load(inner, dev, dt, attention=attention, options=options)
+    else:  # a plugin written before LoadOptions
+        model = backend.load(inner, dev, dt, attention=attention)
     custom = getattr(model, "configure_attention", None)  # a family without a UNet (FLUX.1) sets its own
     model.attention = custom(attention) if custom is not None else setup_attention(model.unet, attention, dev)
     return model

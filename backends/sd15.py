@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from layerctl.core.frames import OFFICIAL_FILES
-from layerctl.backends.base import Backend, SD15Model, default_scheduler, load_diffusers_pipeline
+from layerctl.backends.base import Backend, SD15Model, checkpoint_hints, default_scheduler, load_base_pipeline
 
 
 class SD15Backend(Backend):
@@ -11,10 +11,10 @@ class SD15Backend(Backend):
     family = "sd15"
     description = "Stable Diffusion 1.5 family (512 px, latent scale 0.18215)"
 
-    def load(self, ref, device, dtype, attention="auto"):
+    def load(self, ref, device, dtype, attention="auto", options=None):
         from diffusers import StableDiffusionPipeline
 
-        pipe = load_diffusers_pipeline(StableDiffusionPipeline, ref, dtype, "SD1.5")
+        pipe, facts = load_base_pipeline(StableDiffusionPipeline, ref, dtype, "SD1.5", device, options)
         pipe.scheduler = default_scheduler(pipe.scheduler.config)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -31,5 +31,6 @@ class SD15Backend(Backend):
             default_steps=20,
             default_cfg=7.0,
             official=dict(OFFICIAL_FILES["sd15"]),
+            **checkpoint_hints(facts, bool(options and options.quiet)),
             modes=("rgba", "joint", "fg2bg", "bg2fg"),
         )

@@ -10,6 +10,7 @@ so the official-layout transparent VAE nets plug in unchanged.
 
 from __future__ import annotations
 
+from layerctl.backends.clip import byte_chars
 from layerctl.backends.small import sd15_pipeline, small_sd15_unet_config, small_vae_config
 from layerctl.backends.base import Backend, SD15Model, SDXLModel, default_scheduler
 
@@ -17,22 +18,11 @@ SEED = 20240301
 NOTE = "tiny model: random weights, the pictures are noise (for tests and a first run)"
 
 
-def _byte_chars() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for bytes."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = keep[:], 0
-    for b in range(256):
-        if b not in keep:
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def tiny_tokenizer(max_length: int = 77):
     """A character-level CLIP tokenizer (no merges): every string tokenizes, nothing to download."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    chars = byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

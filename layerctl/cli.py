@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "train_vae",
     "train_lora",
     "dataset",
+    "doctor",
 ]
 
 _state = {"debug": bool(os.environ.get("LAYERCTL_DEBUG"))}

@@ -44,6 +44,27 @@ class ModelOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    family: Optional[Literal["sd15", "sdxl"]] = None  # overrides what the model reference looks like
+    config: Optional[str] = None  # diffusers config folder for a single-file checkpoint
+    no_variant: bool = False  # hub downloads: the default files even when running in fp16/bf16
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v):
+        return check_config_folder(v)
+
+
+def check_config_folder(v: Optional[str]) -> Optional[str]:
+    """--config: a diffusers-layout folder (model_index.json inside). A folder that is not here (yet) is
+    left to the recipe planner (recipe-relative paths) and to the loader, which both say so before any load."""
+    if v is None:
+        return v
+    from pathlib import Path
+
+    p = Path(v).expanduser()
+    if p.exists() and not (p / "model_index.json").is_file():
+        raise ValueError(f"config folder {v} has no model_index.json (a diffusers-layout folder of configs is needed)")
+    return v
 
 
 class JobOptions(ModelOptions):

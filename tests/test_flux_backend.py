@@ -240,10 +240,12 @@ def test_model_references_pick_flux(tmp_path, saved_tiny):
         (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], "flux"),
         (["model.diffusion_model.double_blocks.0.img_mod.lin.weight"], "flux"),
         (["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_out.weight"], "flux"),
-        (["model.diffusion_model.input_blocks.0.0.weight"], "sd15"),
+        (["model.diffusion_model.input_blocks.0.0.weight",
+          "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"], "sd15"),
     ):
         path = tmp_path / f"{family}_{len(keys)}_{keys[0][:5]}.safetensors"
-        save_file({k: torch.zeros(1) for k in keys}, str(path))
+        shapes = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}  # SD1.5 is told by shapes
+        save_file({k: torch.zeros(shapes.get(k, (1,))) for k in keys}, str(path))
         assert resolve_model_ref(str(path)) == (family, str(path)), keys
 
 

@@ -42,3 +42,14 @@ def test_toy_weights_and_entry_points_are_in_the_wheel(wheel):
     text = wheel.read(ep).decode()
     assert "[layerctl.backends]" in text and "toy = layerctl.backends.toy:ToyBackend" in text
     assert "layerctl = layerctl.cli:main" in text
+
+
+def test_shipped_model_configs_and_clip_merges_are_in_the_wheel(wheel):
+    """Single files load offline only if the diffusers configs and the CLIP merges ship with layerctl."""
+    names = set(wheel.namelist())
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "layerctl" / "configs").rglob("*") if p.is_file()}
+    assert {"layerctl/configs/sd15/unet/config.json", "layerctl/configs/sdxl/text_encoder_2/config.json",
+            "layerctl/configs/sdxl-inpainting/unet/config.json", "layerctl/configs/clip/bpe_simple_vocab_16e6.txt.gz",
+            "layerctl/configs/clip/LICENSE.txt"} <= on_disk
+    missing = sorted(on_disk - names)
+    assert not missing, f"not in the wheel: {missing}"

@@ -64,3 +64,20 @@ def test_third_party_backend_through_an_entry_point(monkeypatch):
     assert isinstance(registry.get_backend("mine"), Mine)
     model = registry.load_model("mine", "cpu", "fp32", "sdpa")
     assert model.unet is not None and model.attention == "sdpa"
+
+
+def test_family_overrides_what_a_reference_looks_like(tmp_path):
+    assert registry.resolve_model_ref("someone/illustrious-mix", "sdxl") == ("sdxl", "someone/illustrious-mix")
+    assert registry.resolve_model_ref("someone/model-xl", "sd15") == ("sd15", "someone/model-xl")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(LayerctlError, match="--family sd15, but the folder .* StableDiffusionXLPipeline"):
+        registry.resolve_model_ref(str(folder), "sd15")
+
+
+def test_config_is_only_for_single_files():
+    from layerctl.backends.base import LoadOptions
+
+    with pytest.raises(LayerctlError, match="--config is for single-file"):
+        registry.load_model("someone/model", "cpu", "fp32", "sdpa", LoadOptions(config="/x"))

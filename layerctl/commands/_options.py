@@ -38,6 +38,15 @@ TransparentDecoder = Annotated[Optional[str], typer.Option(
     "--transparent-decoder", help="Transparent decoder .safetensors (official layout).", rich_help_panel=MODEL)]
 TransparentEncoder = Annotated[Optional[str], typer.Option(
     "--transparent-encoder", help="Latent-transparency encoder .safetensors.", rich_help_panel=MODEL)]
+Family = Annotated[Optional[str], typer.Option(
+    "--family", help="sd15 or sdxl: the model family, when a file, folder or hub id does not say it plainly.",
+    rich_help_panel=MODEL)]
+Config = Annotated[Optional[str], typer.Option(
+    "--config", help="Diffusers config folder (model_index.json, unet/, vae/, ...) for a single-file checkpoint "
+    "whose sizes differ from SD1.5/SDXL (default: the configs shipped with layerctl).", rich_help_panel=MODEL)]
+NoVariant = Annotated[bool, typer.Option(
+    "--no-variant", help="Hub downloads: the repo's default files even when running in fp16/bf16 on a GPU "
+    "(default: its fp16 files where it has them).", rich_help_panel=MODEL)]
 Lora = Annotated[Optional[List[str]], typer.Option("--lora", help="Extra LoRA (from train-lora), repeatable.", rich_help_panel=MODEL)]
 LoraScale = Annotated[float, typer.Option("--lora-scale", help="Strength of --lora (a finite number).", rich_help_panel=MODEL)]
 

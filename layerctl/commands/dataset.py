@@ -128,6 +128,9 @@ def layers(
     backgrounds: Optional[str] = typer.Option(None, "--backgrounds", help="Text file of background prompts, one per line."),
     per_foreground: int = typer.Option(1, "--per-foreground", help="Records per foreground (template mode: the next backgrounds)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    family: Optional[str] = typer.Option(None, "--family", help="sd15 or sdxl, when the model does not say it plainly."),
+    config: Optional[str] = typer.Option(None, "--config", help="Diffusers config folder for a single-file checkpoint of other sizes."),
+    no_variant: bool = typer.Option(False, "--no-variant", help="Hub downloads: the default files even in fp16/bf16 on a GPU."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers."),
@@ -153,7 +156,7 @@ def layers(
     req = _request(
         LayersDatasetRequest, rgba_dir=rgba_dir, out=out, prompts=prompts, prompt_template=prompt_template,
         backgrounds=list(bg or []), backgrounds_file=backgrounds, per_foreground=per_foreground, model=model,
-        device=device, dtype=dtype, attention=attention, steps=steps, cfg=cfg, seed=seed, negative=negative, clip_skip=clip_skip,
+        family=family, config=config, no_variant=no_variant, device=device, dtype=dtype, attention=attention, steps=steps, cfg=cfg, seed=seed, negative=negative, clip_skip=clip_skip,
         mask_radius=mask_radius, mask_feather=mask_feather, alpha_threshold=alpha_threshold, size=size, resume=resume, overwrite=overwrite,
     )
     shard = Shard.from_accelerate()

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand, ClipSkip,
-    LAYERS, OUTPUT, Attention, BgPrompt, Cfg, Device, Dtype, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
-    Model, Negative, NoTta, Overwrite, Quiet, Seed, Steps, StopAt, TransparentDecoder, TransparentEncoder, Weight,
-    WeightsDir, Width, request_args,
+    LAYERS, OUTPUT, Attention, BgPrompt, Cfg, ClipSkip, Config, Device, Dtype, Family, FgPrompt, Height, Json, LayerWeights,
+    Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Quiet, Seed, Steps, StopAt,
+    TransparentDecoder, TransparentEncoder, Weight, WeightsDir, Width, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
 
@@ -26,6 +25,9 @@ def decompose(
     negative: Negative = "bad, ugly",
     clip_skip: ClipSkip = 1,
     model: Model = None,
+    family: Family = None,
+    config: Config = None,
+    no_variant: NoVariant = False,
     weights_dir: WeightsDir = None,
     transparent_decoder: TransparentDecoder = None,
     transparent_encoder: TransparentEncoder = None,

@@ -9,11 +9,10 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand, ClipSkip,
-    EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ControlImage,
-    ControlNet, ControlScale, Device, Dtype, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale, Model,
-    Negative, NoTta, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
-    TransparentEncoder, WeightsDir, Weight, Width, request_args,
+    EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ClipSkip, Config, ControlImage,
+    ControlNet, ControlScale, Device, Dtype, Family, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
+    Model, Negative, NoTta, NoVariant, Out, Overwrite, PanelCommand, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt,
+    Strength, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, Width, request_args,
 )
 from layerctl.errors import LayerctlError
 
@@ -99,6 +98,9 @@ def decode_text(raw: bytes, what: str) -> str:
 def gen(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw (the subject on a transparent background).")] = None,
     model: Model = None,
+    family: Family = None,
+    config: Config = None,
+    no_variant: NoVariant = False,
     weights_dir: WeightsDir = None,
     transparent_decoder: TransparentDecoder = None,
     transparent_encoder: TransparentEncoder = None,

@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand, ClipSkip,
-    EDITING, OUTPUT, Attention, Cfg, ControlImage, ControlNet, ControlScale, Device, Dtype, Json, LayerWeights,
-    Lora, LoraScale, Model, Negative, NoTta, Overwrite, Preview, Quiet, Seed, Steps, TransparentDecoder,
-    TransparentEncoder, Weight, WeightsDir, request_args,
+    EDITING, OUTPUT, Attention, Cfg, ClipSkip, Config, ControlImage, ControlNet, ControlScale, Device, Dtype, Family, Json,
+    LayerWeights, Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Preview, Quiet, Seed,
+    Steps, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
 
@@ -24,6 +23,9 @@ def upscale(
     strength: Annotated[float, typer.Option("--strength", help="How much the refinement may change, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output PNG (default: IMAGE_x<scale>.png next to IMAGE).", rich_help_panel=OUTPUT)] = None,
     model: Model = None,
+    family: Family = None,
+    config: Config = None,
+    no_variant: NoVariant = False,
     weights_dir: WeightsDir = None,
     transparent_decoder: TransparentDecoder = None,
     transparent_encoder: TransparentEncoder = None,

@@ -428,12 +428,13 @@ def build_layers_dataset(req: LayersDatasetRequest, on_event: Event = _noop, sha
         on_event({"event": "resume", "done": done, "total": len(mine), "rank": shard.rank})
     try:
         if todo and model is None:
+            from layerctl.backends.base import LoadOptions
             from layerctl.backends.registry import load_model
 
             device = req.device
             if shard.world > 1 and device == "auto" and shard.device:
                 device = shard.device
-            model = load_model(model_ref, device, req.dtype, req.attention)
+            model = load_model(model_ref, device, req.dtype, req.attention, LoadOptions.of(req))
             if getattr(model, "notes", "") and shard.main:
                 log(f"layerctl: {model.notes}")
         for job in todo:

@@ -6,7 +6,7 @@ import re
 from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerctl.requests import JobOptions
+from layerctl.requests import JobOptions, check_config_folder
 
 
 
@@ -136,6 +136,14 @@ class LayersDatasetRequest(_Common):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    family: Optional[Literal["sd15", "sdxl"]] = None
+    config: Optional[str] = None
+    no_variant: bool = False
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v):
+        return check_config_folder(v)
 
     @field_validator("size", mode="before")
     @classmethod

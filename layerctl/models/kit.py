@@ -189,12 +189,14 @@ class ModelCache:
         return "toy"
 
     def kit(self, opts) -> ModelKit:
+        from layerctl.backends.base import LoadOptions
         from layerctl.backends.registry import load_model
 
         ref = self.model_ref(opts)
-        key = (ref, opts.device, opts.dtype, opts.attention)
+        load_options = LoadOptions.of(opts, self.quiet)
+        key = (ref, opts.device, opts.dtype, opts.attention, load_options)
         if key not in self._kits:
-            model = load_model(ref, opts.device, opts.dtype, opts.attention)
+            model = load_model(ref, opts.device, opts.dtype, opts.attention, load_options)
             if model.notes:
                 log(f"layerctl: {model.notes}", self.quiet)
             model.quiet = self.quiet  # the model's own notices (a prompt cut at the chunk cap) follow --quiet

@@ -30,6 +30,22 @@ def check_file(path: str, what: str) -> Path:
     return p
 
 
+def locate_official(filename: str, wdir: Optional[str]) -> tuple[Optional[str], Optional[Path]]:
+    """Where an official file is now, without downloading: ("weights-dir" | "hf-cache", path) or (None, None)."""
+    d = weights_dir(wdir)
+    if d is not None and (d / filename).is_file():
+        return "weights-dir", d / filename
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(official_repo_for(filename, OFFICIAL_REPO), filename)
+    except Exception:  # noqa: BLE001 - no usable cache
+        hit = None
+    if isinstance(hit, str) and Path(hit).is_file():
+        return "hf-cache", Path(hit)
+    return None, None
+
+
 def find_official(filenames: list[str], wdir: Optional[str]) -> list[Path]:
     """Paths of official files by released name: weights dir, HF cache, then download (when online)."""
     d = weights_dir(wdir)

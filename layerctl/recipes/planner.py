@@ -38,8 +38,8 @@ MATRIX_KEYS = ("prompts", "prompts_file", "images", "seeds", "seed_range")
 # request fields that name input files (checked to exist before a model loads)
 INPUT_KEYS = ("fg", "bg", "image", "init", "mask", "control_image")
 # request fields that may name local files or hub ids (made recipe-relative when such a file exists)
-MAYBE_FILE_KEYS = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora", "controlnet")
-MUST_EXIST = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora")
+MAYBE_FILE_KEYS = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora", "controlnet", "config")
+MUST_EXIST = ("weights_dir", "transparent_decoder", "transparent_encoder", "layer_weights", "lora", "config")
 MANY = "{i:04d}-{prompt_slug}-{seed}"  # the file stem of one job of a matrix
 
 

@@ -70,6 +70,9 @@ class LoraModelOptions(Section):
     model: str = Field("tiny", description="base model (tiny, tiny-xl, diffusers folder, hub id, .safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    family: Optional[Literal["sd15", "sdxl"]] = Field(None, description="sd15 or sdxl, when the model reference does not say it plainly")
+    config: Optional[str] = Field(None, description="diffusers config folder for a single-file checkpoint of other sizes")
+    no_variant: bool = Field(False, description="hub downloads: the default files even in fp16/bf16 on a GPU")
     weights_dir: Optional[str] = Field(None, description="folder with the official LayerDiffuse files")
     transparent_encoder: Optional[str] = Field(None, description="E_a weights (default: the model's official encoder)")
     transparent_decoder: Optional[str] = Field(None, description="D_a weights for validation images (default: official)")
@@ -1203,7 +1206,10 @@ def _setup(cfg: LoraTrainConfig, accelerator, mp: str, console) -> dict:
 
     device = accelerator.device
     weight_dtype = {"fp16": "fp16", "bf16": "bf16"}.get(mp, "fp32")
-    model = load_model(cfg.model.model, device=str(device), dtype=weight_dtype, attention=cfg.model.attention)
+    from layerctl.backends.base import LoadOptions
+
+    model = load_model(cfg.model.model, device=str(device), dtype=weight_dtype, attention=cfg.model.attention,
+                       options=LoadOptions.of(cfg.model))
     if cfg.mode == "layers" and model.family != "sd15":
         raise LayerctlError(f"mode: layers needs an SD1.5-family model; {cfg.model.model} is {model.family}")
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):

@@ -61,6 +61,9 @@ class VaeModelOptions(Section):
     init_decoder: Optional[str] = Field(None, description="start from these decoder weights (official layout)")
     decoder_channels: Optional[list[int]] = Field(None, description="decoder block widths (7 values); default: official")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    family: Optional[Literal["sd15", "sdxl"]] = Field(None, description="sd15 or sdxl, when the model reference does not say it plainly")
+    config: Optional[str] = Field(None, description="diffusers config folder for a single-file checkpoint of other sizes")
+    no_variant: bool = Field(False, description="hub downloads: the default files even in fp16/bf16 on a GPU")
 
     @field_validator("decoder_channels")
     @classmethod
@@ -318,13 +321,13 @@ def _existing(path, what) -> str:
     return str(p)
 
 
-def load_frozen_vae(ref: str, device):
-    """The base model with only its VAE kept (fp32, frozen, on `device`)."""
+def load_frozen_vae(ref: str, device, options=None):
+    """The base model with only its VAE kept (fp32, frozen, on `device`); `options`: LoadOptions."""
     import torch
 
     from layerctl.backends.registry import load_model
 
-    m = load_model(ref, device="cpu", dtype="fp32")
+    m = load_model(ref, device="cpu", dtype="fp32", options=options)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         if getattr(m.pipe, name, None) is not None:
             try:
@@ -536,7 +539,9 @@ def _setup(cfg: VAETrainConfig, accelerator, console, ckpt_path: Optional[Path])
 
     from layerctl.training import losses as L
 
-    model = load_frozen_vae(cfg.model.model, accelerator.device)
+    from layerctl.backends.base import LoadOptions
+
+    model = load_frozen_vae(cfg.model.model, accelerator.device, LoadOptions.of(cfg.model))
     pair = make_pair(*build_nets(cfg))
     torch.manual_seed(cfg.seed + 2)
     disc = L.PatchDiscriminator(4, cfg.loss.disc_channels, cfg.loss.disc_layers)
