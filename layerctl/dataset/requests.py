@@ -6,7 +6,7 @@ import re
 from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerctl.requests import JobOptions
+from layerctl.requests import JobOptions, SamplingOptions
 
 
 
@@ -114,7 +114,7 @@ class RgbaDatasetRequest(_Common):
         }
 
 
-class LayersDatasetRequest(_Common):
+class LayersDatasetRequest(_Common, SamplingOptions):
     """`layerctl dataset layers`: foregrounds -> (fg, bg, blended) records by two inpainting passes."""
 
     rgba_dir: str
@@ -178,6 +178,8 @@ class LayersDatasetRequest(_Common):
             "mask_feather": self.mask_feather,
             "alpha_threshold": self.alpha_threshold,
             "size": list(self.size) if self.size else None,
+            # sampling keys only when given, so a folder made before they existed still resumes
+            **{k: getattr(self, k) for k in SamplingOptions.model_fields if getattr(self, k) is not None},
         }
 
 
