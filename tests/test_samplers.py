@@ -113,6 +113,10 @@ def test_every_pair_runs_and_is_deterministic_per_seed(models, backend, name):
         assert torch.equal(out[0], out[1]), (name, schedule)  # same seed, same latents (step noise too)
         assert (out[0] - out[2]).abs().max() > 1e-3, (name, schedule)
         _FIRST_ROWS[(backend, name, schedule)] = out[0]
+    # v-prediction runs too (zero terminal SNR where the scheduler has it)
+    v = S.resolve(model.scheduler.config, name, prediction="v", zero_snr=None if S.SAMPLERS[name].zero_snr else False)
+    out = _run(model, v, seeds=(5,), cfg=2.0)
+    assert torch.isfinite(out).all() and (out[0] - _FIRST_ROWS[(backend, name, v.schedule)]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("backend", ["tiny", "tiny-xl"])

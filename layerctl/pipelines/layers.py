@@ -461,10 +461,9 @@ def _run_sd15(job: LayerJob) -> dict:
         pinned[f] = lat.expand(n, -1, -1, -1).contiguous()
     # in the control layouts the known layer goes to the control encoder instead of a frame
     control_role = SD15_CONTROL[layout]
-    stop_step = int(round(job.steps * job.stop_at))
 
-    def before_unet(i, x):
-        if i == stop_step and patcher.installed:
+    def handover():
+        if patcher.installed:
             patcher.remove()  # hand over to the plain UNet (the official "stop at")
             active.mark_stale()
 
@@ -478,7 +477,8 @@ def _run_sd15(job: LayerJob) -> dict:
         with steps_bar(f"layers ({layout})", job.kit.quiet) as bar:
             spec = DenoiseSpec(
                 embeds=embeds, noise=make_noise(job.seeds, F, job.height, job.width), steps=job.steps, cfg=job.cfg,
-                frames=F, pinned=pinned, before_unet=before_unet if job.stop_at < 1.0 else None, progress=bar,
+                frames=F, pinned=pinned, concat_until=job.stop_at,
+                handover=handover if job.stop_at < 1.0 else None, progress=bar,
                 sampling=job.sampling, seeds=job.seeds,
             )
             latents = denoise(model, spec)

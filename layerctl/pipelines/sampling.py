@@ -8,6 +8,7 @@ latent scale), as diffusers UNets expect.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -25,7 +26,7 @@ class DenoiseSpec:
     cfg: float
     frames: int = 1
     concat: Optional[torch.Tensor] = None  # clean condition latents [B, C, h, w] (scaled), both CFG halves
-    concat_until: float = 1.0  # fraction of steps after which `handover` is called and concat is dropped
+    concat_until: float = 1.0  # fraction of the sampler's steps after which `handover` is called and concat dropped
     handover: Optional[Callable[[], None]] = None
     pinned: dict = field(default_factory=dict)  # frame index -> known scaled latent [images, 4, h, w]
     init: Optional[torch.Tensor] = None  # img2img: known scaled latent [B, 4, h, w]
@@ -139,13 +140,14 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     if concat is not None and use_cfg:
         concat = torch.cat([concat, concat])
     total = len(timesteps)
-    stop_step = int(round(total * spec.concat_until)) if concat is not None else total
+    handing_over = concat is not None or spec.handover is not None
+    stop_step = int(round(total * spec.concat_until)) if handing_over else total  # total: UNet evaluations
     hidden = spec.embeds.hidden
     extra = spec.embeds.extra
     for i, t in enumerate(timesteps):
         if spec.pinned:
             latents = pin(latents, start + i)
-        if concat is not None and i == stop_step:
+        if handing_over and i == stop_step:
             concat = None
             if spec.handover is not None:
                 spec.handover()
@@ -160,7 +162,9 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
         eps = model.unet(x, t, encoder_hidden_states=hidden, **extra, **more).sample.float()
         if use_cfg:
             eps = guide(eps, spec.cfg, sampling.cfg_rescale)
-        latents = sched.step(eps, t, latents, **step_kw).prev_sample
+        with warnings.catch_warnings():  # torchsde (DPM++ SDE) warns about float32 rounding of its interval ends
+            warnings.filterwarnings("ignore", message="Should have t[ab]>=t0", category=UserWarning)
+            latents = sched.step(eps, t, latents, **step_kw).prev_sample
         if spec.mask is not None and spec.init is not None:
             keep = _noised(sched, spec.init.to(device, torch.float32), noise, start + i + 1)
             m = spec.mask.to(device, torch.float32)
