@@ -353,3 +353,29 @@ def test_recipe_defaults_and_jobs_carry_the_sampler(tmp_path, monkeypatch):
     with pytest.raises(LayerctlError) as ei:
         recipes.plan_recipe(tmp_path / "bad.yaml")
     assert "bad.yaml:" in str(ei.value) and "valid: dpmpp_2m" in str(ei.value)
+
+
+def test_every_sampling_command_honours_the_sampler(tmp_path):
+    from layerctl.io.imageio import read_metadata
+
+    common = ["-m", "tiny", "--steps", "2", "--no-tta", "--quiet", "--seed", "3"]
+    src = tmp_path / "src.png"
+    assert run_cli("gen", "cup", "-W", "64", "-H", "64", *common, "--out", src)[0] == 0
+    runs = {
+        "img2img": ("gen", "cup", "--init", src, "--strength", "0.5", "--sampler", "heun", "--out", tmp_path / "i.png"),
+        "hires": ("gen", "cup", "-W", "64", "-H", "64", "--hires", "2", "--sampler", "ddim", "--schedule",
+                  "sgm_uniform", "--out", tmp_path / "h.png"),
+        "upscale": ("upscale", src, "--scale", "2", "--prompt", "cup", "--sampler", "euler_a", "--out",
+                    tmp_path / "u.png"),
+        "decompose": ("decompose", src, "--bg", src, "--sampler", "dpmpp_2m_sde", "--schedule", "exponential",
+                      "--out-dir", tmp_path / "d"),
+    }
+    want = {"img2img": ("heun", "normal"), "hires": ("ddim", "sgm_uniform"), "upscale": ("euler_a", "normal"),
+            "decompose": ("dpmpp_2m_sde", "exponential")}
+    files = {"img2img": tmp_path / "i.png", "hires": tmp_path / "h.png", "upscale": tmp_path / "u.png",
+             "decompose": tmp_path / "d" / "fg.png"}
+    for kind, argv in runs.items():
+        code, _o, err = run_cli(*argv, *common)
+        assert code == 0, (kind, err)
+        meta = read_metadata(files[kind])
+        assert (meta["sampler"], meta["schedule"]) == want[kind], kind
