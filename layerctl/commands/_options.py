@@ -62,7 +62,7 @@ Resize = Annotated[Optional[str], typer.Option(
 
 # ---------------------------------------------------------------- Sampler
 Sampler = Annotated[Optional[str], typer.Option(
-    "--sampler", help=f"Sampler, A1111 names: {', '.join(SAMPLERS)} (default dpmpp_2m = DPM++ 2M).",
+    "--sampler", help=f"Sampler, A1111 names: {', '.join(SAMPLERS)} (default dpmpp_2m = DPM++ 2M). lcm is for LCM models/LoRAs (a notice otherwise).",
     rich_help_panel=SAMPLING)]
 Schedule = Annotated[Optional[str], typer.Option(
     "--schedule", help=f"Schedule type: {', '.join(SCHEDULES)} (default: karras for the DPM++ samplers, normal for "
