@@ -13,7 +13,6 @@ from typing import Optional
 from layerctl import __version__
 from layerctl.errors import LayerctlError
 
-SAMPLER = "DPM++ 2M Karras"
 
 
 @dataclass
@@ -62,8 +61,12 @@ def plan_outputs(req, n: int, seeds: list, prompt: str = "") -> tuple[list, list
     return paths, psds
 
 
-def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, height: int) -> dict:
-    """The recipe every output file carries (the JSON chunk; the A1111 text is made from it)."""
+def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, height: int, sampling=None) -> dict:
+    """The recipe every output file carries (the JSON chunk; the A1111 text is made from it).
+
+    `sampling`: the job's layerctl.core.samplers.Sampling (None: the defaults, DPM++ 2M Karras)."""
+    from layerctl.core.samplers import Sampling
+
     return {
         "prompt": getattr(req, "prompt", None),
         "negative": req.negative,
@@ -74,10 +77,10 @@ def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, hei
         "backend": model.backend,
         "family": model.family,
         "mode": mode,
-        "sampler": SAMPLER,
         "clip_skip": getattr(req, "clip_skip", 1),
         "tta": req.tta,
         "layerctl_version": __version__,
+        **(sampling or Sampling()).metadata(),
     }
 
 

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from layerctl.core.geometry import MAX_SIDE
+from layerctl.core.samplers import check_pair, check_prediction, check_sampler, check_schedule
 
 MAX_STEPS = 1000  # most sampling steps a job may ask for
 MAX_CLIP_SKIP = 48  # above every CLIP text encoder's layer count (CLIP-L 12, OpenCLIP-G 32); the model's own is checked once loaded
@@ -67,7 +68,37 @@ def check_config_folder(v: Optional[str]) -> Optional[str]:
     return v
 
 
-class JobOptions(ModelOptions):
+class SamplingOptions(BaseModel):
+    """Sampler, schedule type and prediction type (layerctl.core.samplers), shared by every job that
+    samples. A1111 names; None = the defaults: DPM++ 2M Karras, the model's own prediction type, and
+    with v-prediction zero terminal SNR and CFG rescale 0.7."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    sampler: Optional[str] = None
+    schedule: Optional[str] = None
+    prediction_type: Optional[str] = None  # auto, epsilon or v
+    zero_snr: Optional[bool] = None
+    cfg_rescale: Optional[float] = None
+
+    _sampler = field_validator("sampler")(classmethod(lambda cls, v: check_sampler(v)))
+    _schedule = field_validator("schedule")(classmethod(lambda cls, v: check_schedule(v)))
+    _prediction = field_validator("prediction_type")(classmethod(lambda cls, v: check_prediction(v)))
+
+    @field_validator("cfg_rescale")
+    @classmethod
+    def _cfg_rescale(cls, v):
+        if v is not None and not (0.0 <= v <= 1.0):
+            raise ValueError(f"cfg_rescale must be in [0, 1] (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _sampling_pair(self):
+        check_pair(self.sampler, self.schedule, self.prediction_type, self.zero_snr)
+        return self
+
+
+class JobOptions(ModelOptions, SamplingOptions):
     """What every generating job shares: text, sampling settings, seed, outputs policy."""
 
     negative: str = "bad, ugly"

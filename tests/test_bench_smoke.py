@@ -113,3 +113,18 @@ def test_attention_sharing_quick(capsys):
     # the folded 1-frame prototype computes the same UNet output as layerctl's unit
     m = re.search(r"^value max \|fast-1f - shared-1f\| UNet output \(relative to max \|output\|\): (\S+) ", out, re.M)
     assert m and float(m.group(1)) < 1e-3, out
+
+
+def test_sampler_overhead_quick(capsys):
+    mod = load("sampler_overhead")
+    assert mod.main(["--quick", "--samplers", "dpmpp_2m,euler_a,dpmpp_sde"]) == 0
+    out = capsys.readouterr().out
+    r = ratios(out)
+    assert "cfg 1 / cfg 7, same steps (DPM++ 2M Karras, layerctl)" in r
+    for label in ("dpmpp_2m (DPM++ 2M Karras): layerctl / plain diffusers",
+                  "euler_a (Euler a Normal): layerctl / plain diffusers",
+                  "dpmpp_sde (DPM++ SDE Karras): layerctl / plain diffusers"):
+        assert label in r and r[label] > 0, (label, r)
+    # same components and scheduler: the plain pipeline reproduces layerctl's latents exactly
+    assert re.search(r"^value dpmpp_2m: max \|latent\(layerctl\) - latent\(plain\)\|: [\d.e-]+ .*MET$", out, re.M), out
+    assert re.search(r"^value dpmpp_sde: layerctl ms per UNet evaluation \(3 evaluations\)", out, re.M)

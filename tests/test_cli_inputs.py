@@ -181,7 +181,7 @@ def test_two_processes_one_wins_the_other_exits_2(tmp_path):
 
 FLOAT_FLAGS = [
     ("--cfg", []), ("--weight", []), ("--lora-scale", []), ("--strength", ["--init", "{img}"]), ("--stop-at", []),
-    ("--hires", []), ("--hires-strength", ["--hires", "2"]),
+    ("--hires", []), ("--hires-strength", ["--hires", "2"]), ("--cfg-rescale", []),
     ("--control-scale", ["--controlnet", "x", "--control-image", "{img}"]),
 ]
 

@@ -503,3 +503,16 @@ def test_layers_template_prompts_small_foreground(tiny, tmp_path):
     (r,) = _meta(out / "metadata.jsonl")
     assert (r["width"], r["height"]) == (64, 64) and r["prompt"] == "obj0 on a forest"
     _check_layer_record(out, r)
+    # the sampler reaches both inpainting passes and the files' metadata; another sampler, another bg
+    from layerctl.io.imageio import read_metadata
+
+    out2 = tmp_path / "lay2"
+    s2 = ds.build_layers_dataset(req.model_copy(update={"out": str(out2), "sampler": "euler_a"}), model=tiny)
+    assert s2.written == 1
+    bg1, bg2 = sorted((out / "bg").glob("*.png")), sorted((out2 / "bg").glob("*.png"))
+    assert read_metadata(bg1[0])["sampler"] == "dpmpp_2m"  # the default
+    meta = read_metadata(bg2[0])
+    assert (meta["sampler"], meta["sampler_label"]) == ("euler_a", "Euler a")
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(bg1[0]), np.int16) - np.asarray(Image.open(bg2[0]), np.int16)).max() > 0

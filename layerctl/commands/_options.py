@@ -11,8 +11,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from layerctl.core.samplers import SAMPLERS, SCHEDULES
+
 MODEL = "Model"
 SIZE = "Size & sampling"
+SAMPLING = "Sampler"
 LAYERS = "Layers"
 EDITING = "Editing"
 OUTPUT = "Output"
@@ -69,6 +72,22 @@ ClipSkip = Annotated[int, typer.Option(
     "are the same there.", rich_help_panel=SIZE)]
 Resize = Annotated[Optional[str], typer.Option(
     "--resize", help="Fit conditioning images and masks: crop (default), fit or stretch.", rich_help_panel=SIZE)]
+
+# ---------------------------------------------------------------- Sampler
+Sampler = Annotated[Optional[str], typer.Option(
+    "--sampler", help=f"Sampler, A1111 names: {', '.join(SAMPLERS)} (default dpmpp_2m = DPM++ 2M). lcm is for LCM models/LoRAs (a notice otherwise).",
+    rich_help_panel=SAMPLING)]
+Schedule = Annotated[Optional[str], typer.Option(
+    "--schedule", help=f"Schedule type: {', '.join(SCHEDULES)} (default: karras for the DPM++ samplers, normal for "
+    "euler/euler_a/heun/ddim/unipc, lcm's own for lcm).", rich_help_panel=SAMPLING)]
+PredictionType = Annotated[Optional[str], typer.Option(
+    "--prediction-type", help="auto (default: what the model's scheduler config says), epsilon or v (v-prediction, "
+    "e.g. NoobAI-XL v-pred, SD2-768).", rich_help_panel=SAMPLING)]
+ZeroSnr = Annotated[Optional[bool], typer.Option(
+    "--zero-snr/--no-zero-snr", help="Rescale the noise schedule to zero terminal SNR (default: on with v-prediction).",
+    rich_help_panel=SAMPLING, show_default=False)]
+CfgRescale = Annotated[Optional[float], typer.Option(
+    "--cfg-rescale", help="CFG rescale phi in [0, 1] (default 0.7 with v-prediction, else 0).", rich_help_panel=SAMPLING)]
 
 # ---------------------------------------------------------------- Layers
 LayerWeights = Annotated[Optional[str], typer.Option(

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from layerctl.commands._options import CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr
 from layerctl.errors import LayerctlError
 
 MODEL_HELP = "Model: tiny, tiny-xl, a diffusers folder, a hub id or a .safetensors file (an inpainting checkpoint is used as one)."
@@ -136,6 +137,11 @@ def layers(
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa or xformers."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps per inpainting pass (model default)."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (model default)."),
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    prediction_type: PredictionType = None,
+    zero_snr: ZeroSnr = None,
+    cfg_rescale: CfgRescale = None,
     seed: int = typer.Option(0, "--seed", help="Base seed; each record's seed is derived from it and the record's hash."),
     negative: str = typer.Option("bad, ugly", "--negative", help="Negative prompt."),
     clip_skip: int = typer.Option(1, "--clip-skip", help="Text encoder layer from the end, as in gen (1 = the last; 2 for Pony/Illustrious/anime SD1.5)."),
@@ -157,6 +163,7 @@ def layers(
         LayersDatasetRequest, rgba_dir=rgba_dir, out=out, prompts=prompts, prompt_template=prompt_template,
         backgrounds=list(bg or []), backgrounds_file=backgrounds, per_foreground=per_foreground, model=model,
         family=family, config=config, no_variant=no_variant, device=device, dtype=dtype, attention=attention, steps=steps, cfg=cfg, seed=seed, negative=negative, clip_skip=clip_skip,
+        sampler=sampler, schedule=schedule, prediction_type=prediction_type, zero_snr=zero_snr, cfg_rescale=cfg_rescale,
         mask_radius=mask_radius, mask_feather=mask_feather, alpha_threshold=alpha_threshold, size=size, resume=resume, overwrite=overwrite,
     )
     shard = Shard.from_accelerate()

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
+    CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     LAYERS, OUTPUT, Attention, BgPrompt, Cfg, ClipSkip, Config, Device, Dtype, Family, FgPrompt, Height, Json, LayerWeights,
     Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Quiet, Seed, Steps, StopAt,
     TransparentDecoder, TransparentEncoder, Weight, WeightsDir, Width, request_args,
@@ -40,6 +41,11 @@ def decompose(
     steps: Steps = None,
     cfg: Cfg = None,
     seed: Seed = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    prediction_type: PredictionType = None,
+    zero_snr: ZeroSnr = None,
+    cfg_rescale: CfgRescale = None,
     weight: Weight = 1.0,
     stop_at: StopAt = 1.0,
     fg_name: Annotated[str, typer.Option("--fg-name", help="File name of the foreground layer (a name inside --out-dir, not a path).", rich_help_panel=LAYERS)] = "fg.png",

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
+    CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ClipSkip, Config, ControlImage,
     ControlNet, ControlScale, Device, Dtype, Family, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
     Model, Negative, NoTta, NoVariant, Out, Overwrite, PanelCommand, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt,
@@ -115,6 +116,11 @@ def gen(
     steps: Steps = None,
     cfg: Cfg = None,
     seed: Seed = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    prediction_type: PredictionType = None,
+    zero_snr: ZeroSnr = None,
+    cfg_rescale: CfgRescale = None,
     batch: Annotated[int, typer.Option("--batch", "-n", help="Images to make.", rich_help_panel=SIZE)] = 1,
     resize: Resize = None,
     fg: Annotated[Optional[str], typer.Option("--fg", help="Known foreground (RGBA): generate the background behind it.", rich_help_panel=LAYERS)] = None,

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
+    CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     EDITING, OUTPUT, Attention, Cfg, ClipSkip, Config, ControlImage, ControlNet, ControlScale, Device, Dtype, Family, Json,
     LayerWeights, Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Preview, Quiet, Seed,
     Steps, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, request_args,
@@ -36,6 +37,11 @@ def upscale(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps of the full schedule (strength runs a part), at most 1000.")] = None,
     cfg: Cfg = None,
     seed: Seed = None,
+    sampler: Sampler = None,
+    schedule: Schedule = None,
+    prediction_type: PredictionType = None,
+    zero_snr: ZeroSnr = None,
+    cfg_rescale: CfgRescale = None,
     controlnet: Annotated[Optional[list[str]], typer.Option("--controlnet", help="ControlNet model (folder or hub id), repeatable (e.g. a tile model).", rich_help_panel=EDITING)] = None,
     control_image: ControlImage = None,
     control_scale: ControlScale = None,

@@ -6,7 +6,7 @@ import re
 from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from layerctl.requests import JobOptions, check_config_folder
+from layerctl.requests import JobOptions, SamplingOptions, check_config_folder
 
 
 
@@ -114,7 +114,7 @@ class RgbaDatasetRequest(_Common):
         }
 
 
-class LayersDatasetRequest(_Common):
+class LayersDatasetRequest(_Common, SamplingOptions):
     """`layerctl dataset layers`: foregrounds -> (fg, bg, blended) records by two inpainting passes."""
 
     rgba_dir: str
@@ -192,6 +192,8 @@ class LayersDatasetRequest(_Common):
             "alpha_threshold": self.alpha_threshold,
             "size": list(self.size) if self.size else None,
             **({"clip_skip": self.clip_skip} if self.clip_skip != 1 else {}),  # runs made before --clip-skip resume
+            # sampling keys only when given, so a folder made before they existed still resumes
+            **{k: getattr(self, k) for k in SamplingOptions.model_fields if getattr(self, k) is not None},
         }
 
 

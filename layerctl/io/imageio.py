@@ -35,10 +35,13 @@ def a1111_parameters(meta: dict) -> str:
     if meta.get("negative"):
         lines.append(f"Negative prompt: {meta['negative']}")
     pairs = []
+    meta = dict(meta, sampler_label=meta.get("sampler_label") or meta.get("sampler"))  # older files: one label
     for key, label in [
         ("steps", "Steps"),
-        ("sampler", "Sampler"),
+        ("sampler_label", "Sampler"),
+        ("schedule_label", "Schedule type"),
         ("cfg", "CFG scale"),
+        ("cfg_rescale", "CFG rescale"),
         ("seed", "Seed"),
         ("size", "Size"),
         ("model", "Model"),
@@ -47,7 +50,7 @@ def a1111_parameters(meta: dict) -> str:
         ("layer", "Layer"),
         ("layerctl_version", "layerctl"),
     ]:
-        if meta.get(key) is not None:
+        if meta.get(key) is not None and not (key == "cfg_rescale" and not meta[key]):
             val = meta[key]
             if key == "clip_skip" and val == 1:
                 continue  # A1111 writes "Clip skip" only above 1

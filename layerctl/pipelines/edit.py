@@ -204,6 +204,7 @@ class EditJob:
     decoder_name: Optional[str] = None
     encoder_name: Optional[str] = None
     mask_method: Optional[str] = None
+    sampling: object = None  # layerctl.core.samplers.Sampling
 
     @property
     def model(self):
@@ -231,6 +232,12 @@ def _check_common(req) -> list:
 
         check_file(image, "control image")
     return options
+
+
+def _sampling(models, req, model):
+    from layerctl.pipelines.sampling import job_sampling
+
+    return job_sampling(req, model, models.quiet)
 
 
 def _settings(req, model) -> tuple[int, float]:
@@ -309,6 +316,7 @@ def plan_gen_edit(models, req) -> EditJob:
         height=height, paths=paths, psd_paths=psds, init=init, mask_path=req.mask, mask_sha256=mask_sha,
         strength=req.strength if init is not None else 1.0, hires=req.hires, hires_wh=hires_wh,
         hires_strength=req.hires_strength, control_options=options, control_images=images, notes=notes,
+        sampling=_sampling(models, req, model),
     )
     if init is not None:
         if init.size != (width, height):
@@ -355,6 +363,7 @@ def plan_upscale(models, req) -> EditJob:
         req=req, kind="upscale", kit=kit, prompt=req.prompt, seeds=[seed], steps=steps, cfg=cfg, width=w,
         height=h, paths=paths, init=src, init_rgba=src.source.copy(), strength=req.strength, hires=req.scale,
         hires_wh=(w2, h2), hires_strength=req.strength, control_options=options, control_images=images,
+        sampling=_sampling(models, req, model),
     )
     job.controls = _load_controls(job, w2, h2)
     return job
@@ -408,7 +417,8 @@ def _inpaint_concat(job: EditJob, init_rgba, pixel_mask, n: int):
 
 
 def _denoise(job: EditJob, active, width: int, height: int, init=None, strength: float = 1.0,
-             latent_mask_t=None, concat=None, label: str = "generating", content: Optional[tuple[int, int]] = None):
+             latent_mask_t=None, concat=None, label: str = "generating", content: Optional[tuple[int, int]] = None,
+             stream: int = 0):
     """Denoise at width x height (multiples of 64); `content` is the part that is kept (control
     images are fitted to it and mirrored into the rest, like the image)."""
     from layerctl.pipelines.controlnet import residual_hook
@@ -437,6 +447,7 @@ def _denoise(job: EditJob, active, width: int, height: int, init=None, strength:
             spec = DenoiseSpec(
                 embeds=embeds, noise=make_noise(job.seeds, 1, height, width), steps=job.steps, cfg=job.cfg,
                 init=init, strength=strength, mask=latent_mask_t, concat=concat, unet_extra=hook, progress=bar,
+                sampling=job.sampling, seeds=job.seeds, stream=stream,
             )
             return denoise(model, spec)
     finally:
@@ -493,7 +504,7 @@ def run_edit(job: EditJob) -> EditResult:
     concat = _inpaint_concat(job, big[:1], None, n) if nine else None
     label = "upscale" if job.kind == "upscale" else f"hires x{job.hires:g}"
     lat = _denoise(job, active, pw, ph, init=big_lat, strength=job.hires_strength, concat=concat, label=label,
-                   content=(w2, h2))
+                   content=(w2, h2), stream=1)
     rgba = decode(job, lat)[:, :, :h2, :w2].contiguous()
     return EditResult(rgba=rgba, latent=lat, base_rgba=base_rgba, base_latent=base_lat)
 
@@ -504,7 +515,7 @@ def run_edit(job: EditJob) -> EditResult:
 def edit_metadata(job: EditJob) -> dict:
     model, req = job.model, job.req
     w, h = job.final_size
-    meta = base_metadata(model, req, "rgba", job.steps, job.cfg, w, h)
+    meta = base_metadata(model, req, "rgba", job.steps, job.cfg, w, h, job.sampling)
     ops = []
     meta.update(layer_weights=job.weights, transparent_decoder=job.decoder_name, role="rgba")
     if job.encoder_name:

@@ -88,8 +88,10 @@ def inpaint(
     paste_back: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
     clip_skip: int = 1,
+    sampling=None,
 ) -> InpaintResult:
-    """Repaint the masked part of `image` (see the module doc). Deterministic for a seed on one device."""
+    """Repaint the masked part of `image` (see the module doc). Deterministic for a seed on one device.
+    `sampling`: a layerctl.core.samplers.Sampling (None: the model's defaults)."""
     img = _as_float_rgb(image)
     m = _as_float_mask(mask, img.shape[:2])
     h, w = img.shape[:2]
@@ -104,10 +106,10 @@ def inpaint(
     # long prompts (chunks, BREAK) and clip skip: the backend's own encoding, for both methods
     embeds = model.encode_prompt([prompt], [negative], cfg > 1.0, w, h, clip_skip=clip_skip)
     if n_in == 9:
-        out = _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress)
+        out = _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress, sampling)
         method = "pipeline"
     elif n_in == 4:
-        out = _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, f, progress)
+        out = _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, f, progress, sampling)
         method = "latent-blend"
     else:
         raise LayerctlError(
@@ -118,7 +120,7 @@ def inpaint(
     return InpaintResult(image=out.astype(np.float32), method=method, seed=int(seed), steps=steps, cfg=cfg)
 
 
-def _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, factor, progress):
+def _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, factor, progress, sampling=None):
     """A base (4-channel) UNet: the shared sampling loop with the known latents blended back
     outside the mask after every step (and at the start)."""
     import torch
@@ -132,7 +134,8 @@ def _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, factor, progr
     lm = torch.from_numpy(latent_mask(m, factor))[None, None]
     gen = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn(known.shape, generator=gen, dtype=torch.float32)
-    spec = DenoiseSpec(embeds=embeds, noise=noise, steps=steps, cfg=cfg, init=known, mask=lm, progress=progress)
+    spec = DenoiseSpec(embeds=embeds, noise=noise, steps=steps, cfg=cfg, init=known, mask=lm, progress=progress,
+                       sampling=sampling, seeds=[int(seed)])
     x = denoise(model, spec)
     out = model.vae_decode(x / model.latent_scale)
     return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
@@ -153,7 +156,7 @@ def _embeds_kwargs(embeds, cfg: float) -> dict:
     return kw
 
 
-def _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress):
+def _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress, sampling=None):
     import torch
     from diffusers import AutoPipelineForInpainting
     from PIL import Image
@@ -168,7 +171,7 @@ def _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress):
             pass
     from layerctl.pipelines.sampling import fresh_scheduler
 
-    pipe.scheduler = fresh_scheduler(model)
+    pipe.scheduler = fresh_scheduler(model, sampling)
     h, w = img.shape[:2]
     image = Image.fromarray(np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8), "RGB")
     mask_image = Image.fromarray(np.clip(np.rint(m * 255.0), 0, 255).astype(np.uint8), "L")

@@ -193,6 +193,7 @@ class LayerJob:
     seeds: list
     weight: float = 1.0
     stop_at: float = 1.0
+    sampling: object = None  # layerctl.core.samplers.Sampling
     weights_used: list = field(default_factory=list)
     decoder_name: Optional[str] = None
     encoder_name: Optional[str] = None
@@ -257,6 +258,13 @@ def _plan_paths(job: LayerJob, out_dir: str, prompt: str) -> None:
         job.psd_paths = [None] * job.n
 
 
+def _sampling(models, req, model):
+    """The job's sampler settings (checked against the model: an auto-detected v-prediction, ...)."""
+    from layerctl.pipelines.sampling import job_sampling
+
+    return job_sampling(req, model, models.quiet)
+
+
 def _settings(job_req, model) -> tuple[int, float]:
     steps = job_req.steps or model.default_steps
     cfg = job_req.cfg if job_req.cfg is not None else model.default_cfg
@@ -305,7 +313,7 @@ def plan_gen(models, req, mode: str) -> LayerJob:
     job = LayerJob(
         req=req, kit=kit, kind=mode, known=known, produce=GEN_OUTPUTS[mode], texts=texts,
         width=width, height=height, steps=steps, cfg=cfg, seeds=seeds, weight=req.weight, stop_at=req.stop_at,
-        paths=paths.paths, psd_paths=paths.psd_paths,
+        paths=paths.paths, psd_paths=paths.psd_paths, sampling=_sampling(models, req, model),
     )
     return job
 
@@ -353,6 +361,7 @@ def plan_decompose(models, req, outputs: bool = True) -> LayerJob:
         texts=texts, width=width, height=height,
         steps=steps, cfg=cfg, seeds=[seed], weight=float(getattr(req, "weight", 1.0)),
         stop_at=float(getattr(req, "stop_at", 1.0)), paths=planned.paths, psd_paths=planned.psd_paths,
+        sampling=_sampling(models, req, model),
     )
     return job
 
@@ -456,10 +465,9 @@ def _run_sd15(job: LayerJob) -> dict:
         pinned[f] = lat.expand(n, -1, -1, -1).contiguous()
     # in the control layouts the known layer goes to the control encoder instead of a frame
     control_role = SD15_CONTROL[layout]
-    stop_step = int(round(job.steps * job.stop_at))
 
-    def before_unet(i, x):
-        if i == stop_step and patcher.installed:
+    def handover():
+        if patcher.installed:
             patcher.remove()  # hand over to the plain UNet (the official "stop at")
             active.mark_stale()
 
@@ -473,7 +481,9 @@ def _run_sd15(job: LayerJob) -> dict:
         with steps_bar(f"layers ({layout})", job.kit.quiet) as bar:
             spec = DenoiseSpec(
                 embeds=embeds, noise=make_noise(job.seeds, F, job.height, job.width), steps=job.steps, cfg=job.cfg,
-                frames=F, pinned=pinned, before_unet=before_unet if job.stop_at < 1.0 else None, progress=bar,
+                frames=F, pinned=pinned, concat_until=job.stop_at,
+                handover=handover if job.stop_at < 1.0 else None, progress=bar,
+                sampling=job.sampling, seeds=job.seeds,
             )
             latents = denoise(model, spec)
     finally:
@@ -491,7 +501,7 @@ def _run_sd15(job: LayerJob) -> dict:
     return out
 
 
-def _sdxl_stage(job: LayerJob, role: str, concat, noise, text: str, progress_label: str):
+def _sdxl_stage(job: LayerJob, role: str, concat, noise, text: str, progress_label: str, stream: int):
     from layerctl.pipelines.sampling import DenoiseSpec, denoise
     from layerctl.progress import steps_bar
 
@@ -520,7 +530,8 @@ def _sdxl_stage(job: LayerJob, role: str, concat, noise, text: str, progress_lab
     with steps_bar(progress_label, job.kit.quiet) as bar:
         spec = DenoiseSpec(
             embeds=embeds, noise=noise, steps=job.steps, cfg=job.cfg, concat=concat,
-            concat_until=job.stop_at, handover=handover, progress=bar,
+            concat_until=job.stop_at, handover=handover, progress=bar, sampling=job.sampling, seeds=job.seeds,
+            stream=stream,
         )
         return denoise(model, spec)
 
@@ -551,13 +562,13 @@ def _run_sdxl(job: LayerJob) -> dict:
         stage1, stage2 = SDXL_STAGES[job.kind]
         known_role = SDXL_CONCAT[stage1][0]
         unknown = "fg" if known_role == "bg" else "bg"
-        lat1 = _sdxl_stage(job, stage1, cond[known_role], both[0::2], job.texts["blended"], f"blended ({stage1})")
+        lat1 = _sdxl_stage(job, stage1, cond[known_role], both[0::2], job.texts["blended"], f"blended ({stage1})", 1)
         blended = decode_rgb(model, lat1).float()
         # stage 2 sees the blended picture as written (8-bit), VAE-encoded, like the official chain
         blended8 = torch.round(blended * 255.0) / 255.0
         blended_lat = encode_rgb(model, blended8)
     concat = torch.cat([cond[known_role], blended_lat.to(cond[known_role])], dim=1)
-    lat2 = _sdxl_stage(job, stage2, concat, noise, job.texts[unknown], f"{unknown} ({stage2})")
+    lat2 = _sdxl_stage(job, stage2, concat, noise, job.texts[unknown], f"{unknown} ({stage2})", 2)
     out = {}
     if unknown == "fg":
         out["fg"] = decode_transparent(model, _decoder(job), lat2, tta=req.tta).float().cpu()
@@ -591,7 +602,7 @@ def write_job(job: LayerJob, layers: dict):
     model, req = job.model, job.req
     mode = job.kind if job.kind != "decompose" else "decompose-" + ("alone" if len(job.known) == 1 else
                                                                     next(r for r in job.known if r != "blended"))
-    meta = base_metadata(model, req, mode, job.steps, job.cfg, job.width, job.height)
+    meta = base_metadata(model, req, mode, job.steps, job.cfg, job.width, job.height, job.sampling)
     meta.update(
         layer_weights=job.weights_used,
         prompts={r: job.texts[r] for r in ("fg", "bg", "blended")},

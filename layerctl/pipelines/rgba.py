@@ -18,7 +18,7 @@ from layerctl.progress import steps_bar
 def gen_rgba(models, req) -> list[OutputRecord]:
     """Run one `gen PROMPT` request on the ModelCache `models`; returns the records written."""
     from layerctl.models.kit import precheck_files
-    from layerctl.pipelines.sampling import DenoiseSpec, decode_transparent, denoise, make_noise
+    from layerctl.pipelines.sampling import DenoiseSpec, decode_transparent, denoise, job_sampling, make_noise
 
     # 1. check the request and every output path (before any model loads)
     if not req.out:
@@ -35,6 +35,7 @@ def gen_rgba(models, req) -> list[OutputRecord]:
     width, height = req.width or model.native_size, req.height or model.native_size
     steps = req.steps or model.default_steps
     cfg = req.cfg if req.cfg is not None else model.default_cfg
+    sampling = job_sampling(req, model, models.quiet)
     decoder, decoder_name = kit.decoder(req)
     active = kit.use_weights("rgba", req, req.weight)
 
@@ -51,14 +52,15 @@ def gen_rgba(models, req) -> list[OutputRecord]:
 
     # 4. denoise
     with steps_bar("generating", models.quiet) as bar:
-        spec = DenoiseSpec(embeds=embeds, noise=make_noise(seeds, 1, height, width), steps=steps, cfg=cfg, progress=bar)
+        spec = DenoiseSpec(embeds=embeds, noise=make_noise(seeds, 1, height, width), steps=steps, cfg=cfg, progress=bar,
+                           sampling=sampling, seeds=seeds)
         latents = denoise(model, spec)
 
     # 5. decode: frozen VAE, then the transparent decoder (8-way TTA)
     rgba = decode_transparent(model, decoder, latents, tta=req.tta)
 
     # 6. write the PNGs (+ previews, + PSD) with the recipe in their metadata
-    meta = base_metadata(model, req, "rgba", steps, cfg, width, height)
+    meta = base_metadata(model, req, "rgba", steps, cfg, width, height, sampling)
     meta.update(layer_weights=active.names, transparent_decoder=decoder_name, role="rgba")
     items = [("rgba", p, rgba[i], seeds[i], i) for i, p in enumerate(paths)]
     return write_images(items, meta, req.overwrite, preview=req.preview, psd=psds)

@@ -8,12 +8,14 @@ latent scale), as diffusers UNets expect.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from layerctl.backends.base import LoadedModel, PromptEmbeds
+from layerctl.core.samplers import Sampling, build_scheduler, resolve
 
 
 @dataclass
@@ -24,7 +26,7 @@ class DenoiseSpec:
     cfg: float
     frames: int = 1
     concat: Optional[torch.Tensor] = None  # clean condition latents [B, C, h, w] (scaled), both CFG halves
-    concat_until: float = 1.0  # fraction of steps after which `handover` is called and concat is dropped
+    concat_until: float = 1.0  # fraction of the sampler's steps after which `handover` is called and concat dropped
     handover: Optional[Callable[[], None]] = None
     pinned: dict = field(default_factory=dict)  # frame index -> known scaled latent [images, 4, h, w]
     init: Optional[torch.Tensor] = None  # img2img: known scaled latent [B, 4, h, w]
@@ -35,21 +37,63 @@ class DenoiseSpec:
     # down_block_additional_residuals / mid_block_additional_residual (layerctl.pipelines.controlnet)
     unet_extra: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], dict]] = None
     progress: Optional[Callable[[int, int], None]] = None  # (done, total)
+    sampling: Optional[Sampling] = None  # sampler, schedule, prediction type, CFG rescale (None: the defaults)
+    seeds: Optional[list] = None  # one per image: seeds the per-step noise of SDE/ancestral samplers
+    stream: int = 0  # tells apart the step noise of several sampling runs of one image (SDXL layer stages)
 
 
-def fresh_scheduler(model: LoadedModel):
-    """A scheduler of the model's kind with its own state (the model's one stays untouched)."""
-    sched = model.scheduler
-    return type(sched).from_config(sched.config)
+def fresh_scheduler(model: LoadedModel, sampling: Optional[Sampling] = None):
+    """A scheduler for `sampling` (default: DPM++ 2M Karras) built from the model's scheduler config,
+    with its own state (the model's one stays untouched)."""
+    return build_scheduler(sampling or default_sampling(model), model.scheduler.config)
 
 
-def _noised(sched, x: torch.Tensor, noise: torch.Tensor, sigma_index: int) -> torch.Tensor:
-    """x noised to the level of sched.sigmas[sigma_index] (0 at the end: x itself)."""
-    sigma = sched.sigmas[sigma_index].to(x.device, torch.float32)
+def default_sampling(model: LoadedModel) -> Sampling:
+    """The defaults for this model (DPM++ 2M Karras; v-prediction when its scheduler config says so)."""
+    return resolve(model.scheduler.config)
+
+
+def step_generators(seeds, frames: int, rows: int, stream: int = 0) -> list:
+    """One CPU generator per latent row (image i, frame f at row i*frames+f), seeded from the image's
+    seed and the frame, so image i of a batch draws the same step noise as a single run with its seed."""
+    import numpy as np
+
+    seeds = list(seeds) if seeds else list(range(max(rows // max(frames, 1), 1)))
+    out = []
+    for r in range(rows):
+        seed, frame = int(seeds[r // frames]), r % frames
+        state = np.random.SeedSequence([seed, frame, stream, 0x5A4D]).generate_state(1, np.uint64)[0]
+        out.append(torch.Generator("cpu").manual_seed(int(state) & (2**63 - 1)))
+    return out
+
+
+def row_seeds(generators) -> list[int]:
+    """Integer seeds (one per row) for the Brownian-tree noise of DPM++ SDE, from the row generators."""
+    return [int(torch.randint(0, 2**62, (1,), generator=g).item()) for g in generators]
+
+
+def _noised(sched, x: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+    """x noised to the level the sampler's input has before timestep `index` of its full schedule
+    (past the last one: x itself). Three kinds of scheduler:
+
+    - no sigmas (DDIM, LCM): sqrt(abar_t) x + sqrt(1 - abar_t) eps at t = timesteps[index];
+    - DPM-Solver multistep / UniPC (_sigma_to_alpha_sigma_t): alpha_t x + sigma_t eps;
+    - k-diffusion style (Euler, Euler a, Heun, DPM++ SDE): x + sigma eps, where DPM++ SDE's second
+      evaluation of a step sits at its midpoint sigma, not at the next grid sigma.
+    """
+    if not hasattr(sched, "sigmas"):
+        if index >= len(sched.timesteps):
+            return x
+        abar = sched.alphas_cumprod[int(sched.timesteps[index])].to(x.device, torch.float32)
+        return abar.sqrt() * x + (1 - abar).sqrt() * noise
+    sigma = sched.sigmas[index]
+    if getattr(sched, "mid_point_sigma", None) is not None and not sched.state_in_first_order:
+        sigma = sched.mid_point_sigma
+    sigma = torch.as_tensor(sigma).to(x.device, torch.float32)
     if hasattr(sched, "_sigma_to_alpha_sigma_t"):
         alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * x + sigma_t * noise
-    return x + sigma * noise  # k-diffusion style (Euler, ...): x + sigma * eps
+    return x + sigma * noise
 
 
 def plan_timesteps(sched, steps: int, strength: float, device) -> tuple[torch.Tensor, int]:
@@ -69,12 +113,14 @@ def plan_timesteps(sched, steps: int, strength: float, device) -> tuple[torch.Te
 def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     """Run the sampler; returns scaled latents [B, 4, h, w] (float32)."""
     device = model.device
-    sched = fresh_scheduler(model)
+    sampling = spec.sampling or default_sampling(model)
+    sched = fresh_scheduler(model, sampling)
     use_cfg = spec.cfg > 1.0
     strength = spec.strength if spec.init is not None else 1.0
     timesteps, start = plan_timesteps(sched, spec.steps, strength, device)
     noise = spec.noise.to(device, torch.float32)
     F = spec.frames
+    step_kw = _step_noise(sched, sampling, step_generators(spec.seeds, F, noise.shape[0], spec.stream))
 
     if spec.init is not None and strength < 1.0:
         latents = _noised(sched, spec.init.to(device, torch.float32), noise, start)
@@ -94,13 +140,14 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     if concat is not None and use_cfg:
         concat = torch.cat([concat, concat])
     total = len(timesteps)
-    stop_step = int(round(total * spec.concat_until)) if concat is not None else total
+    handing_over = concat is not None or spec.handover is not None
+    stop_step = int(round(total * spec.concat_until)) if handing_over else total  # total: UNet evaluations
     hidden = spec.embeds.hidden
     extra = spec.embeds.extra
     for i, t in enumerate(timesteps):
         if spec.pinned:
             latents = pin(latents, start + i)
-        if concat is not None and i == stop_step:
+        if handing_over and i == stop_step:
             concat = None
             if spec.handover is not None:
                 spec.handover()
@@ -114,9 +161,10 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
         more = spec.unet_extra(x, t, hidden, extra) if spec.unet_extra is not None else {}
         eps = model.unet(x, t, encoder_hidden_states=hidden, **extra, **more).sample.float()
         if use_cfg:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + spec.cfg * (cond - uncond)
-        latents = sched.step(eps, t, latents).prev_sample
+            eps = guide(eps, spec.cfg, sampling.cfg_rescale)
+        with warnings.catch_warnings():  # torchsde (DPM++ SDE) warns about float32 rounding of its interval ends
+            warnings.filterwarnings("ignore", message="Should have t[ab]>=t0", category=UserWarning)
+            latents = sched.step(eps, t, latents, **step_kw).prev_sample
         if spec.mask is not None and spec.init is not None:
             keep = _noised(sched, spec.init.to(device, torch.float32), noise, start + i + 1)
             m = spec.mask.to(device, torch.float32)
@@ -127,6 +175,28 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
         for f, known in spec.pinned.items():
             latents[f::F] = known.to(device, torch.float32)
     return latents
+
+
+def guide(pred: torch.Tensor, cfg: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance on a [uncond; cond] batch, then CFG rescale (phi) as in "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed" (diffusers' rescale_noise_cfg)."""
+    uncond, cond = pred.chunk(2)
+    out = uncond + cfg * (cond - uncond)
+    if rescale > 0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        out = rescale_noise_cfg(out, cond, guidance_rescale=rescale)
+    return out
+
+
+def _step_noise(sched, sampling: Sampling, gens: list) -> dict:
+    """Keyword arguments of sched.step that make its fresh noise come from the per-row generators."""
+    if sampling.info.noise == "none":
+        return {}
+    if sampling.info.noise == "brownian":  # DPM++ SDE: one Brownian tree per row, seeded
+        sched.noise_sampler_seed = row_seeds(gens)
+        return {}
+    return {"generator": gens}
 
 
 def make_noise(seeds: list[int], frames: int, height: int, width: int, channels: int = 4) -> torch.Tensor:
@@ -165,3 +235,38 @@ def decode_transparent(model: LoadedModel, decoder, latents_scaled: torch.Tensor
     dt = next(decoder.parameters()).dtype
     unscaled = latents_scaled / model.latent_scale
     return decode_rgba(decoder, pixels.to(dev, dt), unscaled.to(dev, dt), tta=tta, chunk=chunk).float()
+
+
+def job_sampling(req, model: LoadedModel, quiet: bool = False) -> Sampling:
+    """The sampling settings of a request (its sampler/schedule/prediction_type/zero_snr/cfg_rescale
+    fields) for this model; says once per model when it detected v-prediction, and when `lcm` runs on
+    a model that does not look like an LCM one (a notice, not a refusal: an LCM LoRA may be given in a
+    way layerctl cannot recognise)."""
+    from layerctl.errors import LayerctlError
+    from layerctl.progress import log
+
+    g = lambda k: getattr(req, k, None)  # noqa: E731
+    config = dict(model.scheduler.config)
+    hint = getattr(model, "prediction_type", None)  # what a single file says of itself (a `v_pred` key)
+    if hint:
+        config["prediction_type"] = hint
+    zero_snr = g("zero_snr")
+    if zero_snr is None and getattr(model, "zero_terminal_snr", None) is not None:
+        zero_snr = model.zero_terminal_snr  # a `ztsnr` key
+    try:
+        s = resolve(config, g("sampler"), g("schedule"), g("prediction_type"), zero_snr, g("cfg_rescale"))
+    except ValueError as exc:
+        raise LayerctlError(str(exc)) from None
+    told = model.__dict__.setdefault("_told_sampling", set())
+    if s.prediction == "v_prediction" and g("prediction_type") in (None, "auto") and "v" not in told:
+        told.add("v")
+        where = "checkpoint" if hint else "model's scheduler config"
+        log(f"layerctl: the {where} says v-prediction: sampling with v-prediction, zero terminal "
+            f"SNR {'on' if s.zero_snr else 'off'}, CFG rescale {s.cfg_rescale:g} (--prediction-type epsilon to "
+            f"override)", quiet)
+    names = " ".join([str(model.ref)] + [str(x) for x in (g("lora") or [])]).lower()
+    if s.sampler == "lcm" and "lcm" not in names and "lcm" not in told:
+        told.add("lcm")
+        log("layerctl: --sampler lcm expects an LCM model or LCM LoRA (--lora ...lcm...); with a plain model the "
+            "pictures come out soft and blurred", quiet)
+    return s
