@@ -64,7 +64,7 @@ def plan_outputs(req, n: int, seeds: list, prompt: str = "") -> tuple[list, list
 
 def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, height: int) -> dict:
     """The recipe every output file carries (the JSON chunk; the A1111 text is made from it)."""
-    return {
+    meta = {
         "prompt": getattr(req, "prompt", None),
         "negative": req.negative,
         "steps": steps,
@@ -78,6 +78,9 @@ def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, hei
         "tta": req.tta,
         "layerctl_version": __version__,
     }
+    hook = getattr(model, "sampling_metadata", None)  # FLUX.1: Euler flow matching, distilled guidance
+    meta.update(hook(cfg) if hook is not None else {})
+    return meta
 
 
 def preview_path(path) -> Path:

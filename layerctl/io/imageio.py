@@ -39,6 +39,8 @@ def a1111_parameters(meta: dict) -> str:
         ("steps", "Steps"),
         ("sampler", "Sampler"),
         ("cfg", "CFG scale"),
+        ("guidance", "Distilled CFG Scale"),  # FLUX.1-dev (Forge's label)
+        ("schedule", "Schedule type"),
         ("seed", "Seed"),
         ("size", "Size"),
         ("model", "Model"),

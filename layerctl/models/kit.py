@@ -53,6 +53,36 @@ def precheck_files(opts) -> None:
             check_file(path, what)
 
 
+LAYER_FAMILIES = "SD1.5 (sd15, toy, tiny) and SDXL (sdxl, tiny-xl)"
+
+
+def family_of_ref(ref: str) -> str:
+    """The model family of a model reference ("sd15", "sdxl", "flux"), without loading anything."""
+    from layerctl.backends.registry import get_backend, resolve_model_ref
+
+    name, _inner = resolve_model_ref(ref)
+    return get_backend(name).family
+
+
+def precheck_family(family: str, req, mode: str = "rgba") -> None:
+    """What a model family cannot do, refused before it loads (one line, exit 2)."""
+    if family != "flux":
+        return
+    if mode != "rgba":
+        flag = {"bg2fg": "gen --bg", "fg2bg": "gen --fg", "joint": "gen --joint"}.get(mode, mode)
+        raise LayerctlError(
+            f"{flag} is a layer mode; FLUX.1 has no LayerDiffuse layer weights (only text/image -> RGBA). "
+            f"Layer modes run on {LAYER_FAMILIES} models"
+        )
+    if "negative" in getattr(req, "model_fields_set", ()) and getattr(req, "negative", None):
+        raise LayerctlError(
+            "FLUX.1 takes no negative prompt (it has no classifier-free guidance: --cfg sets its distilled "
+            "guidance); leave out --negative"
+        )
+    if getattr(req, "controlnet", None):
+        raise LayerctlError("--controlnet runs on SD1.5/SDXL models only; FLUX.1 ControlNets are not supported")
+
+
 class ModelKit:
     """One loaded base model with its transparent VAE nets and the layer weights in use."""
 
@@ -67,8 +97,9 @@ class ModelKit:
     def _vae_net(self, kind: str, path: Optional[str], wdir: Optional[str]):
         import torch
 
+        from layerctl.models import codec
         from layerctl.models import transparent_vae as tv
-        from layerctl.models.weights import check_file, find_official, tiny_decoder, tiny_encoder
+        from layerctl.models.weights import check_file, find_official
 
         model = self.model
         if path:
@@ -78,14 +109,12 @@ class ModelKit:
         else:
             src = find_official([model.official[kind]], wdir)[0]
         dtype = torch.float32 if model.device.type == "cpu" else torch.float16
-        key = (kind, str(src) if src else f"tiny-{model.backend}", str(model.device), dtype)
+        key = (kind, model.family, str(src) if src else f"tiny-{model.backend}", str(model.device), dtype)
         if key not in self._vae_nets:
             if src is None:
-                net = (tiny_decoder() if kind == "decoder" else tiny_encoder()).to(model.device, dtype)
-            elif kind == "decoder":
-                net = tv.load_decoder(src, device=model.device, dtype=dtype)
-            else:
-                net = tv.load_encoder(src, device=model.device, dtype=dtype)
+                net = codec.tiny_net(kind, model.family).to(model.device, dtype)
+            else:  # the family's layout (4 or 16 latent channels); the other family's file is refused
+                net = codec.load_net(src, kind, model.family, model.device, dtype)
             if kind == "decoder" and model.device.type == "cpu":
                 net = tv.use_channels_last(net)  # faster on CPU (bench/RESULTS.md: decode)
             self._vae_nets[key] = (net.eval(), src.name if src else f"tiny-{kind}")
@@ -136,6 +165,8 @@ class ModelKit:
         from layerctl.models.weights import is_attention_sharing_file, tiny_attention_sharing, tiny_patch
 
         model = self.model
+        if model.family == "flux":
+            return self._apply_flux(role, src, strength, loras, key)
         handles, patcher, names = [], None, []
         try:
             for path, scale in loras:
@@ -166,6 +197,29 @@ class ModelKit:
             raise
         return ActiveWeights(key, names, patcher=patcher, handles=handles)
 
+    def _apply_flux(self, role, src, strength, loras, key) -> ActiveWeights:
+        """FLUX.1: --lora files, then the layer LoRA (layerlora.safetensors, or the tiny stand-in),
+        each merged into the transformer and restorable bit for bit."""
+        from layerctl.models.flux_lora import fuse_lora, fuse_lora_file, tiny_layer_lora
+
+        transformer = self.model.transformer
+        handles, names = [], []
+        try:
+            for path, scale in loras:
+                handles.append(fuse_lora_file(transformer, path, scale))
+                names.append(Path(path).name)
+            if src is None:
+                handles.append(fuse_lora(transformer, tiny_layer_lora(transformer), strength, f"tiny-{role}"))
+                names.append(f"tiny-{role}")
+            else:
+                handles.append(fuse_lora_file(transformer, src, strength))
+                names.append(src.name)
+        except BaseException:
+            for h in reversed(handles):
+                h.restore()
+            raise
+        return ActiveWeights(key, names, handles=handles)
+
 
 class ModelCache:
     """Loads each base model once (per device, dtype, attention) and hands out its kit."""
@@ -187,6 +241,18 @@ class ModelCache:
             self.quiet,
         )
         return "toy"
+
+    def family(self, opts) -> str:
+        """The family of the model these options name ("sd15", "sdxl", "flux"), without loading it."""
+        return family_of_ref(opts.model or os.environ.get(DEFAULT_MODEL_ENV) or "toy")
+
+    def precheck(self, opts, mode: str = "rgba") -> None:
+        """Refuse what the model's family cannot do before it loads (see precheck_family)."""
+        try:
+            family = self.family(opts)
+        except LayerctlError:
+            return  # an unknown reference: loading it says why, after the output checks as before
+        precheck_family(family, opts, mode)
 
     def kit(self, opts) -> ModelKit:
         from layerctl.backends.registry import load_model

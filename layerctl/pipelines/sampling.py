@@ -46,15 +46,21 @@ def fresh_scheduler(model: LoadedModel):
 def _noised(sched, x: torch.Tensor, noise: torch.Tensor, sigma_index: int) -> torch.Tensor:
     """x noised to the level of sched.sigmas[sigma_index] (0 at the end: x itself)."""
     sigma = sched.sigmas[sigma_index].to(x.device, torch.float32)
+    if hasattr(sched, "scale_noise"):  # flow matching (FLUX.1): a straight line from x to the noise
+        return sigma * noise + (1.0 - sigma) * x
     if hasattr(sched, "_sigma_to_alpha_sigma_t"):
         alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * x + sigma_t * noise
     return x + sigma * noise  # k-diffusion style (Euler, ...): x + sigma * eps
 
 
-def plan_timesteps(sched, steps: int, strength: float, device) -> tuple[torch.Tensor, int]:
-    """Timesteps to run and the sigma index they start at (img2img skips the first part)."""
-    sched.set_timesteps(steps, device=device)
+def plan_timesteps(sched, steps: int, strength: float, device, model=None, latent_hw=None) -> tuple[torch.Tensor, int]:
+    """Timesteps to run and the sigma index they start at (img2img skips the first part).
+    With `model`, the model sets the schedule (FLUX.1: shifted by the latent size)."""
+    if model is not None:
+        model.set_schedule(sched, steps, latent_hw)
+    else:
+        sched.set_timesteps(steps, device=device)
     timesteps = sched.timesteps
     if strength >= 1.0:
         return timesteps, 0
@@ -70,16 +76,16 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     """Run the sampler; returns scaled latents [B, 4, h, w] (float32)."""
     device = model.device
     sched = fresh_scheduler(model)
-    use_cfg = spec.cfg > 1.0
+    use_cfg = model.uses_cfg(spec.cfg)  # FLUX.1: never (spec.cfg is its distilled guidance)
     strength = spec.strength if spec.init is not None else 1.0
-    timesteps, start = plan_timesteps(sched, spec.steps, strength, device)
+    timesteps, start = plan_timesteps(sched, spec.steps, strength, device, model, tuple(spec.noise.shape[-2:]))
     noise = spec.noise.to(device, torch.float32)
     F = spec.frames
 
     if spec.init is not None and strength < 1.0:
         latents = _noised(sched, spec.init.to(device, torch.float32), noise, start)
     else:
-        latents = noise * sched.init_noise_sigma
+        latents = noise * getattr(sched, "init_noise_sigma", 1.0)
         if spec.init is not None and spec.mask is not None:  # inpainting from scratch: keep what is known
             m = spec.mask.to(device, torch.float32)
             latents = m * latents + (1 - m) * _noised(sched, spec.init.to(device, torch.float32), noise, start)
@@ -105,14 +111,15 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
             if spec.handover is not None:
                 spec.handover()
         x = torch.cat([latents, latents]) if use_cfg else latents
-        x = sched.scale_model_input(x, t)
+        if hasattr(sched, "scale_model_input"):  # flow matching has no input scaling
+            x = sched.scale_model_input(x, t)
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if spec.before_unet is not None:
             spec.before_unet(i, x)
         x = x.to(model.dtype)
         more = spec.unet_extra(x, t, hidden, extra) if spec.unet_extra is not None else {}
-        eps = model.unet(x, t, encoder_hidden_states=hidden, **extra, **more).sample.float()
+        eps = model.predict(x, t, spec.embeds, spec.cfg, more).float()
         if use_cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + spec.cfg * (cond - uncond)
@@ -146,22 +153,19 @@ def make_noise(seeds: list[int], frames: int, height: int, width: int, channels:
 def encode_rgb(model: LoadedModel, rgb01: torch.Tensor, generator_seed: Optional[int] = None) -> torch.Tensor:
     """RGB pixels [B,3,H,W] in [0,1] -> scaled latent (posterior mean, deterministic)."""
     mean, _std = model.vae_encode(rgb01 * 2 - 1)
-    return mean * model.latent_scale
+    return model.scale_latents(mean)
 
 
 @torch.no_grad()
 def decode_rgb(model: LoadedModel, latents_scaled: torch.Tensor) -> torch.Tensor:
     """Scaled latent -> RGB pixels [B,3,H,W] in [0,1]."""
-    return model.vae_decode(latents_scaled / model.latent_scale)
+    return model.vae_decode(model.unscale_latents(latents_scaled))
 
 
 @torch.no_grad()
 def decode_transparent(model: LoadedModel, decoder, latents_scaled: torch.Tensor, tta: bool = True, chunk=None):
-    """Scaled latent -> RGBA [B,4,H,W] in [0,1] (straight alpha, R,G,B,A order)."""
-    from layerctl.models.transparent_vae import decode_rgba
+    """Scaled latent -> RGBA [B,4,H,W] in [0,1] (straight alpha, R,G,B,A order): the frozen VAE, then
+    the transparent decoder, with the model family's conventions (layerctl.models.codec)."""
+    from layerctl.models.codec import decode_scaled
 
-    pixels = decode_rgb(model, latents_scaled)
-    dev = next(decoder.parameters()).device
-    dt = next(decoder.parameters()).dtype
-    unscaled = latents_scaled / model.latent_scale
-    return decode_rgba(decoder, pixels.to(dev, dt), unscaled.to(dev, dt), tta=tta, chunk=chunk).float()
+    return decode_scaled(model, decoder, latents_scaled, tta=tta, chunk=chunk)
