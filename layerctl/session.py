@@ -59,6 +59,7 @@ class Session:
         """`layerctl upscale`: an RGBA image at a larger size with a full-size alpha."""
         from layerctl.pipelines.edit import upscale
 
+        self.models.precheck(req)
         return upscale(self.models, req)
 
     # ------------------------------------------------------------ conveniences (tests, benchmarks)

@@ -53,7 +53,8 @@ Cfg = Annotated[Optional[float], typer.Option(
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed in [0, 2**32); -1 or none: a random one (written to the files and printed on stderr). "
     "Image i of a batch uses seed+i.", rich_help_panel=SIZE)]
-Negative = Annotated[str, typer.Option("--negative", help="Negative prompt.", rich_help_panel=SIZE)]
+Negative = Annotated[Optional[str], typer.Option(
+    "--negative", help="Negative prompt (default 'bad, ugly'; FLUX.1 takes none).", rich_help_panel=SIZE)]
 Resize = Annotated[Optional[str], typer.Option(
     "--resize", help="Fit conditioning images and masks: crop (default), fit or stretch.", rich_help_panel=SIZE)]
 

@@ -23,7 +23,7 @@ def decompose(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the picture shows (optional).")] = None,
     fg_prompt: FgPrompt = None,
     bg_prompt: BgPrompt = None,
-    negative: Negative = "bad, ugly",
+    negative: Negative = None,
     model: Model = None,
     weights_dir: WeightsDir = None,
     transparent_decoder: TransparentDecoder = None,

@@ -12,7 +12,7 @@ from layerctl.commands._options import (
     PanelCommand,
     EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ControlImage,
     ControlNet, ControlScale, Device, Dtype, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale, Model,
-    NoTta, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
+    Negative, NoTta, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
     TransparentEncoder, WeightsDir, Weight, Width, request_args,
 )
 from layerctl.errors import LayerctlError
@@ -106,8 +106,7 @@ def gen(
     lora_scale: LoraScale = 1.0,
     prompt_opt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The main prompt (same as the PROMPT argument).", rich_help_panel=SIZE)] = None,
     prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin); one job each. --out fills in as for a batch ({i} counts every image).", rich_help_panel=SIZE)] = None,
-    negative: Annotated[Optional[str], typer.Option(
-        "--negative", help="Negative prompt (default 'bad, ugly'; FLUX.1 takes none).", rich_help_panel=SIZE)] = None,
+    negative: Negative = None,
     width: Width = None,
     height: Height = None,
     steps: Steps = None,

@@ -19,7 +19,7 @@ def upscale(
     image: Annotated[str, typer.Argument(help="The RGBA (or RGB) image to upscale.")],
     scale: Annotated[float, typer.Option("--scale", "-s", help="Upscale factor (> 1): the output is round(width x F) x round(height x F).", rich_help_panel=EDITING)] = 2.0,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the image shows (guides the refinement).")] = None,
-    negative: Negative = "bad, ugly",
+    negative: Negative = None,
     strength: Annotated[float, typer.Option("--strength", help="How much the refinement may change, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output PNG (default: IMAGE_x<scale>.png next to IMAGE).", rich_help_panel=OUTPUT)] = None,
     model: Model = None,

@@ -51,7 +51,7 @@ def encode_scaled(model, encoder, rgba01):
             return encode_latent(encoder, rgba01, model.vae_encode, model.latent_scale, model.latent_shift).float()
         from layerctl.models.transparent_vae import transparent_latent
 
-        return model.scale_latents(transparent_latent(encoder, rgba01, model.vae_encode).float())
+        return transparent_latent(encoder, rgba01, model.vae_encode).float() * model.latent_scale
 
 
 def decode_scaled(model, decoder, latents_scaled, tta: bool = True, chunk: Optional[int] = None):
@@ -60,14 +60,15 @@ def decode_scaled(model, decoder, latents_scaled, tta: bool = True, chunk: Optio
 
     p = next(decoder.parameters())
     with torch.no_grad():
-        unscaled = model.unscale_latents(latents_scaled.float())
         if is_flux(model):
             from layerctl.models.flux_vae import decode_rgba
 
+            unscaled = latents_scaled.float() / model.latent_scale + model.latent_shift
             pixels = model.vae_decode(unscaled, clip=False)  # the FLUX decoder takes unclipped pixels
         else:
             from layerctl.models.transparent_vae import decode_rgba
 
+            unscaled = latents_scaled.float() / model.latent_scale
             pixels = model.vae_decode(unscaled)
         out = decode_rgba(decoder, pixels.to(p.device, p.dtype), unscaled.to(p.device, p.dtype), tta=tta, chunk=chunk)
     return out.float()
