@@ -43,6 +43,7 @@ class ModelOptions(BaseModel):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    offload: Literal["none", "model", "sequential"] = "none"  # diffusers' CPU offload (CUDA only)
 
 
 class JobOptions(ModelOptions):

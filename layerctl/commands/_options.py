@@ -94,6 +94,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.", rich_help_panel=DEVICE)]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.", rich_help_panel=DEVICE)]
 Attention = Annotated[str, typer.Option("--attention", help="auto, sdpa or xformers.", rich_help_panel=DEVICE)]
+Offload = Annotated[str, typer.Option(
+    "--offload", help="none, model or sequential: keep the model in CPU memory and move parts to the GPU when they "
+    "run (diffusers' model / sequential CPU offload; for GPUs with too little memory, e.g. FLUX.1 under 24 GB). "
+    "CUDA only.", rich_help_panel=DEVICE)]
 NoTta = Annotated[bool, typer.Option("--no-tta", help="One decoder pass instead of the 8-way median.", rich_help_panel=DEVICE)]
 
 

@@ -9,7 +9,7 @@ import typer
 from layerctl.commands._options import (
     PanelCommand,
     LAYERS, OUTPUT, Attention, BgPrompt, Cfg, Device, Dtype, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
-    Model, Negative, NoTta, Overwrite, Quiet, Seed, Steps, StopAt, TransparentDecoder, TransparentEncoder, Weight,
+    Model, Negative, NoTta, Offload, Overwrite, Quiet, Seed, Steps, StopAt, TransparentDecoder, TransparentEncoder, Weight,
     WeightsDir, Width, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
@@ -45,6 +45,7 @@ def decompose(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
     as_json: Json = False,
     quiet: Quiet = False,

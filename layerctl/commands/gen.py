@@ -12,7 +12,7 @@ from layerctl.commands._options import (
     PanelCommand,
     EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ControlImage,
     ControlNet, ControlScale, Device, Dtype, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale, Model,
-    Negative, NoTta, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
+    Negative, NoTta, Offload, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
     TransparentEncoder, WeightsDir, Weight, Width, request_args,
 )
 from layerctl.errors import LayerctlError
@@ -143,6 +143,7 @@ def gen(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
 ) -> None:
     """Generate a transparent image (or image layers).

@@ -9,7 +9,7 @@ import typer
 from layerctl.commands._options import (
     PanelCommand,
     EDITING, OUTPUT, Attention, Cfg, ControlImage, ControlNet, ControlScale, Device, Dtype, Json, LayerWeights,
-    Lora, LoraScale, Model, Negative, NoTta, Overwrite, Preview, Quiet, Seed, Steps, TransparentDecoder,
+    Lora, LoraScale, Model, Negative, NoTta, Offload, Overwrite, Preview, Quiet, Seed, Steps, TransparentDecoder,
     TransparentEncoder, Weight, WeightsDir, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
@@ -41,6 +41,7 @@ def upscale(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
     as_json: Json = False,
     quiet: Quiet = False,

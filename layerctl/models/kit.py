@@ -83,12 +83,29 @@ def precheck_family(family: str, req, mode: str = "rgba") -> None:
         raise LayerctlError("--controlnet runs on SD1.5/SDXL models only; FLUX.1 ControlNets are not supported")
 
 
+def check_offload(opts) -> str:
+    """The --offload mode; anything but "none" needs a CUDA device (refused before anything loads)."""
+    mode = getattr(opts, "offload", "none") or "none"
+    if mode != "none":
+        from layerctl.backends.base import resolve_device
+
+        dev = resolve_device(opts.device)
+        if dev.type != "cuda":
+            raise LayerctlError(
+                f"--offload {mode} moves model parts between CPU memory and a CUDA GPU, and this run is on "
+                f"{dev.type} (no CUDA device): leave out --offload"
+            )
+    return mode
+
+
 class ModelKit:
     """One loaded base model with its transparent VAE nets and the layer weights in use."""
 
-    def __init__(self, model, vae_nets: dict, quiet: bool = False):
+    def __init__(self, model, vae_nets: dict, quiet: bool = False, offload: str = "none"):
         self.model = model
         self.quiet = quiet
+        self.offload = offload  # "none", "model" or "sequential" (enabled once the first weights are on)
+        self.offloaded = False
         self._vae_nets = vae_nets  # shared by the kits of one cache
         self.active: Optional[ActiveWeights] = None
         self.controlnets: dict = {}  # ControlNets loaded for this model (layerctl.pipelines.controlnet)
@@ -155,9 +172,27 @@ class ModelKit:
         key = (role, str(src), strength, loras)
         if self.active is not None and self.active.key == key:
             return self.active
+        if self.offloaded and self.offload == "sequential":
+            raise LayerctlError(
+                "with --offload sequential a model keeps the layer weights and LoRAs of its first job; this job asks "
+                "for others: run it separately, or use --offload model"
+            )
         self.clear_weights()
         self.active = self._apply(role, src, strength, loras, key)
+        self._enable_offload()
         return self.active
+
+    def _enable_offload(self) -> None:
+        """diffusers' CPU offload on the model's pipeline, after the weights are merged (sequential offload
+        leaves the modules' weights on the meta device, where nothing can be merged any more)."""
+        if self.offload == "none" or self.offloaded:
+            return
+        pipe, device = self.model.pipe, self.model.device
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+        self.offloaded = True
 
     def _apply(self, role, src, strength, loras, key) -> ActiveWeights:
         from layerctl.models.lora_format import apply_lora_file
@@ -248,6 +283,7 @@ class ModelCache:
 
     def precheck(self, opts, mode: str = "rgba") -> None:
         """Refuse what the model's family cannot do before it loads (see precheck_family)."""
+        check_offload(opts)
         try:
             family = self.family(opts)
         except LayerctlError:
@@ -257,13 +293,14 @@ class ModelCache:
     def kit(self, opts) -> ModelKit:
         from layerctl.backends.registry import load_model
 
+        offload = check_offload(opts)
         ref = self.model_ref(opts)
-        key = (ref, opts.device, opts.dtype, opts.attention)
+        key = (ref, opts.device, opts.dtype, opts.attention, offload)
         if key not in self._kits:
             model = load_model(ref, opts.device, opts.dtype, opts.attention)
             if model.notes:
                 log(f"layerctl: {model.notes}", self.quiet)
-            self._kits[key] = ModelKit(model, self._vae_nets, self.quiet)
+            self._kits[key] = ModelKit(model, self._vae_nets, self.quiet, offload)
         return self._kits[key]
 
     def kits(self) -> list[ModelKit]:
