@@ -54,21 +54,37 @@ def encode_scaled(model, encoder, rgba01):
         return transparent_latent(encoder, rgba01, model.vae_encode).float() * model.latent_scale
 
 
+def offset(model, encoder, rgba01):
+    """The offset encoder's output x 300 for straight RGBA [B,4,H,W] in [0,1] (the family's input order)."""
+    if is_flux(model):
+        from layerctl.models.flux_vae import encode_offset
+    else:
+        from layerctl.models.transparent_vae import encode_offset
+    return encode_offset(encoder, rgba01)
+
+
+def decoder_pixels(model, latent_raw):
+    """The frozen VAE's decode of a VAE-space latent as the transparent decoder takes it:
+    [0,1] clipped (SD1.5/SDXL) or not clipped (FLUX.1)."""
+    return model.vae_decode(latent_raw, clip=False) if is_flux(model) else model.vae_decode(latent_raw)
+
+
+def decode_raw(model, decoder, pixels, latent_raw, tta: bool = True, chunk: Optional[int] = None):
+    """Straight RGBA [B,4,H,W] in [0,1], R,G,B,A order, from decoder_pixels() and the VAE-space latent."""
+    if is_flux(model):
+        from layerctl.models.flux_vae import decode_rgba
+    else:
+        from layerctl.models.transparent_vae import decode_rgba
+    p = next(decoder.parameters())
+    return decode_rgba(decoder, pixels.to(p.device, p.dtype), latent_raw.to(p.device, p.dtype), tta=tta, chunk=chunk).float()
+
+
 def decode_scaled(model, decoder, latents_scaled, tta: bool = True, chunk: Optional[int] = None):
     """A latent in the denoiser's space -> straight RGBA [B,4,H,W] in [0,1], R,G,B,A order (float32)."""
     import torch
 
-    p = next(decoder.parameters())
     with torch.no_grad():
+        unscaled = latents_scaled.float() / model.latent_scale
         if is_flux(model):
-            from layerctl.models.flux_vae import decode_rgba
-
-            unscaled = latents_scaled.float() / model.latent_scale + model.latent_shift
-            pixels = model.vae_decode(unscaled, clip=False)  # the FLUX decoder takes unclipped pixels
-        else:
-            from layerctl.models.transparent_vae import decode_rgba
-
-            unscaled = latents_scaled.float() / model.latent_scale
-            pixels = model.vae_decode(unscaled)
-        out = decode_rgba(decoder, pixels.to(p.device, p.dtype), unscaled.to(p.device, p.dtype), tta=tta, chunk=chunk)
-    return out.float()
+            unscaled = unscaled + model.latent_shift
+        return decode_raw(model, decoder, decoder_pixels(model, unscaled), unscaled, tta=tta, chunk=chunk)
