@@ -58,31 +58,30 @@ class LoadedModel:
     def scheduler(self):
         return self.pipe.scheduler
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str], cfg: bool, width: int, height: int) -> PromptEmbeds:
-        """Encode a batch of prompts; negatives first when cfg (diffusers order)."""
+    def encode_prompt(self, prompts: list[str], negatives: list[str], cfg: bool, width: int, height: int,
+                      clip_skip: int = 1, min_chunks: int = 1) -> PromptEmbeds:
+        """Encode a batch of prompts; negatives first when cfg (diffusers order).
+
+        Prompts longer than the text encoder's window are encoded in chunks (A1111's long prompts,
+        BREAK starts a chunk: layerctl.core.prompts); every text of the batch gets the same number
+        of chunks, at least `min_chunks`. `clip_skip`: 1 = the last layer (A1111's meaning)."""
         raise NotImplementedError
 
-    def notice_truncation(self, texts) -> None:
-        """Say once per text when the tokenizer keeps only its first tokens (CLIP: 77, start/end included)."""
-        tok = getattr(getattr(self, "pipe", None), "tokenizer", None)
-        limit = int(getattr(tok, "model_max_length", 0) or 0)
-        if tok is None or not limit or limit > 100_000:
-            return
-        told = self.__dict__.setdefault("_told_truncated", set())
-        for t in texts:
-            if not t or t in told or len(t) < limit:  # fewer characters than tokens: cannot be cut
-                continue
-            try:
-                n = len(tok(t, truncation=False).input_ids)
-            except Exception:  # noqa: BLE001 - a tokenizer that cannot count: say nothing
-                return
-            if n > limit:
-                told.add(t)
-                from layerctl.progress import log
+    def prompt_chunks(self, texts) -> int:
+        """How many chunks the longest of `texts` needs (1 for a backend without chunking)."""
+        return 1
 
-                log(f"layerctl: a prompt of {len(t)} characters is {n} tokens; only the first {limit} tokens "
-                    f"(start and end included) are used, the rest is ignored ('{t[:40]}...')",
-                    bool(getattr(self, "quiet", False)))
+    def notice_cut(self, text: str, chunks: int) -> None:
+        """Say once per text that a prompt is longer than the chunks layerctl encodes."""
+        from layerctl.core.prompts import MAX_CHUNKS
+        from layerctl.progress import log
+
+        told = self.__dict__.setdefault("_told_cut", set())
+        if text in told:
+            return
+        told.add(text)
+        log(f"layerctl: a prompt of {len(text)} characters needs {chunks} chunks of tokens; only the first "
+            f"{MAX_CHUNKS} chunks are used, the rest is ignored ('{text[:40]}...')", bool(getattr(self, "quiet", False)))
 
     def vae_encode(self, pixels):
         """pixels [B,3,H,W] in [-1,1] -> (mean, std) of the frozen VAE posterior, unscaled."""
@@ -159,46 +158,47 @@ class Backend:
 class SD15Model(LoadedModel):
     """An SD1.5-shaped model: one CLIP text encoder, latent scale 0.18215 by default."""
 
-    def encode_prompt(self, prompts, negatives, cfg, width, height):
-        import torch
+    def _text_pairs(self):
+        return [(self.pipe.tokenizer, self.pipe.text_encoder)]
 
-        self.notice_truncation(list(prompts) + (list(negatives) if cfg else []))
-        with torch.no_grad():
-            pos, neg = self.pipe.encode_prompt(
-                list(prompts), self.device, 1, cfg, negative_prompt=list(negatives) if cfg else None
-            )
-        hidden = torch.cat([neg, pos]) if cfg else pos
+    def prompt_chunks(self, texts) -> int:
+        from layerctl.backends.clip_text import chunk_count
+
+        return chunk_count(self._text_pairs(), list(texts))
+
+    def encode_prompt(self, prompts, negatives, cfg, width, height, clip_skip=1, min_chunks=1):
+        from layerctl.backends.clip_text import encode_sd15
+
+        texts = (list(negatives) + list(prompts)) if cfg else list(prompts)
+        tok, enc = self._text_pairs()[0]
+        hidden = encode_sd15(tok, enc, texts, clip_skip, min_chunks, self.device, self.notice_cut)
         return PromptEmbeds(hidden=hidden.to(self.dtype))
 
 
 class SDXLModel(LoadedModel):
     """An SDXL-shaped model: two text encoders, pooled embeddings and time ids."""
 
-    def encode_prompt(self, prompts, negatives, cfg, width, height):
-        import torch
+    def _text_pairs(self):
+        pipe = self.pipe
+        return [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+                if t is not None and e is not None]
+
+    def prompt_chunks(self, texts) -> int:
+        from layerctl.backends.clip_text import chunk_count
+
+        return chunk_count(self._text_pairs(), list(texts))
+
+    def encode_prompt(self, prompts, negatives, cfg, width, height, clip_skip=1, min_chunks=1):
+        from layerctl.backends.clip_text import encode_sdxl
 
         pipe = self.pipe
-        self.notice_truncation(list(prompts) + (list(negatives) if cfg else []))
-        with torch.no_grad():
-            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-                list(prompts),
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=cfg,
-                negative_prompt=list(negatives) if cfg else None,
-            )
-        proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+        texts = (list(negatives) + list(prompts)) if cfg else list(prompts)
+        hidden, text_embeds = encode_sdxl(self._text_pairs(), texts, clip_skip, min_chunks, self.device, self.notice_cut)
+        proj_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else text_embeds.shape[-1]
         time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=pos.dtype, text_encoder_projection_dim=proj_dim
+            (height, width), (0, 0), (height, width), dtype=hidden.dtype, text_encoder_projection_dim=proj_dim
         ).to(self.device)
-        n = len(prompts)
-        if cfg:
-            hidden = torch.cat([neg, pos])
-            text_embeds = torch.cat([neg_pooled, pooled])
-            time_ids = time_ids.repeat(2 * n, 1)
-        else:
-            hidden, text_embeds = pos, pooled
-            time_ids = time_ids.repeat(n, 1)
+        time_ids = time_ids.repeat(len(texts), 1)
         extra = {"added_cond_kwargs": {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}}
         return PromptEmbeds(hidden=hidden.to(self.dtype), extra=extra)
 

@@ -132,7 +132,7 @@ class FluxModel(LoadedModel):
         return "sdpa"
 
     # ------------------------------------------------------------ text
-    def encode_prompt(self, prompts, negatives, cfg, width, height) -> PromptEmbeds:
+    def encode_prompt(self, prompts, negatives, cfg, width, height, clip_skip=1, min_chunks=1) -> PromptEmbeds:
         """hidden = T5 sequence [B, T, D]; extra = pooled_projections (CLIP pooled [B, P]) and
         txt_ids [T, 3] (zeros). FLUX.1 has no negative-prompt CFG: cfg must be False
         (negatives are then ignored, as for SD without CFG)."""
@@ -143,6 +143,8 @@ class FluxModel(LoadedModel):
                 "FLUX.1 has no classifier-free guidance with a negative prompt: --cfg sets the distilled guidance "
                 "(dev), and --negative is not supported"
             )
+        if clip_skip != 1:
+            raise LayerctlError("--clip-skip applies to SD1.5 and SDXL models; FLUX.1 reads T5 (and CLIP's pooled output only)")
         with torch.no_grad():
             hidden, pooled, txt_ids = self.pipe.encode_prompt(
                 prompt=list(prompts),

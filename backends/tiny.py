@@ -48,7 +48,7 @@ def tiny_vae():
     return AutoencoderKL(**small_vae_config(0.18215))
 
 
-def tiny_text_encoder(seed: int, hidden: int = 32, projection: int | None = None):
+def tiny_text_encoder(seed: int, hidden: int = 32, projection: int | None = None, layers: int = 2):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -57,7 +57,7 @@ def tiny_text_encoder(seed: int, hidden: int = 32, projection: int | None = None
         vocab_size=514,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=77,
         projection_dim=projection or hidden,

@@ -149,7 +149,8 @@ def _load_into(module, path: Path) -> dict:
 class ToyModel(SD15Model):
     """SD15Model that warns (one line, once per prompt) about words outside the toy vocabulary."""
 
-    def encode_prompt(self, prompts, negatives, cfg, width, height):
+    def encode_prompt(self, prompts, negatives, cfg, width, height, clip_skip=1, min_chunks=1):
+        from layerctl.core.prompts import split_break
         from layerctl.progress import log
         from layerctl.training.scenes import vocabulary
 
@@ -158,13 +159,13 @@ class ToyModel(SD15Model):
             warned = self._warned = set()
         bad = []
         for p in prompts:  # one notice per unknown word per model (a --joint run encodes 3 texts)
-            bad += [w for w in unknown_words(p) if w not in warned and w not in bad]
+            bad += [w for w in unknown_words(" ".join(split_break(p))) if w not in warned and w not in bad]
         if bad:
             warned.update(bad)
             known = ", ".join(w for w in ("red", "glass", "cup", "ball", "star", "smoke", "puff", "table", "sky") if w in vocabulary())
             log(f"layerctl: toy model does not know {', '.join(repr(w) for w in bad[:4])} (it ignores them); "
                 f"it knows words like: {known} (see docs/toy-model.md)", False)
-        return super().encode_prompt(prompts, negatives, cfg, width, height)
+        return super().encode_prompt(prompts, negatives, cfg, width, height, clip_skip, min_chunks)
 
 
 def load_toy(device, dtype, folder: Path | None = None, with_unet: bool = True):

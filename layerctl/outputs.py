@@ -75,6 +75,7 @@ def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, hei
         "family": model.family,
         "mode": mode,
         "sampler": SAMPLER,
+        "clip_skip": getattr(req, "clip_skip", 1),
         "tta": req.tta,
         "layerctl_version": __version__,
     }

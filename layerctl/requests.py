@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from layerctl.core.geometry import MAX_SIDE
 
 MAX_STEPS = 1000  # most sampling steps a job may ask for
+MAX_CLIP_SKIP = 48  # above every CLIP text encoder's layer count (CLIP-L 12, OpenCLIP-G 32); the model's own is checked once loaded
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32); -1 means "pick a random seed" (as A1111)
 
 
@@ -53,8 +54,19 @@ class JobOptions(ModelOptions):
     steps: Optional[int] = None
     cfg: Optional[float] = None
     seed: Optional[int] = None
+    clip_skip: int = 1  # A1111's meaning: 1 = the text encoder's last layer, 2 = the one before
     tta: bool = True
     overwrite: bool = False
+
+    @field_validator("clip_skip")
+    @classmethod
+    def _clip_skip(cls, v):
+        return check_clip_skip(v)
+
+    @field_validator("negative")
+    @classmethod
+    def _negative(cls, v):
+        return check_break_only(v, "negative prompt")
 
     @field_validator("steps")
     @classmethod
@@ -126,6 +138,11 @@ class GenRequest(JobOptions):
     @classmethod
     def _size(cls, v, info):
         return _multiple_of_64(info.field_name, v)
+
+    @field_validator("prompt", "fg_prompt", "bg_prompt")
+    @classmethod
+    def _prompts(cls, v, info):
+        return check_break_only(v, info.field_name.replace("_", " "))
 
     @field_validator("batch")
     @classmethod
@@ -226,6 +243,11 @@ class DecomposeRequest(JobOptions):
     def _size(cls, v, info):
         return _multiple_of_64(info.field_name, v)
 
+    @field_validator("prompt", "fg_prompt", "bg_prompt")
+    @classmethod
+    def _prompts(cls, v, info):
+        return check_break_only(v, info.field_name.replace("_", " "))
+
     @field_validator("stop_at")
     @classmethod
     def _stop_at(cls, v):
@@ -249,6 +271,11 @@ class UpscaleRequest(JobOptions):
     control_image: list[str] = Field(default_factory=list)
     control_scale: list[float] = Field(default_factory=list)
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return check_break_only(v)
+
     @field_validator("scale")
     @classmethod
     def _scale(cls, v):
@@ -262,6 +289,22 @@ class UpscaleRequest(JobOptions):
         if not (0.0 < v <= 1.0):
             raise ValueError(f"strength must be in (0, 1] (got {v})")
         return v
+
+
+def check_clip_skip(v: int) -> int:
+    if not 1 <= v <= MAX_CLIP_SKIP:
+        raise ValueError(f"clip_skip must be >= 1 (1 = the last layer, 2 = the one before; got {v})"
+                         if v < 1 else f"clip_skip must be at most {MAX_CLIP_SKIP} (got {v})")
+    return v
+
+
+def check_break_only(v: Optional[str], what: str = "prompt") -> Optional[str]:
+    """A prompt made only of BREAK keywords is refused (nothing to draw)."""
+    from layerctl.core.prompts import only_break
+
+    if only_break(v):
+        raise ValueError(f"{what} {v.strip()!r} is only BREAK keywords, nothing to draw (BREAK starts a new 75-token chunk)")
+    return v
 
 
 def validation_message(exc) -> str:

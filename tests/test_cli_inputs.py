@@ -342,12 +342,16 @@ def test_toy_unknown_word_notice_once_per_joint_run(tmp_path):
     assert stderr.count("does not know") == 1 and "'cat'" in stderr
 
 
-def test_long_prompt_says_how_many_tokens_were_used(tmp_path):
+def test_very_long_prompt_says_how_many_chunks_were_used(tmp_path):
+    # toy: 14 text tokens a chunk; 5000 words need 358 chunks, over the cap of 40 (long prompts below it are whole)
     code, _, stderr = run_cli("gen", "red cup " * 2500, "--model", "toy", "--steps", "2", "--seed", "1",
                               "--out", tmp_path / "o.png")
     assert code == 0, stderr
-    line = next(ln for ln in stderr.splitlines() if "tokens" in ln)
-    assert "20000 characters" in line and "only the first 16 tokens" in line
+    line = next(ln for ln in stderr.splitlines() if "chunks" in ln)
+    assert "20000 characters" in line and "358 chunks" in line and "only the first 40 chunks" in line
+    code, _, stderr = run_cli("gen", "red cup " * 2500, "--model", "toy", "--steps", "1", "--seed", "1",
+                              "--out", tmp_path / "q.png", "--quiet")
+    assert code == 0 and "chunks" not in stderr, stderr  # --quiet silences it
 
 
 def test_ctrl_c_says_what_was_kept(tmp_path, monkeypatch):

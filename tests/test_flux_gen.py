@@ -137,6 +137,7 @@ def test_sd_lora_on_flux_is_refused(tmp_path):
         (("--joint",), "gen --joint is a layer mode"),
         (("--width", "96"), "multiple of 64"),
         (("--height", "100"), "multiple of 64"),
+        (("--clip-skip", "2"), "--clip-skip applies to SD1.5 and SDXL"),
     ],
 )
 def test_flux_refusals_exit_2_one_line_nothing_written(bottle, tmp_path, args, needle):

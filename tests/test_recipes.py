@@ -711,3 +711,30 @@ def test_one_bad_default_over_many_jobs_is_one_line(tmp_path, monkeypatch):
     # a problem of one job of a matrix keeps that job's label
     one = plan_error(tmp_path, "jobs:\n  - {name: a, gen: {prompts: [x, y]}}\n  - {name: b, gen: {fg_prompt: z, seeds: [1, 2, 3], bg: '${a[i].rgba}'}}\n")
     assert "b[2]: b has no job [2]" in one or "b[2]: a has no job [2]" in one, one
+
+
+def test_ctrl_c_during_run_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a recipe: exit 130, the finished job's file kept, and the message says
+    how many jobs finished and that --resume continues (no traceback)."""
+    import layerctl.api
+
+    class InterruptedSession(FakeSession):
+        def __init__(self, quiet=False):
+            super().__init__([])
+
+        def gen(self, req):
+            if len(self.calls) == 1:
+                raise KeyboardInterrupt
+            return super().gen(req)
+
+    monkeypatch.setattr(layerctl.api, "Session", InterruptedSession)
+    monkeypatch.chdir(tmp_path)
+    p = write(tmp_path, TINY + "jobs:\n  - {name: a, gen: {prompt: one}}\n  - {name: b, gen: {prompt: two}}\n"
+                              "  - {name: c, gen: {prompt: three}}\n")
+    code, out, err = cli(["run", str(p)], capsys)
+    assert code == 130
+    assert out.splitlines() == ["out/r/a.png"]
+    line = next(ln for ln in err.splitlines() if "interrupted" in ln)
+    assert "after 1 of 3 jobs" in line and f"layerctl run {p} --resume" in line
+    assert "Traceback" not in err
+    assert sorted(x.name for x in (tmp_path / "out/r").iterdir()) == ["a.png"]

@@ -55,6 +55,10 @@ Seed = Annotated[Optional[int], typer.Option(
     "Image i of a batch uses seed+i.", rich_help_panel=SIZE)]
 Negative = Annotated[Optional[str], typer.Option(
     "--negative", help="Negative prompt (default 'bad, ugly'; FLUX.1 takes none).", rich_help_panel=SIZE)]
+ClipSkip = Annotated[int, typer.Option(
+    "--clip-skip", help="Text encoder layer to use, counted from the end as in A1111: 1 = the last (default), 2 = the "
+    "one before (what Pony, Illustrious and anime SD1.5 models expect). SDXL already uses the one before: 1 and 2 "
+    "are the same there.", rich_help_panel=SIZE)]
 Resize = Annotated[Optional[str], typer.Option(
     "--resize", help="Fit conditioning images and masks: crop (default), fit or stretch.", rich_help_panel=SIZE)]
 

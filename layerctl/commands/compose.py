@@ -63,8 +63,8 @@ def compose(
 
     Example: layerctl compose bg.png fg.png --at fg=120,40 --opacity fg=0.9 --out scene.psd
     """
-    from layerctl.core.compose import check_side, flatten
-    from layerctl.io.stack import LayerSpec, apply_options, is_yaml, load_stack, parse_size, read_stack_yaml
+    from layerctl.core.compose import check_side
+    from layerctl.io.stack import apply_options, gather_specs, load_stack, parse_size
     from layerctl.errors import LayerctlError
 
     # 1. Everything that can be checked before reading a pixel.
@@ -73,33 +73,10 @@ def compose(
     canvas = parse_size(size) if size is not None else None
     if canvas is not None:
         check_side("--size", canvas[0], canvas[1], force)
-
-    specs: list = []
-    yaml_size = None
-    yaml_out = None
-    for arg in inputs:
-        p = Path(arg)
-        if is_yaml(p):
-            s, ysize, yout = read_stack_yaml(p)
-            specs.extend(s)
-            if ysize is not None and yaml_size is None:
-                yaml_size = ysize
-            if yout is not None and yaml_out is None:
-                yaml_out = yout
-        else:
-            if not p.exists():
-                raise LayerctlError(f"image not found: {p}")
-            specs.append(LayerSpec(path=p, source=arg))
+    specs, yaml_size, yaml_out = gather_specs(inputs)
     if out is None and yaml_out is not None and not list_layers and extract is None:
         out = str(yaml_out)
-    out_path = None
-    if out is not None:
-        out_path = Path(out)
-        if out_path.suffix.lower() not in OUT_SUFFIXES:
-            raise LayerctlError(
-                f"cannot write {out_path.suffix or 'files without an extension'!s}: --out must end in .png or .psd"
-            )
-        _check_target(out_path, overwrite)
+    out_path = _out_target(out, overwrite) if out is not None else None
     if canvas is None and yaml_size is not None:
         canvas = (int(yaml_size[0]), int(yaml_size[1]))
         check_side("canvas size", canvas[0], canvas[1], force)
@@ -121,38 +98,60 @@ def compose(
         _warn(w)
 
     # 3. Every output path is checked before anything is written.
-    extract_paths = []
-    if extract is not None:
-        folder = Path(extract)
-        if folder.exists() and not folder.is_dir():
-            raise LayerctlError(f"--extract {folder}: exists and is not a folder")
-        for i, layer in enumerate(layers, 1):
-            target = folder / f"{i:02d}-{_safe_filename(layer.name)}.png"
-            _check_target(target, overwrite)
-            extract_paths.append(target)
+    extract_paths = _extract_targets(Path(extract), layers, overwrite) if extract is not None else []
 
+    # 4. List, extract, write.
     if list_layers:
         _list(layers, outline, as_json)
-
-    if extract_paths:
-        from layerctl.io.imageio import save_png
-        from layerctl.core.imagemath import to_uint8
-
-        for layer, target in zip(layers, extract_paths):
-            px = layer.pixels if layer.pixels.dtype.name == "uint8" else to_uint8(layer.pixels)
-            written = save_png(target, px, overwrite=overwrite)
-            typer.echo(json.dumps({"layer": layer.name, "path": str(written)}) if as_json else str(written))
-
+    _write_extract(layers, extract_paths, overwrite, as_json)
     if out_path is not None:
-        if out_path.suffix.lower() == ".psd":
-            from layerctl.io.psd import write_psd
+        _write_out(out_path, layers, canvas, overwrite, as_json)
 
-            written = write_psd(out_path, layers, size=canvas, overwrite=overwrite)
-        else:
-            from layerctl.io.imageio import save_png
 
-            written = save_png(out_path, flatten(layers, canvas), overwrite=overwrite)
-        typer.echo(json.dumps({"path": str(written), "size": list(canvas), "layers": len(layers)}) if as_json else str(written))
+def _out_target(out: str, overwrite: bool) -> Path:
+    from layerctl.errors import LayerctlError
+
+    out_path = Path(out)
+    if out_path.suffix.lower() not in OUT_SUFFIXES:
+        raise LayerctlError(f"cannot write {out_path.suffix or 'files without an extension'!s}: --out must end in .png or .psd")
+    _check_target(out_path, overwrite)
+    return out_path
+
+
+def _extract_targets(folder: Path, layers: list, overwrite: bool) -> list[Path]:
+    """`--extract DIR`: one numbered PNG per drawable layer, every name checked before any write."""
+    from layerctl.errors import LayerctlError
+
+    if folder.exists() and not folder.is_dir():
+        raise LayerctlError(f"--extract {folder}: exists and is not a folder")
+    targets = [folder / f"{i:02d}-{_safe_filename(layer.name)}.png" for i, layer in enumerate(layers, 1)]
+    for target in targets:
+        _check_target(target, overwrite)
+    return targets
+
+
+def _write_extract(layers: list, targets: list[Path], overwrite: bool, as_json: bool) -> None:
+    from layerctl.core.imagemath import to_uint8
+    from layerctl.io.imageio import save_png
+
+    for layer, target in zip(layers, targets):
+        px = layer.pixels if layer.pixels.dtype.name == "uint8" else to_uint8(layer.pixels)
+        written = save_png(target, px, overwrite=overwrite)
+        typer.echo(json.dumps({"layer": layer.name, "path": str(written)}) if as_json else str(written))
+
+
+def _write_out(out_path: Path, layers: list, canvas, overwrite: bool, as_json: bool) -> None:
+    """The composed stack: a layered PSD, or a flattened PNG."""
+    if out_path.suffix.lower() == ".psd":
+        from layerctl.io.psd import write_psd
+
+        written = write_psd(out_path, layers, size=canvas, overwrite=overwrite)
+    else:
+        from layerctl.core.compose import flatten
+        from layerctl.io.imageio import save_png
+
+        written = save_png(out_path, flatten(layers, canvas), overwrite=overwrite)
+    typer.echo(json.dumps({"path": str(written), "size": list(canvas), "layers": len(layers)}) if as_json else str(written))
 
 
 def _list(layers: list, outline: list, as_json: bool) -> None:

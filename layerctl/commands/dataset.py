@@ -135,6 +135,7 @@ def layers(
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Guidance scale (model default)."),
     seed: int = typer.Option(0, "--seed", help="Base seed; each record's seed is derived from it and the record's hash."),
     negative: str = typer.Option("bad, ugly", "--negative", help="Negative prompt."),
+    clip_skip: int = typer.Option(1, "--clip-skip", help="Text encoder layer from the end, as in gen (1 = the last; 2 for Pony/Illustrious/anime SD1.5)."),
     mask_radius: int = typer.Option(16, "--mask-radius", help="Dilate the foreground mask by N px before repainting it."),
     mask_feather: int = typer.Option(4, "--mask-feather", help="Blend the repainted area in over N px inside the mask's edge (at most --mask-radius)."),
     alpha_threshold: float = typer.Option(1.0 / 255.0, "--alpha-threshold", help="Alpha at or above which a pixel is foreground."),
@@ -152,7 +153,7 @@ def layers(
     req = _request(
         LayersDatasetRequest, rgba_dir=rgba_dir, out=out, prompts=prompts, prompt_template=prompt_template,
         backgrounds=list(bg or []), backgrounds_file=backgrounds, per_foreground=per_foreground, model=model,
-        device=device, dtype=dtype, attention=attention, steps=steps, cfg=cfg, seed=seed, negative=negative,
+        device=device, dtype=dtype, attention=attention, steps=steps, cfg=cfg, seed=seed, negative=negative, clip_skip=clip_skip,
         mask_radius=mask_radius, mask_feather=mask_feather, alpha_threshold=alpha_threshold, size=size, resume=resume, overwrite=overwrite,
     )
     shard = Shard.from_accelerate()

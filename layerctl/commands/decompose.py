@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand,
+    PanelCommand, ClipSkip,
     LAYERS, OUTPUT, Attention, BgPrompt, Cfg, Device, Dtype, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
     Model, Negative, NoTta, Offload, Overwrite, Quiet, Seed, Steps, StopAt, TransparentDecoder, TransparentEncoder, Weight,
     WeightsDir, Width, request_args,
@@ -24,6 +24,7 @@ def decompose(
     fg_prompt: FgPrompt = None,
     bg_prompt: BgPrompt = None,
     negative: Negative = None,
+    clip_skip: ClipSkip = 1,
     model: Model = None,
     weights_dir: WeightsDir = None,
     transparent_decoder: TransparentDecoder = None,

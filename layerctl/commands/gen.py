@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand,
+    PanelCommand, ClipSkip,
     EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ControlImage,
     ControlNet, ControlScale, Device, Dtype, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale, Model,
     Negative, NoTta, Offload, Out, Overwrite, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt, Strength, TransparentDecoder,
@@ -107,6 +107,7 @@ def gen(
     prompt_opt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The main prompt (same as the PROMPT argument).", rich_help_panel=SIZE)] = None,
     prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin); one job each. --out fills in as for a batch ({i} counts every image).", rich_help_panel=SIZE)] = None,
     negative: Negative = None,
+    clip_skip: ClipSkip = 1,
     width: Width = None,
     height: Height = None,
     steps: Steps = None,

@@ -162,7 +162,10 @@ def run(
         log(f"layerctl run: {len(plan.jobs)} jobs ({n_skip} already done) from {recipe}"
             + (f" on {world} processes" if world > 1 else ""))
 
+    finished = []
+
     def on_result(r) -> None:
+        finished.append(r)
         if as_json:
             sys.stdout.write(json.dumps(r.as_dict()) + "\n")
         elif r.status == "done":
@@ -184,6 +187,9 @@ def run(
             plan, mine, session_factory, resume=resume, continue_on_error=continue_on_error,
             on_result=on_result, log=lambda s: log(prefix + s, quiet), rank=rank, decision=decision,
         )
+    except KeyboardInterrupt:
+        sys.stderr.write(f"layerctl: {prefix}{_interrupted(finished, len(mine), recipe)}\n")
+        raise typer.Exit(130) from None
     finally:
         if state is not None:
             from accelerate.utils import gather_object
@@ -196,6 +202,14 @@ def run(
         _summary(results, quiet)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
+
+
+def _interrupted(finished: list, total: int, recipe: str) -> str:
+    """What a Ctrl-C during `run` leaves, and how to go on."""
+    done = sum(1 for r in finished if r.status in ("done", "skipped"))
+    again = "" if recipe == "<stdin>" else f"; `layerctl run {recipe} --resume` skips them and does the rest"
+    return (f"interrupted after {done} of {total} jobs; their files are kept whole and the job that was running "
+            f"left no half-written file{again}")
 
 
 def register(app: typer.Typer) -> None:

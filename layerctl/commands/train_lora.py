@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
-from layerctl.errors import LayerctlError
+from layerctl.commands._training import JsonSummary, QuietRun, Resume, ResumeFrom, RunDir, SetKeys, StartOver, run_training
 
 
 def train_lora(
     recipe: str = typer.Argument(..., metavar="RECIPE.yaml", help="Training recipe (see recipes/train-lora.yaml)."),
-    set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set steps=200 --set mode=layers."),
-    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Run folder (default: the recipe's out_dir)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT", help="Continue from this checkpoint folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a run."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr."),
+    set_: SetKeys = [],
+    out_dir: RunDir = None,
+    resume: Resume = False,
+    resume_from: ResumeFrom = None,
+    overwrite: StartOver = False,
+    as_json: JsonSummary = False,
+    quiet: QuietRun = False,
 ) -> None:
     """Train a UNet LoRA that draws transparent latents (mode: transparent) or the SD1.5 joint layer model (mode: layers).
 
@@ -30,22 +30,7 @@ def train_lora(
     """
     from layerctl.training.lora import load_config, train
 
-    overrides = list(set_)
-    if out_dir:
-        overrides.append(f"out_dir={json.dumps(out_dir)}")
-    cfg = load_config(recipe, overrides)
-    if resume and resume_from:
-        raise LayerctlError("give --resume or --resume-from, not both")
-    summary = train(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, quiet=quiet)
-    if not summary.get("main_process", True):
-        return  # the other processes of a multi-process run: the main one reports
-    if as_json:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
-    else:
-        sys.stdout.write(f"{summary['weights']}\n")
-    sys.stdout.flush()
-    if summary["status"] == "interrupted" and summary["steps"] < cfg.steps:
-        raise typer.Exit(130)
+    run_training(load_config, train, recipe, set_, out_dir, resume, resume_from, overwrite, quiet, as_json, ["weights"])
 
 
 def export_lora(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
+from layerctl.commands._training import JsonSummary, QuietRun, Resume, ResumeFrom, RunDir, SetKeys, StartOver, run_training
 from layerctl.errors import LayerctlError
 
 MODEL_HELP = "Base model whose frozen VAE the nets work with: tiny, tiny-xl, a diffusers folder, hub id or .safetensors."
@@ -16,13 +16,13 @@ MODEL_HELP = "Base model whose frozen VAE the nets work with: tiny, tiny-xl, a d
 
 def train_vae(
     recipe: str = typer.Argument(..., metavar="RECIPE.yaml", help="Training recipe (see recipes/train-vae.yaml)."),
-    set_: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set steps=200 --set data.resolution=256."),
-    out_dir: Optional[str] = typer.Option(None, "--out-dir", help="Run folder (default: the recipe's out_dir)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="CHECKPOINT", help="Continue from this checkpoint folder."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run folder that already holds a run."),
-    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr."),
+    set_: SetKeys = [],
+    out_dir: RunDir = None,
+    resume: Resume = False,
+    resume_from: ResumeFrom = None,
+    overwrite: StartOver = False,
+    as_json: JsonSummary = False,
+    quiet: QuietRun = False,
 ) -> None:
     """Train the latent-transparency encoder and transparent decoder against a frozen VAE.
 
@@ -32,22 +32,7 @@ def train_vae(
     """
     from layerctl.training.vae import load_config, train
 
-    overrides = list(set_)
-    if out_dir:
-        overrides.append(f"out_dir={json.dumps(out_dir)}")
-    cfg = load_config(recipe, overrides)
-    if resume and resume_from:
-        raise LayerctlError("give --resume or --resume-from, not both")
-    summary = train(cfg, resume=resume, resume_from=resume_from, overwrite=overwrite, quiet=quiet)
-    if not summary.get("main_process", True):
-        return  # under accelerate launch, the main process reports
-    if as_json:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
-    else:
-        sys.stdout.write(f"{summary['encoder']}\n{summary['decoder']}\n")
-    sys.stdout.flush()
-    if summary["status"] == "interrupted" and summary["steps"] < cfg.steps:
-        raise typer.Exit(130)
+    run_training(load_config, train, recipe, set_, out_dir, resume, resume_from, overwrite, quiet, as_json, ["encoder", "decoder"])
 
 
 def eval_vae(

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from layerctl.commands._options import (
-    PanelCommand,
+    PanelCommand, ClipSkip,
     EDITING, OUTPUT, Attention, Cfg, ControlImage, ControlNet, ControlScale, Device, Dtype, Json, LayerWeights,
     Lora, LoraScale, Model, Negative, NoTta, Offload, Overwrite, Preview, Quiet, Seed, Steps, TransparentDecoder,
     TransparentEncoder, Weight, WeightsDir, request_args,
@@ -20,6 +20,7 @@ def upscale(
     scale: Annotated[float, typer.Option("--scale", "-s", help="Upscale factor (> 1): the output is round(width x F) x round(height x F).", rich_help_panel=EDITING)] = 2.0,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the image shows (guides the refinement).")] = None,
     negative: Negative = None,
+    clip_skip: ClipSkip = 1,
     strength: Annotated[float, typer.Option("--strength", help="How much the refinement may change, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output PNG (default: IMAGE_x<scale>.png next to IMAGE).", rich_help_panel=OUTPUT)] = None,
     model: Model = None,

@@ -246,7 +246,8 @@ def read_layer_records(root: str | os.PathLike, check_files: bool = True) -> lis
 
 def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, negative: str, seed: int,
                       steps: Optional[int] = None, cfg: Optional[float] = None, mask_radius: int = 16,
-                      alpha_threshold: float = 1.0 / 255.0, mask_feather: int = 4, progress=None) -> dict:
+                      alpha_threshold: float = 1.0 / 255.0, mask_feather: int = 4, progress=None,
+                      clip_skip: int = 1) -> dict:
     """The three stages for one foreground already on its canvas (HxWx4 uint8, sides multiples of 64).
 
     1. inpaint around the foreground (mask = 1 - alpha) with the whole prompt,
@@ -267,13 +268,15 @@ def make_layer_record(model, rgba: np.ndarray, prompt: str, bg_prompt: str, nega
     fgf = fg8.astype(np.float32) / 255.0
     a = fgf[..., 3]
     canvas = flatten_on_grey(fgf)
-    r1 = inpaint(model, canvas, 1.0 - a, prompt, negative, steps, cfg, seed, paste_back=False, progress=progress)
+    r1 = inpaint(model, canvas, 1.0 - a, prompt, negative, steps, cfg, seed, paste_back=False, progress=progress,
+                 clip_skip=clip_skip)
     inter8 = to_uint8(composite_rgb(fgf, r1.image))
     fg_mask = a >= alpha_threshold - 1e-6
     m2 = dilate(fg_mask, mask_radius)
     feather = max(0, min(int(mask_feather), int(mask_radius)))
     w2 = feather_inside(m2, feather)
-    r2 = inpaint(model, inter8, w2, bg_prompt, negative, steps, cfg, seed + 1, paste_back=True, progress=progress)
+    r2 = inpaint(model, inter8, w2, bg_prompt, negative, steps, cfg, seed + 1, paste_back=True, progress=progress,
+                 clip_skip=clip_skip)
     bg8 = to_uint8(r2.image)
     blended8 = to_uint8(composite_rgb(fgf, bg8.astype(np.float32) / 255.0))
     stages = [
@@ -311,13 +314,13 @@ def _layer_one(job: RecordJob, req: LayersDatasetRequest, model, out: Path, mode
         return {**row, "status": "skipped", "reason": "no_opaque_pixels"}
     seed = job.seed if job.seed is not None else (req.seed + int(h[:8], 16)) % (2**31 - 2)
     res = make_layer_record(model, canvas, job.prompt, job.bg_prompt, job.negative, seed, req.steps, req.cfg,
-                            req.mask_radius, req.alpha_threshold, req.mask_feather, progress)
+                            req.mask_radius, req.alpha_threshold, req.mask_feather, progress, req.clip_skip)
     rid = f"{slug(Path(job.fg.rel).stem, 32)}-{h[:8]}"
     hh, ww = canvas.shape[:2]
     files = {k: f"{k}/{rid}.png" for k in LAYER_DIRS}
     s1 = res["stages"][0]
     common = {"seed": seed, "steps": s1["steps"], "cfg": s1["cfg"], "size": [ww, hh], "model": model_ref,
-              "negative": job.negative, "layerctl_version": __version__}
+              "negative": job.negative, "clip_skip": req.clip_skip, "layerctl_version": __version__}
     png_meta = {
         "fg": {**common, "prompt": job.fg_prompt, "layer": "fg"},
         "intermediate": {**common, "prompt": job.prompt, "layer": "intermediate"},

@@ -127,6 +127,7 @@ class LayersDatasetRequest(_Common):
     steps: Optional[int] = None
     cfg: Optional[float] = None
     seed: int = 0
+    clip_skip: int = 1  # as gen's --clip-skip (1 = the text encoder's last layer)
     mask_radius: int = 16
     mask_feather: int = 4
     alpha_threshold: float = 1.0 / 255.0
@@ -154,6 +155,10 @@ class LayersDatasetRequest(_Common):
     # the same rule as a gen / decompose job's cfg
     _cfg = field_validator("cfg")(JobOptions._cfg.__func__)
 
+    # the same rules as a gen job's clip_skip and negative prompt
+    _clip_skip = field_validator("clip_skip")(JobOptions._clip_skip.__func__)
+    _negative = field_validator("negative")(JobOptions._negative.__func__)
+
     @field_validator("mask_radius", "mask_feather")
     @classmethod
     def _radius(cls, v, info):
@@ -178,6 +183,7 @@ class LayersDatasetRequest(_Common):
             "mask_feather": self.mask_feather,
             "alpha_threshold": self.alpha_threshold,
             "size": list(self.size) if self.size else None,
+            **({"clip_skip": self.clip_skip} if self.clip_skip != 1 else {}),  # runs made before --clip-skip resume
         }
 
 

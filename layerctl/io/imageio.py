@@ -44,12 +44,15 @@ def a1111_parameters(meta: dict) -> str:
         ("seed", "Seed"),
         ("size", "Size"),
         ("model", "Model"),
+        ("clip_skip", "Clip skip"),
         ("mode", "LayerDiffuse mode"),
         ("layer", "Layer"),
         ("layerctl_version", "layerctl"),
     ]:
         if meta.get(key) is not None:
             val = meta[key]
+            if key == "clip_skip" and val == 1:
+                continue  # A1111 writes "Clip skip" only above 1
             if isinstance(val, (list, tuple)) and key == "size":
                 val = f"{val[0]}x{val[1]}"
             pairs.append(f"{label}: {val}")

@@ -147,6 +147,25 @@ def read_stack_yaml(path) -> tuple[list[LayerSpec], Optional[tuple[int, int]], O
     return specs, (tuple(cfg.size) if cfg.size is not None else None), out
 
 
+def gather_specs(inputs) -> tuple[list[LayerSpec], Optional[tuple[int, int]], Optional[Path]]:
+    """Command-line inputs (image files, PSDs, YAML stacks), bottom -> top, as layer specs, with the
+    first canvas size and output path any YAML stack names."""
+    specs: list[LayerSpec] = []
+    size = out = None
+    for arg in inputs:
+        p = Path(arg)
+        if is_yaml(p):
+            more, ysize, yout = read_stack_yaml(p)
+            specs.extend(more)
+            size = size if size is not None else ysize
+            out = out if out is not None else yout
+        elif not p.exists():
+            raise LayerctlError(f"image not found: {p}")
+        else:
+            specs.append(LayerSpec(path=p, source=arg))
+    return specs, size, out
+
+
 def _unique(name: str, taken: set) -> str:
     if name not in taken:
         return name

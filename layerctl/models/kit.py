@@ -79,6 +79,8 @@ def precheck_family(family: str, req, mode: str = "rgba") -> None:
             "FLUX.1 takes no negative prompt (it has no classifier-free guidance: --cfg sets its distilled "
             "guidance); leave out --negative"
         )
+    if getattr(req, "clip_skip", 1) != 1:
+        raise LayerctlError("--clip-skip applies to SD1.5 and SDXL models; FLUX.1 reads T5 (and CLIP's pooled output only)")
     if getattr(req, "controlnet", None):
         raise LayerctlError("--controlnet runs on SD1.5/SDXL models only; FLUX.1 ControlNets are not supported")
 
@@ -300,6 +302,7 @@ class ModelCache:
             model = load_model(ref, opts.device, opts.dtype, opts.attention)
             if model.notes:
                 log(f"layerctl: {model.notes}", self.quiet)
+            model.quiet = self.quiet  # the model's own notices (a prompt cut at the chunk cap) follow --quiet
             self._kits[key] = ModelKit(model, self._vae_nets, self.quiet, offload)
         return self._kits[key]
 

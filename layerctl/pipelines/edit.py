@@ -419,7 +419,7 @@ def _denoise(job: EditJob, active, width: int, height: int, init=None, strength:
     model, req = job.model, job.req
     n = len(job.seeds)
     use_cfg = model.uses_cfg(job.cfg)
-    embeds = model.encode_prompt([job.prompt] * n, [req.negative] * n, use_cfg, width, height)
+    embeds = model.encode_prompt([job.prompt] * n, [req.negative] * n, use_cfg, width, height, clip_skip=req.clip_skip)
     patcher = active.patcher
     if patcher is not None:
         from layerctl.models.attention_sharing import make_cond_mark

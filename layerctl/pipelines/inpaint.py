@@ -87,6 +87,7 @@ def inpaint(
     seed: int = 0,
     paste_back: bool = True,
     progress: Optional[Callable[[int, int], None]] = None,
+    clip_skip: int = 1,
 ) -> InpaintResult:
     """Repaint the masked part of `image` (see the module doc). Deterministic for a seed on one device."""
     img = _as_float_rgb(image)
@@ -100,11 +101,13 @@ def inpaint(
     if steps <= 0:
         raise LayerctlError(f"steps must be > 0 (got {steps})")
     n_in = unet_in_channels(model)
+    # long prompts (chunks, BREAK) and clip skip: the backend's own encoding, for both methods
+    embeds = model.encode_prompt([prompt], [negative], cfg > 1.0, w, h, clip_skip=clip_skip)
     if n_in == 9:
-        out = _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progress)
+        out = _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress)
         method = "pipeline"
     elif n_in == 4:
-        out = _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, f, progress)
+        out = _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, f, progress)
         method = "latent-blend"
     else:
         raise LayerctlError(
@@ -115,7 +118,7 @@ def inpaint(
     return InpaintResult(image=out.astype(np.float32), method=method, seed=int(seed), steps=steps, cfg=cfg)
 
 
-def _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, factor, progress):
+def _inpaint_latent_blend(model, img, m, embeds, steps, cfg, seed, factor, progress):
     """A base (4-channel) UNet: the shared sampling loop with the known latents blended back
     outside the mask after every step (and at the start)."""
     import torch
@@ -129,14 +132,28 @@ def _inpaint_latent_blend(model, img, m, prompt, negative, steps, cfg, seed, fac
     lm = torch.from_numpy(latent_mask(m, factor))[None, None]
     gen = torch.Generator("cpu").manual_seed(int(seed))
     noise = torch.randn(known.shape, generator=gen, dtype=torch.float32)
-    embeds = model.encode_prompt([prompt], [negative], cfg > 1.0, w, h)
     spec = DenoiseSpec(embeds=embeds, noise=noise, steps=steps, cfg=cfg, init=known, mask=lm, progress=progress)
     x = denoise(model, spec)
     out = model.vae_decode(x / model.latent_scale)
     return out[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)
 
 
-def _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progress):
+def _embeds_kwargs(embeds, cfg: float) -> dict:
+    """PromptEmbeds ([negative, positive] rows when cfg > 1) as a diffusers pipeline's embeds keywords."""
+    hidden = embeds.hidden
+    pooled = embeds.extra.get("added_cond_kwargs", {}).get("text_embeds")
+    use_cfg = cfg > 1.0
+    kw = {"prompt_embeds": hidden[1:] if use_cfg else hidden}
+    if use_cfg:
+        kw["negative_prompt_embeds"] = hidden[:1]
+    if pooled is not None:
+        kw["pooled_prompt_embeds"] = pooled[1:] if use_cfg else pooled
+        if use_cfg:
+            kw["negative_pooled_prompt_embeds"] = pooled[:1]
+    return kw
+
+
+def _inpaint_pipeline(model, img, m, embeds, steps, cfg, seed, progress):
     import torch
     from diffusers import AutoPipelineForInpainting
     from PIL import Image
@@ -164,8 +181,7 @@ def _inpaint_pipeline(model, img, m, prompt, negative, steps, cfg, seed, progres
 
     with torch.no_grad():
         res = pipe(
-            prompt=prompt,
-            negative_prompt=negative,
+            **_embeds_kwargs(embeds, cfg),
             image=image,
             mask_image=mask_image,
             height=h,

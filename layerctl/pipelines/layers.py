@@ -27,6 +27,7 @@ the median border colour) or ``stretch``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -434,11 +435,14 @@ def _run_sd15(job: LayerJob) -> dict:
     job.weights_used = list(active.names)
     use_cfg = job.cfg > 1.0
     negative = req.negative
-    embeds = model.encode_prompt([job.texts["blended"]] * n, [negative] * n, use_cfg, job.width, job.height)
+    # every frame's prompt and the negative must give the same token count (the attention-sharing
+    # units swap a frame's context for its own prompt): encode all of them to the longest's chunks
+    chunks = model.prompt_chunks([job.texts[r] for r in frames] + [job.texts["blended"], negative])
+    encode = functools.partial(model.encode_prompt, width=job.width, height=job.height, clip_skip=req.clip_skip,
+                               min_chunks=chunks)
+    embeds = encode([job.texts["blended"]] * n, [negative] * n, use_cfg)
     embeds.hidden = repeat_frames(embeds.hidden, F)
-    overrides = []
-    for role in frames:
-        overrides.append(model.encode_prompt([job.texts[role]], [negative], False, job.width, job.height).hidden[:1])
+    overrides = [encode([job.texts[role]], [negative], False).hidden[:1] for role in frames]
     groups = ([True] * n + [False] * n) if use_cfg else [False] * n
     pinned = {}
     for f, role in enumerate(frames):
@@ -505,7 +509,7 @@ def _sdxl_stage(job: LayerJob, role: str, concat, noise, text: str, progress_lab
             job.weights_used.append(name)
     n = job.n
     use_cfg = job.cfg > 1.0
-    embeds = model.encode_prompt([text] * n, [req.negative] * n, use_cfg, job.width, job.height)
+    embeds = model.encode_prompt([text] * n, [req.negative] * n, use_cfg, job.width, job.height, clip_skip=req.clip_skip)
 
     def handover():
         # the official "stop at": after this fraction of steps the plain UNet finishes, without concat

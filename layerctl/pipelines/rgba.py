@@ -40,7 +40,7 @@ def gen_rgba(models, req) -> list[OutputRecord]:
 
     # 3. encode the prompt
     use_cfg = model.uses_cfg(cfg)  # FLUX.1: cfg is the distilled guidance, no negative half
-    embeds = model.encode_prompt([req.prompt] * n, [req.negative] * n, use_cfg, width, height)
+    embeds = model.encode_prompt([req.prompt] * n, [req.negative] * n, use_cfg, width, height, clip_skip=req.clip_skip)
     if active.patcher is not None:
         from layerctl.models.attention_sharing import make_cond_mark
 

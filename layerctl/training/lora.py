@@ -45,13 +45,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from layerctl.core.frames import LAYER_MODES, SD15_LAYOUTS
 from layerctl.errors import LayerctlError
 from layerctl.training import harness as H
 from layerctl.training.harness import list_checkpoints, lr_factor, read_log  # noqa: F401 - part of this module's API
-from layerctl.training.vae import SyntheticOptions
+from layerctl.training.config import ImageDataOptions, RunOptions, Section, SyntheticOptions
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: pipe.load_lora_weights(OUT) finds it
 LAYERS_FILE = "layers_joint.safetensors"  # attention-sharing units in the official layer_sd15_joint layout
@@ -66,11 +66,7 @@ __all__ = ["LoraTrainConfig", "load_config", "train", "read_log", "LORA_FILE", "
 # ---------------------------------------------------------------- config
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraModelOptions(_Section):
+class LoraModelOptions(Section):
     model: str = Field("tiny", description="base model (tiny, tiny-xl, diffusers folder, hub id, .safetensors)")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
@@ -80,7 +76,7 @@ class LoraModelOptions(_Section):
     gradient_checkpointing: bool = False
 
 
-class LoraOptions(_Section):
+class LoraOptions(Section):
     """The peft LoRA of `mode: transparent`."""
 
     rank: int = Field(256, gt=0)
@@ -98,7 +94,7 @@ class LoraOptions(_Section):
         return v
 
 
-class LayersOptions(_Section):
+class LayersOptions(Section):
     """The attention-sharing layer model of `mode: layers`."""
 
     kind: Literal["joint", "fg2bg", "bg2fg"] = Field(
@@ -121,46 +117,28 @@ class LayersOptions(_Section):
         return v
 
 
-class DataOptions(_Section):
+class DataOptions(ImageDataOptions):
     source: str = Field(
         "synthetic",
         description="transparent: 'synthetic' or a folder of RGBA images / HF imagefolder; "
         "layers: 'synthetic' or a layers dataset folder (metadata.jsonl, or fg/ bg/ [blended/])",
     )
-    resolution: int = 512
     count: Optional[int] = Field(None, gt=0, description="synthetic: distinct samples (needed for cache_latents); null: endless")
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    hflip: bool = True
-    workers: int = Field(2, ge=0)
     prompt: Optional[str] = Field(None, description="recipe-level caption: for items without one (prompt_mode: fallback) or all")
     prompt_mode: Literal["fallback", "always"] = "fallback"
     missing_captions: Literal["error", "empty"] = Field("error", description="items with no caption at all: stop before training, or train them with an empty caption")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="chance of an empty caption per image/layer (helps CFG)")
     cache_latents: bool = Field(False, description="encode every item once (centre crops, no flips)")
     cache_text: bool = Field(False, description="encode each caption once (all of them up front for a finite dataset)")
-    synthetic: SyntheticOptions = Field(default_factory=SyntheticOptions)
-
-    @field_validator("resolution")
-    @classmethod
-    def _res(cls, v):
-        if v <= 0 or v % 64:
-            raise ValueError(f"resolution must be a positive multiple of 64 (got {v})")
-        return v
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _crop(cls, v):
-        if not (0 < v[0] <= v[1] <= 1):
-            raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1 (got {list(v)})")
-        return v
 
 
-class LossOptions(_Section):
+class LossOptions(Section):
     snr_gamma: Optional[float] = Field(None, gt=0, description="min-SNR weighting (e.g. 5.0); null: plain MSE")
     noise_offset: float = Field(0.0, ge=0, description="add offset * N(0,1) per channel to the noise")
 
 
-class OptimOptions(_Section):
+class OptimOptions(Section):
     lr: float = Field(1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(1e-2, ge=0)
@@ -170,13 +148,13 @@ class OptimOptions(_Section):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
 
 
-class LayerPrompt(_Section):
+class LayerPrompt(Section):
     prompt: str = ""
     fg: str = ""
     bg: str = ""
 
 
-class ValidationOptions(_Section):
+class ValidationOptions(Section):
     every: int = Field(500, gt=0, description="steps between validations (loss on fixed samples + images)")
     at_start: bool = Field(True, description="validate the starting weights (the baseline)")
     prompts: list[Union[str, LayerPrompt]] = Field(default_factory=list, description="default: captions of the first items")
@@ -191,22 +169,15 @@ class ValidationOptions(_Section):
     loss_timesteps: int = Field(4, gt=0, description="fixed timesteps per sample, evenly spread")
 
 
-class LoraTrainConfig(_Section):
-    """Every knob of a train-lora run; a YAML recipe fills it (unknown keys are errors)."""
+class LoraTrainConfig(RunOptions):
+    """Every knob of a train-lora run; a YAML recipe fills it (unknown keys are errors). Run keys shared
+    with train-vae (seed, grad_accum, mixed_precision, ...) are in training/config.RunOptions."""
 
     mode: Literal["transparent", "layers"] = "transparent"
     out_dir: str = "runs/train-lora"
-    seed: int = 0
     steps: int = Field(2000, gt=0)
     batch_size: int = Field(1, gt=0, description="images (transparent) or triplets (layers) per process and micro-batch")
-    grad_accum: int = Field(1, gt=0)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    cpu_threads: Optional[int] = Field(None, ge=1)
-    save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype of the exported weight files")
     checkpoint_every: int = Field(500, gt=0)
-    keep_last: int = Field(3, gt=0)
-    log_every: int = Field(10, gt=0)
-    tensorboard: bool = False
     model: LoraModelOptions = Field(default_factory=LoraModelOptions)
     lora: LoraOptions = Field(default_factory=LoraOptions)
     layers: LayersOptions = Field(default_factory=LayersOptions)
@@ -214,11 +185,6 @@ class LoraTrainConfig(_Section):
     loss: LossOptions = Field(default_factory=LossOptions)
     optim: OptimOptions = Field(default_factory=OptimOptions)
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _mp(cls, v):
-        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
 
     @model_validator(mode="after")
     def _check(self):
@@ -869,7 +835,26 @@ class TextCache:
             emb = self._encode(chunk)
             for j, t in enumerate(chunk):
                 self.memo[t] = _slice_embeds(emb, j)
-        return _cat_embeds([self.memo[t] for t in texts])
+        rows = [self.memo[t] for t in texts]
+        longest = max(r.hidden.shape[1] for r in rows)
+        if any(r.hidden.shape[1] != longest for r in rows):  # long captions: pad the others with empty chunks
+            if "" not in self.memo:
+                self.memo[""] = _slice_embeds(self._encode([""]), 0)
+            rows = [_pad_chunks(r, self.memo[""].hidden, longest) for r in rows]
+        return _cat_embeds(rows)
+
+
+def _pad_chunks(emb, empty, length: int):
+    """A one-row PromptEmbeds padded to `length` tokens with copies of the empty prompt's chunk
+    (what encoding it together with a longer text gives: every chunk is encoded on its own)."""
+    import torch
+
+    from layerctl.backends.base import PromptEmbeds
+
+    missing = (length - emb.hidden.shape[1]) // empty.shape[1]
+    if missing <= 0:
+        return emb
+    return PromptEmbeds(hidden=torch.cat([emb.hidden] + [empty.to(emb.hidden)] * missing, dim=1), extra=emb.extra)
 
 
 def _slice_embeds(emb, j: int):
@@ -1077,9 +1062,10 @@ def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size:
 
     frames = frames_of(cfg)
     F_ = len(frames)
-    embeds = model.encode_prompt([texts[frames.index("blended")]], [v.negative], use_cfg, size, size)
+    chunks = model.prompt_chunks(list(texts) + [v.negative])  # every frame's text to the same token count
+    embeds = model.encode_prompt([texts[frames.index("blended")]], [v.negative], use_cfg, size, size, min_chunks=chunks)
     embeds.hidden = repeat_frames(embeds.hidden, F_)
-    overrides = [model.encode_prompt([t], [v.negative], False, size, size).hidden[:1] for t in texts]
+    overrides = [model.encode_prompt([t], [v.negative], False, size, size, min_chunks=chunks).hidden[:1] for t in texts]
     try:
         patcher.set_cond_mark(make_cond_mark([True, False] if use_cfg else [False], F_))
         patcher.set_prompt_overrides(overrides)
@@ -1466,8 +1452,6 @@ def train(
 
 def _cache_latents(cfg, plan, model, encoder, device, rank, world, accelerator, console) -> dict:
     """Encode every item once (centre crop, no flip): index -> (mean, std) rows (CPU)."""
-    import torch
-
     stream = TrainStream(cfg, plan.source, plan.n, augment=False, pixels=True, train=False)
     mine: dict[int, tuple] = {}
     idxs = list(range(rank, plan.n, world))

@@ -33,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from layerctl.errors import JobFailed, LayerctlError
 from layerctl.training import harness as H
+from layerctl.training.config import ImageDataOptions, RunOptions, Section, SyntheticOptions  # noqa: F401 - SyntheticOptions: part of the API
 from layerctl.training.harness import list_checkpoints, lr_factor, read_log  # noqa: F401 - part of this module's API
 
 OFFICIAL_DECODER_CHANNELS = (32, 32, 64, 128, 256, 512, 512)
@@ -47,59 +48,14 @@ DECODER_FILE = "transparent_decoder.safetensors"
 # ---------------------------------------------------------------- config
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SyntheticOptions(_Section):
-    """Restrict the procedural source (layerctl.training.synthetic); empty lists mean all."""
-
-    shapes: list[str] = Field(default_factory=list)
-    materials: list[str] = Field(default_factory=list)
-    colours: list[str] = Field(default_factory=list)
-    min_objects: int = 1
-    max_objects: int = 3
-
-    @model_validator(mode="after")
-    def _check(self):
-        from layerctl.training.synthetic import COLOURS, MATERIALS, SHAPES
-
-        for name, given, known in (("shapes", self.shapes, SHAPES), ("materials", self.materials, MATERIALS), ("colours", self.colours, COLOURS)):
-            bad = [g for g in given if g not in known]
-            if bad:
-                raise ValueError(f"unknown {name} {bad}; known: {', '.join(known)}")
-        if not 1 <= self.min_objects <= self.max_objects:
-            raise ValueError("need 1 <= min_objects <= max_objects")
-        return self
-
-
-class DataOptions(_Section):
+class DataOptions(ImageDataOptions):
     source: str = Field("synthetic", description="'synthetic', or a folder of RGBA images / a Hugging Face imagefolder")
     val_source: Optional[str] = Field(None, description="held-out folder (default: val split of an imagefolder, else val_count images held out)")
     val_count: int = Field(16, ge=0, description="held-out images for validation")
-    resolution: int = 512
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    hflip: bool = True
     vflip: bool = False
-    workers: int = Field(2, ge=0)
-    synthetic: SyntheticOptions = Field(default_factory=SyntheticOptions)
-
-    @field_validator("resolution")
-    @classmethod
-    def _res(cls, v):
-        if v <= 0 or v % 64:
-            raise ValueError(f"resolution must be a positive multiple of 64 (got {v})")
-        return v
-
-    @field_validator("crop_scale")
-    @classmethod
-    def _crop(cls, v):
-        if not (0 < v[0] <= v[1] <= 1):
-            raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1 (got {list(v)})")
-        return v
 
 
-class VaeModelOptions(_Section):
+class VaeModelOptions(Section):
     model: str = Field("tiny", description="the base model whose VAE stays frozen (a backend reference)")
     init_encoder: Optional[str] = Field(None, description="start from these encoder weights (official layout)")
     init_decoder: Optional[str] = Field(None, description="start from these decoder weights (official layout)")
@@ -114,7 +70,7 @@ class VaeModelOptions(_Section):
         return v
 
 
-class LossOptions(_Section):
+class LossOptions(Section):
     identity_weight: float = Field(1.0, ge=0)
     identity_target: Literal["premultiplied", "vae"] = Field(
         "premultiplied",
@@ -133,7 +89,7 @@ class LossOptions(_Section):
     disc_layers: int = Field(3, ge=1, le=5)
 
 
-class OptimOptions(_Section):
+class OptimOptions(Section):
     lr_encoder: float = Field(1e-4, ge=0, description="0 keeps the encoder fixed (fine-tune the decoder alone; the latents a LoRA learned stay valid)")
     lr_decoder: float = Field(1e-4, gt=0)
     lr_disc: float = Field(1e-4, gt=0)
@@ -145,40 +101,28 @@ class OptimOptions(_Section):
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
 
 
-class EMAOptions(_Section):
+class EMAOptions(Section):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
 
 
-class VAETrainConfig(_Section):
-    """Every knob of a train-vae run; a YAML recipe fills it (unknown keys are errors)."""
+class VAETrainConfig(RunOptions):
+    """Every knob of a train-vae run; a YAML recipe fills it (unknown keys are errors). Run keys shared
+    with train-lora (seed, grad_accum, mixed_precision, ...) are in training/config.RunOptions."""
 
     out_dir: str = "runs/train-vae"
-    seed: int = 0
     steps: int = Field(10000, gt=0)
     batch_size: int = Field(4, gt=0, description="per process, per micro-batch")
-    grad_accum: int = Field(1, gt=0)
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    cpu_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads on the CPU (default: torch's choice)")
-    save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="dtype of the exported weight files (official: fp16)")
     checkpoint_every: int = Field(1000, gt=0)
-    keep_last: int = Field(3, gt=0)
     val_every: int = Field(500, gt=0)
     val_at_start: bool = Field(True, description="validate the starting weights (the baseline)")
     val_batch_size: int = Field(4, gt=0)
     val_tta: bool = Field(False, description="validate with the 8-way test-time augmentation (slower)")
-    log_every: int = Field(10, gt=0)
-    tensorboard: bool = False
     model: VaeModelOptions = Field(default_factory=VaeModelOptions)
     data: DataOptions = Field(default_factory=DataOptions)
     loss: LossOptions = Field(default_factory=LossOptions)
     optim: OptimOptions = Field(default_factory=OptimOptions)
     ema: EMAOptions = Field(default_factory=EMAOptions)
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _mp(cls, v):
-        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
 
 
 def load_config(path, overrides=()) -> VAETrainConfig:
@@ -456,7 +400,6 @@ def evaluate(model, encoder, decoder, batches, tta: bool = False, device=None) -
     with torch.no_grad():
         for batch in batches:
             rgba = batch["rgba"].to(dev, torch.float32)
-            padded = batch["padded"].to(dev, torch.float32)
             prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
             mean, std = model.vae_encode(prem)
             # the inference path of the model's family (pads with pad_rgb_torch; FLUX.1: alpha last, unclipped pixels)
