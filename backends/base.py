@@ -119,6 +119,52 @@ class LoadedModel:
             out = self.vae.decode(latents_unscaled.to(self.device, self.vae_dtype)).sample
         return (out.float() / 2 + 0.5).clamp(0, 1)
 
+    # ------------------------------------------------------------ what the sampling loop asks the model
+    # (layerctl.pipelines.sampling.denoise). These are the UNet families' answers; a family with
+    # another denoiser (FLUX.1: a transformer on packed latents, flow matching, distilled
+    # guidance) overrides them, and the one loop stays the same.
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent (SD1.5/SDXL: 4)."""
+        return int(getattr(self.vae.config, "latent_channels", 4))
+
+    @property
+    def denoiser_in_channels(self) -> int:
+        """Input channels of the denoiser (4: a base UNet, 9: an inpainting UNet)."""
+        return int(getattr(self.unet.config, "in_channels", 4))
+
+    def uses_cfg(self, cfg: float) -> bool:
+        """Whether `cfg` means classifier-free guidance (a negative batch half) on this model."""
+        return cfg > 1.0
+
+    def scale_latents(self, raw):
+        """VAE space -> the denoiser's latent space."""
+        return raw * self.latent_scale
+
+    def unscale_latents(self, scaled):
+        """The denoiser's latent space -> VAE space."""
+        return scaled / self.latent_scale
+
+    def sampler_scheduler(self, sampling):
+        """A fresh scheduler for `sampling` (a layerctl.core.samplers.Sampling) built from this model's
+        scheduler config; the model's own scheduler stays untouched."""
+        from layerctl.core.samplers import build_scheduler
+
+        return build_scheduler(sampling, self.scheduler.config)
+
+    def set_schedule(self, sched, steps: int, latent_hw: tuple) -> None:
+        """Set `steps` sampling steps on `sched` for latents of height x width `latent_hw`."""
+        sched.set_timesteps(steps, device=self.device)
+
+    def predict(self, x, t, embeds: PromptEmbeds, cfg: float, more: dict):
+        """The denoiser's output for the (scheduler-scaled) batch x at timestep t."""
+        return self.unet(x, t, encoder_hidden_states=embeds.hidden, **embeds.extra, **more).sample
+
+    def sampling_metadata(self, cfg: float) -> dict:
+        """Family-specific sampling settings for the output metadata (none for SD1.5/SDXL)."""
+        return {}
+
 
 class Backend:
     """Base class of a backend plugin. Subclasses set the class attributes and implement load()."""

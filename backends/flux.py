@@ -9,9 +9,10 @@ the file name says "schnell", else FLUX.1-dev).
 
 `FluxModel` is the LoadedModel of this family: prompt encoding (CLIP pooled + T5
 sequence), latent packing, position ids, the flow-matching schedule, one transformer
-call per step, and the VAE with FLUX's scaling *and shift*. What it does not do yet:
-run inside layerctl's shared sampling loop (`gen` and the other commands) — that is
-stage 2 of issue 16; until then `model.unet` raises a clear error.
+call per step, and the VAE with FLUX's scaling *and shift*. It answers the questions of
+layerctl's one sampling loop (`uses_cfg`, `set_schedule`, `predict`: see LoadedModel), so
+`gen`, img2img, hires and recipes run FLUX.1 through the same pipelines as SD1.5/SDXL;
+what needs a UNet (layer modes, ControlNet, SD LoRA files) gets a clear error.
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from layerctl.core.flux_facts import (
 )
 
 BASE_ENV = "LAYERCTL_FLUX_BASE"
-NOT_WIRED = (
-    "FLUX.1 models have a transformer, not a UNet, and are not wired into layerctl's sampling loop yet "
-    "(gen, edit and the layer modes run SD1.5/SDXL models only for now)"
+NO_UNET = (
+    "FLUX.1 models have a transformer, not a UNet: this command or option runs on SD1.5/SDXL models only"
 )
 
 
@@ -75,7 +75,56 @@ class FluxModel(LoadedModel):
 
     @property
     def unet(self):
-        raise LayerctlError(NOT_WIRED)
+        raise LayerctlError(NO_UNET)
+
+    # ------------------------------------------------------------ what the sampling loop asks
+    @property
+    def denoiser_in_channels(self) -> int:
+        """The latent width the transformer works on (before packing; no inpainting variant here)."""
+        return self.latent_channels
+
+    def uses_cfg(self, cfg: float) -> bool:
+        """Never: FLUX.1's guidance is an input of the transformer (distilled), not a negative batch."""
+        return False
+
+    def sampler_scheduler(self, sampling):
+        """FLUX.1 samples with its own flow-matching Euler scheduler (a fresh copy); the sampler options
+        of SD1.5/SDXL are refused before it loads (layerctl.models.kit.precheck_family)."""
+        return type(self.scheduler).from_config(self.scheduler.config)
+
+    def set_schedule(self, sched, steps: int, latent_hw: tuple) -> None:
+        """Flow-matching sigmas 1 .. 1/steps, shifted by mu for this many image tokens."""
+        h, w = latent_hw
+        self.set_timesteps(sched, steps, (h // 2) * (w // 2))
+
+    def predict(self, x, t, embeds: PromptEmbeds, cfg: float, more: dict):
+        """The flow velocity for unpacked latents x [B,16,h,w]: packed into 2x2 patches, one transformer
+        call (cfg = the distilled guidance; ignored by schnell), unpacked again."""
+        if more:
+            raise LayerctlError("ControlNet and other UNet add-ons do not run on FLUX.1 models")
+        f = self.vae_scale_factor
+        height, width = x.shape[-2] * f, x.shape[-1] * f
+        ids = self.image_ids(height, width, dtype=x.dtype)
+        out = self.transformer_step(self.pack_latents(x), t, embeds, ids, guidance=cfg)
+        return self.unpack_latents(out, height, width)
+
+    def sampling_metadata(self, cfg: float) -> dict:
+        """FLUX.1's settings in the output metadata: Euler flow matching, no true CFG (scale 1),
+        the distilled guidance ("Distilled CFG Scale", as Forge writes it) on dev, no negative prompt."""
+        dynamic = bool(getattr(self.scheduler.config, "use_dynamic_shifting", False))
+        return {
+            "sampler": "euler",
+            "sampler_label": "Euler",
+            "schedule": "flow_shift" if dynamic else "flow",
+            "schedule_label": "Simple",  # Forge's name for FLUX.1's (shifted) flow-matching schedule
+            "prediction_type": "flow",
+            "zero_snr": None,
+            "cfg_rescale": None,
+            "cfg": 1.0,
+            "guidance": float(cfg) if self.guidance_embeds else None,
+            "negative": None,
+            "flux_variant": self.variant,
+        }
 
     @property
     def guidance_embeds(self) -> bool:

@@ -21,6 +21,8 @@ negative, seed, steps, size and CFG:
   layerctl+decode the full gen: + VAE decode + 8-way TTA transparent decode
   plain+decode    plain-bare with its VAE decode to PIL, saved as PNG
 
+  (flux: tiny-flux against FluxPipeline: no negative prompt, cfg is the distilled guidance)
+
 Target (issue 8): layerctl <= 1.05x plain diffusers without the decode.
 `layerctl / plain-same` isolates layerctl's own orchestration;
 `layerctl / plain-bare` adds what the layer weights cost to run (the method).
@@ -42,7 +44,7 @@ TARGET = 1.05
 PROMPT = "glass cup, high quality"
 NEGATIVE = "bad, ugly"
 SEED = 1234
-FAMILIES = {"sd15": "tiny", "sdxl": "tiny-xl"}
+FAMILIES = {"sd15": "tiny", "sdxl": "tiny-xl", "flux": "tiny-flux"}
 
 
 class DecodeSwitch:
@@ -85,14 +87,19 @@ def _active_names(session, model) -> list[str]:
     return kit.active.names if kit is not None and kit.active is not None else ["?"]
 
 
-def plain_call(pipe, size: int, steps: int, cfg: float, output_type: str, png: Path | None = None):
+def plain_call(pipe, size: int, steps: int, cfg: float, output_type: str, png: Path | None = None, flux=None):
+    """One diffusers call. `flux`: the FluxModel whose pipeline this is (no negative prompt, cfg is the
+    distilled guidance, its T5 length; latents come back packed and are unpacked here)."""
     import torch
 
     g = torch.Generator("cpu").manual_seed(SEED)
-    out = pipe(prompt=[PROMPT], negative_prompt=[NEGATIVE], num_inference_steps=steps, guidance_scale=cfg,
-               height=size, width=size, generator=g, output_type=output_type)
+    text = dict(max_sequence_length=flux.max_sequence_length) if flux is not None else dict(negative_prompt=[NEGATIVE])
+    out = pipe(prompt=[PROMPT], num_inference_steps=steps, guidance_scale=cfg,
+               height=size, width=size, generator=g, output_type=output_type, **text)
     if png is not None:
         out.images[0].save(png)
+    if flux is not None and output_type == "latent":
+        return flux.unpack_latents(out.images, size, size)
     return out.images
 
 
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--reps", type=int, default=7, help="interleaved rounds (default 7)")
-    ap.add_argument("--families", default="sd15,sdxl", help="sd15 (tiny), sdxl (tiny-xl) or both")
+    ap.add_argument("--families", default="sd15,sdxl,flux", help="comma-separated: sd15 (tiny), sdxl (tiny-xl), flux (tiny-flux)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode-included cases")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -135,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             ref = FAMILIES[fam]
 
             def req(tta=True, _ref=ref, _fam=fam):
-                return GenRequest(prompt=PROMPT, negative=NEGATIVE, model=_ref, out=str(tmp / f"layerctl-{_fam}.png"),
+                text = {} if _fam == "flux" else {"negative": NEGATIVE}  # FLUX.1 takes no negative prompt
+                return GenRequest(prompt=PROMPT, model=_ref, out=str(tmp / f"layerctl-{_fam}.png"),
                                   seed=SEED, width=args.size, height=args.size, steps=args.steps, cfg=args.cfg,
-                                  overwrite=True, device=args.device, tta=tta)
+                                  overwrite=True, device=args.device, tta=tta, **text)
 
             def layerctl_nodec(_req=req):
                 switch.stub = True
@@ -153,27 +161,28 @@ def main(argv: list[str] | None = None) -> int:
             model = session.model(req())
             plain = load_model(ref, args.device, "auto", "sdpa")  # fresh, identical components
             same_pipe, bare_pipe = model.pipe, plain.pipe
+            fx = model if fam == "flux" else None  # FLUX.1: cfg is the distilled guidance, latents packed
             for p in (same_pipe, bare_pipe):
                 p.set_progress_bar_config(disable=True)
 
             # sanity: plain-same must reproduce layerctl's latents (same arithmetic)
             layerctl_nodec()
             lat_l = switch.latents
-            lat_p = plain_call(same_pipe, args.size, args.steps, args.cfg, "latent").float().cpu()
+            lat_p = plain_call(same_pipe, args.size, args.steps, args.cfg, "latent", flux=fx).float().cpu()
             diff = float((lat_l - lat_p).abs().max())
             rep.value(f"{fam}: max |latent(layerctl) - latent(plain-same)|", diff, "",
                       target="< 1e-3 (same arithmetic)", met=diff < 1e-3)
 
             cases = [
                 ("layerctl", layerctl_nodec),
-                ("plain-bare", lambda: plain_call(bare_pipe, args.size, args.steps, args.cfg, "latent")),
-                ("plain-same", lambda: plain_call(same_pipe, args.size, args.steps, args.cfg, "latent")),
+                ("plain-bare", lambda: plain_call(bare_pipe, args.size, args.steps, args.cfg, "latent", flux=fx)),
+                ("plain-same", lambda: plain_call(same_pipe, args.size, args.steps, args.cfg, "latent", flux=fx)),
             ]
             if not args.no_decode:
                 cases += [
                     ("layerctl+decode", layerctl_full),
                     ("plain+decode", lambda: plain_call(bare_pipe, args.size, args.steps, args.cfg, "pil",
-                                                        tmp / f"plain-{fam}.png")),
+                                                        tmp / f"plain-{fam}.png", flux=fx)),
                 ]
             print(f"# {fam} ({ref}): {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, "
                   f"layer weights {', '.join(_active_names(session, model))}",

@@ -67,7 +67,7 @@ def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, hei
     `sampling`: the job's layerctl.core.samplers.Sampling (None: the defaults, DPM++ 2M Karras)."""
     from layerctl.core.samplers import Sampling
 
-    return {
+    meta = {
         "prompt": getattr(req, "prompt", None),
         "negative": req.negative,
         "steps": steps,
@@ -82,6 +82,9 @@ def base_metadata(model, req, mode: str, steps: int, cfg: float, width: int, hei
         "layerctl_version": __version__,
         **(sampling or Sampling()).metadata(),
     }
+    hook = getattr(model, "sampling_metadata", None)  # FLUX.1: Euler flow matching, distilled guidance
+    meta.update(hook(cfg) if hook is not None else {})
+    return meta
 
 
 def preview_path(path) -> Path:

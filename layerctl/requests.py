@@ -48,6 +48,7 @@ class ModelOptions(BaseModel):
     family: Optional[Literal["sd15", "sdxl"]] = None  # overrides what the model reference looks like
     config: Optional[str] = None  # diffusers config folder for a single-file checkpoint
     no_variant: bool = False  # hub downloads: the default files even when running in fp16/bf16
+    offload: Literal["none", "model", "sequential"] = "none"  # diffusers' CPU offload (CUDA only)
 
     @field_validator("config")
     @classmethod

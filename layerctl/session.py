@@ -35,6 +35,7 @@ class Session:
             mode = req.mode()
         except ValueError as exc:
             raise LayerctlError(str(exc)) from None
+        self.models.precheck(req, mode)  # e.g. layer modes or --negative on FLUX.1: refused before loading
         if mode != "rgba":
             from layerctl.pipelines.layers import gen_layers
 
@@ -51,12 +52,14 @@ class Session:
         """`layerctl decompose`: the unknown layers of a picture."""
         from layerctl.pipelines.layers import decompose
 
+        self.models.precheck(req, "decompose")
         return decompose(self.models, req)
 
     def upscale(self, req) -> list[OutputRecord]:
         """`layerctl upscale`: an RGBA image at a larger size with a full-size alpha."""
         from layerctl.pipelines.edit import upscale
 
+        self.models.precheck(req)
         return upscale(self.models, req)
 
     # ------------------------------------------------------------ conveniences (tests, benchmarks)

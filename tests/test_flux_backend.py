@@ -93,11 +93,13 @@ def test_tiny_flux_model_facts(tiny, tiny_schnell):
         tiny.latent_shape(64, 72)
 
 
-def test_flux_model_is_not_wired_into_the_unet_paths_yet(tiny):
+def test_flux_model_has_no_unet_and_answers_the_loop_itself(tiny):
     from layerctl.backends.registry import load_model
 
-    with pytest.raises(LayerctlError, match="not wired"):
+    with pytest.raises(LayerctlError, match="transformer, not a UNet"):
         tiny.unet
+    assert not tiny.uses_cfg(3.5) and not tiny.uses_cfg(7.0)
+    assert tiny.denoiser_in_channels == 16
     with pytest.raises(LayerctlError, match="xformers is not available for FLUX"):
         load_model("tiny-flux", "cpu", "fp32", attention="xformers")
 

@@ -65,7 +65,8 @@ Cfg = Annotated[Optional[float], typer.Option(
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed in [0, 2**32); -1 or none: a random one (written to the files and printed on stderr). "
     "Image i of a batch uses seed+i.", rich_help_panel=SIZE)]
-Negative = Annotated[str, typer.Option("--negative", help="Negative prompt.", rich_help_panel=SIZE)]
+Negative = Annotated[Optional[str], typer.Option(
+    "--negative", help="Negative prompt (default 'bad, ugly'; FLUX.1 takes none).", rich_help_panel=SIZE)]
 ClipSkip = Annotated[int, typer.Option(
     "--clip-skip", help="Text encoder layer to use, counted from the end as in A1111: 1 = the last (default), 2 = the "
     "one before (what Pony, Illustrious and anime SD1.5 models expect). SDXL already uses the one before: 1 and 2 "
@@ -125,6 +126,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.", rich_help_panel=DEVICE)]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, fp32, fp16 or bf16.", rich_help_panel=DEVICE)]
 Attention = Annotated[str, typer.Option("--attention", help="auto, sdpa or xformers.", rich_help_panel=DEVICE)]
+Offload = Annotated[str, typer.Option(
+    "--offload", help="none, model or sequential: keep the model in CPU memory and move parts to the GPU when they "
+    "run (diffusers' model / sequential CPU offload; for GPUs with too little memory, e.g. FLUX.1 under 24 GB). "
+    "CUDA only.", rich_help_panel=DEVICE)]
 NoTta = Annotated[bool, typer.Option("--no-tta", help="One decoder pass instead of the 8-way median.", rich_help_panel=DEVICE)]
 
 

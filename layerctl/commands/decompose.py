@@ -9,7 +9,7 @@ import typer
 from layerctl.commands._options import (
     CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     LAYERS, OUTPUT, Attention, BgPrompt, Cfg, ClipSkip, Config, Device, Dtype, Family, FgPrompt, Height, Json, LayerWeights,
-    Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Quiet, Seed, Steps, StopAt,
+    Lora, LoraScale, Model, Negative, NoTta, NoVariant, Offload, Overwrite, PanelCommand, Quiet, Seed, Steps, StopAt,
     TransparentDecoder, TransparentEncoder, Weight, WeightsDir, Width, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
@@ -23,7 +23,7 @@ def decompose(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the picture shows (optional).")] = None,
     fg_prompt: FgPrompt = None,
     bg_prompt: BgPrompt = None,
-    negative: Negative = "bad, ugly",
+    negative: Negative = None,
     clip_skip: ClipSkip = 1,
     model: Model = None,
     family: Family = None,
@@ -54,6 +54,7 @@ def decompose(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
     as_json: Json = False,
     quiet: Quiet = False,

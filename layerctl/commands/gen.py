@@ -12,7 +12,7 @@ from layerctl.commands._options import (
     CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     EDITING, LAYERS, MODEL_HELP, OUTPUT, SIZE, Attention, BgName, BgPrompt, BlendedName, Cfg, ClipSkip, Config, ControlImage,
     ControlNet, ControlScale, Device, Dtype, Family, FgName, FgPrompt, Height, Json, LayerWeights, Lora, LoraScale,
-    Model, Negative, NoTta, NoVariant, Out, Overwrite, PanelCommand, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt,
+    Model, Negative, NoTta, NoVariant, Offload, Out, Overwrite, PanelCommand, Preview, Psd, Quiet, Resize, Seed, Steps, StopAt,
     Strength, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, Width, request_args,
 )
 from layerctl.errors import LayerctlError
@@ -109,7 +109,7 @@ def gen(
     lora_scale: LoraScale = 1.0,
     prompt_opt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The main prompt (same as the PROMPT argument).", rich_help_panel=SIZE)] = None,
     prompts_file: Annotated[Optional[str], typer.Option("--prompts-file", help="One prompt per line ('-' = stdin); one job each. --out fills in as for a batch ({i} counts every image).", rich_help_panel=SIZE)] = None,
-    negative: Negative = "bad, ugly",
+    negative: Negative = None,
     clip_skip: ClipSkip = 1,
     width: Width = None,
     height: Height = None,
@@ -152,6 +152,7 @@ def gen(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
 ) -> None:
     """Generate a transparent image (or image layers).

@@ -9,7 +9,7 @@ import typer
 from layerctl.commands._options import (
     CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
     EDITING, OUTPUT, Attention, Cfg, ClipSkip, Config, ControlImage, ControlNet, ControlScale, Device, Dtype, Family, Json,
-    LayerWeights, Lora, LoraScale, Model, Negative, NoTta, NoVariant, Overwrite, PanelCommand, Preview, Quiet, Seed,
+    LayerWeights, Lora, LoraScale, Model, Negative, NoTta, NoVariant, Offload, Overwrite, PanelCommand, Preview, Quiet, Seed,
     Steps, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
@@ -19,7 +19,7 @@ def upscale(
     image: Annotated[str, typer.Argument(help="The RGBA (or RGB) image to upscale.")],
     scale: Annotated[float, typer.Option("--scale", "-s", help="Upscale factor (> 1): the output is round(width x F) x round(height x F).", rich_help_panel=EDITING)] = 2.0,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the image shows (guides the refinement).")] = None,
-    negative: Negative = "bad, ugly",
+    negative: Negative = None,
     clip_skip: ClipSkip = 1,
     strength: Annotated[float, typer.Option("--strength", help="How much the refinement may change, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output PNG (default: IMAGE_x<scale>.png next to IMAGE).", rich_help_panel=OUTPUT)] = None,
@@ -50,6 +50,7 @@ def upscale(
     device: Device = "auto",
     dtype: Dtype = "auto",
     attention: Attention = "auto",
+    offload: Offload = "none",
     no_tta: NoTta = False,
     as_json: Json = False,
     quiet: Quiet = False,

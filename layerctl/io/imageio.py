@@ -42,6 +42,7 @@ def a1111_parameters(meta: dict) -> str:
         ("schedule_label", "Schedule type"),
         ("cfg", "CFG scale"),
         ("cfg_rescale", "CFG rescale"),
+        ("guidance", "Distilled CFG Scale"),  # FLUX.1-dev (Forge's label)
         ("seed", "Seed"),
         ("size", "Size"),
         ("model", "Model"),

@@ -53,12 +53,66 @@ def precheck_files(opts) -> None:
             check_file(path, what)
 
 
+LAYER_FAMILIES = "SD1.5 (sd15, toy, tiny) and SDXL (sdxl, tiny-xl)"
+
+
+def family_of_ref(ref: str) -> str:
+    """The model family of a model reference ("sd15", "sdxl", "flux"), without loading anything."""
+    from layerctl.backends.registry import get_backend, resolve_model_ref
+
+    name, _inner = resolve_model_ref(ref)
+    return get_backend(name).family
+
+
+def precheck_family(family: str, req, mode: str = "rgba") -> None:
+    """What a model family cannot do, refused before it loads (one line, exit 2)."""
+    if family != "flux":
+        return
+    if mode != "rgba":
+        flag = {"bg2fg": "gen --bg", "fg2bg": "gen --fg", "joint": "gen --joint"}.get(mode, mode)
+        raise LayerctlError(
+            f"{flag} is a layer mode; FLUX.1 has no LayerDiffuse layer weights (only text/image -> RGBA). "
+            f"Layer modes run on {LAYER_FAMILIES} models"
+        )
+    if "negative" in getattr(req, "model_fields_set", ()) and getattr(req, "negative", None):
+        raise LayerctlError(
+            "FLUX.1 takes no negative prompt (it has no classifier-free guidance: --cfg sets its distilled "
+            "guidance); leave out --negative"
+        )
+    if getattr(req, "clip_skip", 1) != 1:
+        raise LayerctlError("--clip-skip applies to SD1.5 and SDXL models; FLUX.1 reads T5 (and CLIP's pooled output only)")
+    if getattr(req, "controlnet", None):
+        raise LayerctlError("--controlnet runs on SD1.5/SDXL models only; FLUX.1 ControlNets are not supported")
+    given = [f"--{k.replace('_', '-')}" for k in ("sampler", "schedule", "prediction_type", "zero_snr", "cfg_rescale")
+             if getattr(req, k, None) is not None]
+    if given:
+        raise LayerctlError(f"{', '.join(given)}: FLUX.1 samples with its own flow-matching Euler schedule; "
+                            f"leave these out (they choose SD1.5/SDXL samplers)")
+
+
+def check_offload(opts) -> str:
+    """The --offload mode; anything but "none" needs a CUDA device (refused before anything loads)."""
+    mode = getattr(opts, "offload", "none") or "none"
+    if mode != "none":
+        from layerctl.backends.base import resolve_device
+
+        dev = resolve_device(opts.device)
+        if dev.type != "cuda":
+            raise LayerctlError(
+                f"--offload {mode} moves model parts between CPU memory and a CUDA GPU, and this run is on "
+                f"{dev.type} (no CUDA device): leave out --offload"
+            )
+    return mode
+
+
 class ModelKit:
     """One loaded base model with its transparent VAE nets and the layer weights in use."""
 
-    def __init__(self, model, vae_nets: dict, quiet: bool = False):
+    def __init__(self, model, vae_nets: dict, quiet: bool = False, offload: str = "none"):
         self.model = model
         self.quiet = quiet
+        self.offload = offload  # "none", "model" or "sequential" (enabled once the first weights are on)
+        self.offloaded = False
         self._vae_nets = vae_nets  # shared by the kits of one cache
         self.active: Optional[ActiveWeights] = None
         self.controlnets: dict = {}  # ControlNets loaded for this model (layerctl.pipelines.controlnet)
@@ -67,8 +121,9 @@ class ModelKit:
     def _vae_net(self, kind: str, path: Optional[str], wdir: Optional[str]):
         import torch
 
+        from layerctl.models import codec
         from layerctl.models import transparent_vae as tv
-        from layerctl.models.weights import check_file, find_official, tiny_decoder, tiny_encoder
+        from layerctl.models.weights import check_file, find_official
 
         model = self.model
         if path:
@@ -78,14 +133,12 @@ class ModelKit:
         else:
             src = find_official([model.official[kind]], wdir)[0]
         dtype = torch.float32 if model.device.type == "cpu" else torch.float16
-        key = (kind, str(src) if src else f"tiny-{model.backend}", str(model.device), dtype)
+        key = (kind, model.family, str(src) if src else f"tiny-{model.backend}", str(model.device), dtype)
         if key not in self._vae_nets:
             if src is None:
-                net = (tiny_decoder() if kind == "decoder" else tiny_encoder()).to(model.device, dtype)
-            elif kind == "decoder":
-                net = tv.load_decoder(src, device=model.device, dtype=dtype)
-            else:
-                net = tv.load_encoder(src, device=model.device, dtype=dtype)
+                net = codec.tiny_net(kind, model.family).to(model.device, dtype)
+            else:  # the family's layout (4 or 16 latent channels); the other family's file is refused
+                net = codec.load_net(src, kind, model.family, model.device, dtype)
             if kind == "decoder" and model.device.type == "cpu":
                 net = tv.use_channels_last(net)  # faster on CPU (bench/RESULTS.md: decode)
             self._vae_nets[key] = (net.eval(), src.name if src else f"tiny-{kind}")
@@ -126,9 +179,27 @@ class ModelKit:
         key = (role, str(src), strength, loras)
         if self.active is not None and self.active.key == key:
             return self.active
+        if self.offloaded and self.offload == "sequential":
+            raise LayerctlError(
+                "with --offload sequential a model keeps the layer weights and LoRAs of its first job; this job asks "
+                "for others: run it separately, or use --offload model"
+            )
         self.clear_weights()
         self.active = self._apply(role, src, strength, loras, key)
+        self._enable_offload()
         return self.active
+
+    def _enable_offload(self) -> None:
+        """diffusers' CPU offload on the model's pipeline, after the weights are merged (sequential offload
+        leaves the modules' weights on the meta device, where nothing can be merged any more)."""
+        if self.offload == "none" or self.offloaded:
+            return
+        pipe, device = self.model.pipe, self.model.device
+        if self.offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+        self.offloaded = True
 
     def _apply(self, role, src, strength, loras, key) -> ActiveWeights:
         from layerctl.models.lora_format import apply_lora_file
@@ -136,6 +207,8 @@ class ModelKit:
         from layerctl.models.weights import is_attention_sharing_file, tiny_attention_sharing, tiny_patch
 
         model = self.model
+        if model.family == "flux":
+            return self._apply_flux(role, src, strength, loras, key)
         handles, patcher, names = [], None, []
         try:
             for path, scale in loras:
@@ -166,6 +239,29 @@ class ModelKit:
             raise
         return ActiveWeights(key, names, patcher=patcher, handles=handles)
 
+    def _apply_flux(self, role, src, strength, loras, key) -> ActiveWeights:
+        """FLUX.1: --lora files, then the layer LoRA (layerlora.safetensors, or the tiny stand-in),
+        each merged into the transformer and restorable bit for bit."""
+        from layerctl.models.flux_lora import fuse_lora, fuse_lora_file, tiny_layer_lora
+
+        transformer = self.model.transformer
+        handles, names = [], []
+        try:
+            for path, scale in loras:
+                handles.append(fuse_lora_file(transformer, path, scale))
+                names.append(Path(path).name)
+            if src is None:
+                handles.append(fuse_lora(transformer, tiny_layer_lora(transformer), strength, f"tiny-{role}"))
+                names.append(f"tiny-{role}")
+            else:
+                handles.append(fuse_lora_file(transformer, src, strength))
+                names.append(src.name)
+        except BaseException:
+            for h in reversed(handles):
+                h.restore()
+            raise
+        return ActiveWeights(key, names, handles=handles)
+
 
 class ModelCache:
     """Loads each base model once (per device, dtype, attention) and hands out its kit."""
@@ -188,19 +284,33 @@ class ModelCache:
         )
         return "toy"
 
+    def family(self, opts) -> str:
+        """The family of the model these options name ("sd15", "sdxl", "flux"), without loading it."""
+        return family_of_ref(opts.model or os.environ.get(DEFAULT_MODEL_ENV) or "toy")
+
+    def precheck(self, opts, mode: str = "rgba") -> None:
+        """Refuse what the model's family cannot do before it loads (see precheck_family)."""
+        check_offload(opts)
+        try:
+            family = self.family(opts)
+        except LayerctlError:
+            return  # an unknown reference: loading it says why, after the output checks as before
+        precheck_family(family, opts, mode)
+
     def kit(self, opts) -> ModelKit:
         from layerctl.backends.base import LoadOptions
         from layerctl.backends.registry import load_model
 
+        offload = check_offload(opts)
         ref = self.model_ref(opts)
         load_options = LoadOptions.of(opts, self.quiet)
-        key = (ref, opts.device, opts.dtype, opts.attention, load_options)
+        key = (ref, opts.device, opts.dtype, opts.attention, load_options, offload)
         if key not in self._kits:
             model = load_model(ref, opts.device, opts.dtype, opts.attention, load_options)
             if model.notes:
                 log(f"layerctl: {model.notes}", self.quiet)
             model.quiet = self.quiet  # the model's own notices (a prompt cut at the chunk cap) follow --quiet
-            self._kits[key] = ModelKit(model, self._vae_nets, self.quiet)
+            self._kits[key] = ModelKit(model, self._vae_nets, self.quiet, offload)
         return self._kits[key]
 
     def kits(self) -> list[ModelKit]:

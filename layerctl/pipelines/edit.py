@@ -246,11 +246,17 @@ def _settings(req, model) -> tuple[int, float]:
     return int(steps), float(cfg)
 
 
+def _inpainting_unet(model) -> bool:
+    """An inpainting denoiser: [latent, mask, masked-image latent] in (SD: 9 = 4 + 1 + 4 channels)."""
+    return model.denoiser_in_channels == 2 * model.latent_channels + 1
+
+
 def _check_unet(model) -> None:
-    n_in = int(getattr(model.unet.config, "in_channels", 4))
-    if n_in not in (4, 9):
+    n_in, c = model.denoiser_in_channels, model.latent_channels
+    if n_in not in (c, 2 * c + 1):
         raise LayerctlError(
-            f"the base model's UNet has {n_in} input channels; editing needs a base UNet (4) or an inpainting UNet (9)"
+            f"the base model's UNet has {n_in} input channels; editing needs a base UNet ({c}) or an "
+            f"inpainting UNet ({2 * c + 1})"
         )
 
 
@@ -374,16 +380,11 @@ def plan_upscale(models, req) -> EditJob:
 
 def encode_transparent(job: EditJob, rgba):
     """[N,4,H,W] straight RGBA in [0,1] -> scaled transparent latent (pad_rgb + E_a x 300 offset)."""
-    import torch
+    from layerctl.models.codec import encode_scaled
 
-    from layerctl.models.transparent_vae import transparent_latent
-
-    model = job.model
     encoder, name = job.kit.encoder(job.req)
     job.encoder_name = name
-    with torch.no_grad():
-        lat = transparent_latent(encoder, rgba.to(model.device, torch.float32), model.vae_encode)
-    return lat.float() * model.latent_scale
+    return encode_scaled(job.model, encoder, rgba)  # the family's conventions (FLUX.1: alpha last, shifted)
 
 
 def decode(job: EditJob, latents):
@@ -427,7 +428,7 @@ def _denoise(job: EditJob, active, width: int, height: int, init=None, strength:
 
     model, req = job.model, job.req
     n = len(job.seeds)
-    use_cfg = job.cfg > 1.0
+    use_cfg = model.uses_cfg(job.cfg)
     embeds = model.encode_prompt([job.prompt] * n, [req.negative] * n, use_cfg, width, height, clip_skip=req.clip_skip)
     patcher = active.patcher
     if patcher is not None:
@@ -445,7 +446,7 @@ def _denoise(job: EditJob, active, width: int, height: int, init=None, strength:
     try:
         with steps_bar(label, job.kit.quiet) as bar:
             spec = DenoiseSpec(
-                embeds=embeds, noise=make_noise(job.seeds, 1, height, width), steps=job.steps, cfg=job.cfg,
+                embeds=embeds, noise=make_noise(job.seeds, 1, height, width, model.latent_channels), steps=job.steps, cfg=job.cfg,
                 init=init, strength=strength, mask=latent_mask_t, concat=concat, unet_extra=hook, progress=bar,
                 sampling=job.sampling, seeds=job.seeds, stream=stream,
             )
@@ -467,7 +468,7 @@ def run_edit(job: EditJob) -> EditResult:
     n = len(job.seeds)
     active = job.kit.use_weights("rgba", req, getattr(req, "weight", 1.0))
     job.weights = list(active.names)
-    nine = int(model.unet.config.in_channels) == 9
+    nine = _inpainting_unet(model)
     base_rgba = base_lat = None
     if job.kind == "gen":
         w, h = job.width, job.height

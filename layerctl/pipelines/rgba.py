@@ -40,7 +40,7 @@ def gen_rgba(models, req) -> list[OutputRecord]:
     active = kit.use_weights("rgba", req, req.weight)
 
     # 3. encode the prompt
-    use_cfg = cfg > 1.0
+    use_cfg = model.uses_cfg(cfg)  # FLUX.1: cfg is the distilled guidance, no negative half
     embeds = model.encode_prompt([req.prompt] * n, [req.negative] * n, use_cfg, width, height, clip_skip=req.clip_skip)
     if active.patcher is not None:
         from layerctl.models.attention_sharing import make_cond_mark
@@ -52,8 +52,8 @@ def gen_rgba(models, req) -> list[OutputRecord]:
 
     # 4. denoise
     with steps_bar("generating", models.quiet) as bar:
-        spec = DenoiseSpec(embeds=embeds, noise=make_noise(seeds, 1, height, width), steps=steps, cfg=cfg, progress=bar,
-                           sampling=sampling, seeds=seeds)
+        spec = DenoiseSpec(embeds=embeds, noise=make_noise(seeds, 1, height, width, model.latent_channels), steps=steps,
+                           cfg=cfg, progress=bar, sampling=sampling, seeds=seeds)
         latents = denoise(model, spec)
 
     # 5. decode: frozen VAE, then the transparent decoder (8-way TTA)

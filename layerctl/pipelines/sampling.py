@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from layerctl.backends.base import LoadedModel, PromptEmbeds
-from layerctl.core.samplers import Sampling, build_scheduler, resolve
+from layerctl.core.samplers import Sampling, resolve
 
 
 @dataclass
@@ -44,8 +44,8 @@ class DenoiseSpec:
 
 def fresh_scheduler(model: LoadedModel, sampling: Optional[Sampling] = None):
     """A scheduler for `sampling` (default: DPM++ 2M Karras) built from the model's scheduler config,
-    with its own state (the model's one stays untouched)."""
-    return build_scheduler(sampling or default_sampling(model), model.scheduler.config)
+    with its own state (the model's one stays untouched). FLUX.1 keeps its flow-matching Euler."""
+    return model.sampler_scheduler(sampling or default_sampling(model))
 
 
 def default_sampling(model: LoadedModel) -> Sampling:
@@ -79,7 +79,8 @@ def _noised(sched, x: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Te
     - no sigmas (DDIM, LCM): sqrt(abar_t) x + sqrt(1 - abar_t) eps at t = timesteps[index];
     - DPM-Solver multistep / UniPC (_sigma_to_alpha_sigma_t): alpha_t x + sigma_t eps;
     - k-diffusion style (Euler, Euler a, Heun, DPM++ SDE): x + sigma eps, where DPM++ SDE's second
-      evaluation of a step sits at its midpoint sigma, not at the next grid sigma.
+      evaluation of a step sits at its midpoint sigma, not at the next grid sigma;
+    - flow matching (FLUX.1: scale_noise): a straight line, sigma eps + (1 - sigma) x.
     """
     if not hasattr(sched, "sigmas"):
         if index >= len(sched.timesteps):
@@ -90,15 +91,21 @@ def _noised(sched, x: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Te
     if getattr(sched, "mid_point_sigma", None) is not None and not sched.state_in_first_order:
         sigma = sched.mid_point_sigma
     sigma = torch.as_tensor(sigma).to(x.device, torch.float32)
+    if hasattr(sched, "scale_noise"):
+        return sigma * noise + (1.0 - sigma) * x
     if hasattr(sched, "_sigma_to_alpha_sigma_t"):
         alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sigma)
         return alpha_t * x + sigma_t * noise
     return x + sigma * noise
 
 
-def plan_timesteps(sched, steps: int, strength: float, device) -> tuple[torch.Tensor, int]:
-    """Timesteps to run and the sigma index they start at (img2img skips the first part)."""
-    sched.set_timesteps(steps, device=device)
+def plan_timesteps(sched, steps: int, strength: float, device, model=None, latent_hw=None) -> tuple[torch.Tensor, int]:
+    """Timesteps to run and the sigma index they start at (img2img skips the first part).
+    With `model`, the model sets the schedule (FLUX.1: shifted by the latent size)."""
+    if model is not None:
+        model.set_schedule(sched, steps, latent_hw)
+    else:
+        sched.set_timesteps(steps, device=device)
     timesteps = sched.timesteps
     if strength >= 1.0:
         return timesteps, 0
@@ -115,9 +122,9 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     device = model.device
     sampling = spec.sampling or default_sampling(model)
     sched = fresh_scheduler(model, sampling)
-    use_cfg = spec.cfg > 1.0
+    use_cfg = model.uses_cfg(spec.cfg)  # FLUX.1: never (spec.cfg is its distilled guidance)
     strength = spec.strength if spec.init is not None else 1.0
-    timesteps, start = plan_timesteps(sched, spec.steps, strength, device)
+    timesteps, start = plan_timesteps(sched, spec.steps, strength, device, model, tuple(spec.noise.shape[-2:]))
     noise = spec.noise.to(device, torch.float32)
     F = spec.frames
     step_kw = _step_noise(sched, sampling, step_generators(spec.seeds, F, noise.shape[0], spec.stream))
@@ -125,7 +132,7 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
     if spec.init is not None and strength < 1.0:
         latents = _noised(sched, spec.init.to(device, torch.float32), noise, start)
     else:
-        latents = noise * sched.init_noise_sigma
+        latents = noise * getattr(sched, "init_noise_sigma", 1.0)
         if spec.init is not None and spec.mask is not None:  # inpainting from scratch: keep what is known
             m = spec.mask.to(device, torch.float32)
             latents = m * latents + (1 - m) * _noised(sched, spec.init.to(device, torch.float32), noise, start)
@@ -152,14 +159,15 @@ def denoise(model: LoadedModel, spec: DenoiseSpec) -> torch.Tensor:
             if spec.handover is not None:
                 spec.handover()
         x = torch.cat([latents, latents]) if use_cfg else latents
-        x = sched.scale_model_input(x, t)
+        if hasattr(sched, "scale_model_input"):  # flow matching has no input scaling
+            x = sched.scale_model_input(x, t)
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if spec.before_unet is not None:
             spec.before_unet(i, x)
         x = x.to(model.dtype)
         more = spec.unet_extra(x, t, hidden, extra) if spec.unet_extra is not None else {}
-        eps = model.unet(x, t, encoder_hidden_states=hidden, **extra, **more).sample.float()
+        eps = model.predict(x, t, spec.embeds, spec.cfg, more).float()
         if use_cfg:
             eps = guide(eps, spec.cfg, sampling.cfg_rescale)
         with warnings.catch_warnings():  # torchsde (DPM++ SDE) warns about float32 rounding of its interval ends
@@ -216,25 +224,22 @@ def make_noise(seeds: list[int], frames: int, height: int, width: int, channels:
 def encode_rgb(model: LoadedModel, rgb01: torch.Tensor, generator_seed: Optional[int] = None) -> torch.Tensor:
     """RGB pixels [B,3,H,W] in [0,1] -> scaled latent (posterior mean, deterministic)."""
     mean, _std = model.vae_encode(rgb01 * 2 - 1)
-    return mean * model.latent_scale
+    return model.scale_latents(mean)
 
 
 @torch.no_grad()
 def decode_rgb(model: LoadedModel, latents_scaled: torch.Tensor) -> torch.Tensor:
     """Scaled latent -> RGB pixels [B,3,H,W] in [0,1]."""
-    return model.vae_decode(latents_scaled / model.latent_scale)
+    return model.vae_decode(model.unscale_latents(latents_scaled))
 
 
 @torch.no_grad()
 def decode_transparent(model: LoadedModel, decoder, latents_scaled: torch.Tensor, tta: bool = True, chunk=None):
-    """Scaled latent -> RGBA [B,4,H,W] in [0,1] (straight alpha, R,G,B,A order)."""
-    from layerctl.models.transparent_vae import decode_rgba
+    """Scaled latent -> RGBA [B,4,H,W] in [0,1] (straight alpha, R,G,B,A order): the frozen VAE, then
+    the transparent decoder, with the model family's conventions (layerctl.models.codec)."""
+    from layerctl.models.codec import decode_scaled
 
-    pixels = decode_rgb(model, latents_scaled)
-    dev = next(decoder.parameters()).device
-    dt = next(decoder.parameters()).dtype
-    unscaled = latents_scaled / model.latent_scale
-    return decode_rgba(decoder, pixels.to(dev, dt), unscaled.to(dev, dt), tta=tta, chunk=chunk).float()
+    return decode_scaled(model, decoder, latents_scaled, tta=tta, chunk=chunk)
 
 
 def job_sampling(req, model: LoadedModel, quiet: bool = False) -> Sampling:

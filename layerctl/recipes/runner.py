@@ -30,6 +30,8 @@ def _meta_mismatch(job: Job, meta: dict) -> Optional[str]:
         "bg_prompt": getattr(req, "bg_prompt", None),
         "tta": getattr(req, "tta", None),
     }
+    if meta.get("guidance") is not None:  # FLUX.1: the job's cfg is the distilled guidance (metadata cfg is 1)
+        checks["guidance"] = checks.pop("cfg")
     for key, want in checks.items():
         if want is None or key not in meta or meta[key] is None:
             continue

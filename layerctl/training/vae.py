@@ -207,8 +207,13 @@ def frozen_decode(model, latent):
     return model.vae.decode(latent.to(model.vae_dtype)).sample.float()
 
 
-def make_pair(encoder, decoder):
-    """One nn.Module holding both trained nets, so DDP / accelerate see a single model."""
+def make_pair(encoder, decoder, flux: bool = False):
+    """One nn.Module holding both trained nets, so DDP / accelerate see a single model.
+
+    The training loop works in the SD order ([alpha, padded RGB] in, [alpha, R, G, B] out); with
+    `flux` the pair speaks the FLUX.1 nets' conventions at their boundary (encoder input alpha
+    last, decoder pixels not clipped, decoder output [R, G, B, alpha]) and hands back the SD order."""
+    import torch
     import torch.nn as nn
 
     from layerctl.models.transparent_vae import OFFSET_SCALE
@@ -221,14 +226,18 @@ def make_pair(encoder, decoder):
 
         def forward(self, enc_in, mean, std, decode, views: Optional[list] = None):
             # the same as transparent_vae.encode_offset, with the padding already done by the loader
+            if flux:
+                enc_in = torch.cat([enc_in[:, 1:], enc_in[:, :1]], dim=1)  # [padded RGB, alpha]
             offset = self.encoder(enc_in) * OFFSET_SCALE
             latent = mean + std * offset.float()
             decoded = decode(latent)  # [-1,1]
-            pixels = (decoded / 2 + 0.5).clamp(0, 1)
+            pixels = decoded / 2 + 0.5 if flux else (decoded / 2 + 0.5).clamp(0, 1)
             if views is None:
-                pred = self.decoder(pixels, latent)  # [alpha, R, G, B], not clipped
+                pred = self.decoder(pixels, latent)  # [alpha, R, G, B] (FLUX: [R, G, B, alpha]), not clipped
             else:  # per image one of the 8 test-time views, undone afterwards (as decode_tta does per pass)
                 pred = unview(self.decoder(apply_view(pixels, views), apply_view(latent, views)), views)
+            if flux:
+                pred = torch.cat([pred[:, 3:4], pred[:, :3]], dim=1)
             return latent, decoded, pred
 
     return Pair(encoder, decoder)
@@ -294,23 +303,32 @@ def load_decoder_any(path, device="cpu", dtype=None):
     return tv._load(lambda: tv.TransparentDecoder(block_out_channels=chans), path, what, device, dtype or torch.float32, state)
 
 
-def build_nets(cfg: VAETrainConfig):
-    """Encoder and decoder: zero-initialised output layers (as the official nets) or loaded weights."""
+def build_nets(cfg: VAETrainConfig, model=None):
+    """Encoder and decoder: zero-initialised output layers (as the official nets) or loaded weights.
+    Their latent width is the base model's (`model`: SD1.5/SDXL 4, FLUX.1 16; none given: 4)."""
     import torch
 
+    from layerctl.models import codec
     from layerctl.models import transparent_vae as tv
 
     torch.manual_seed(cfg.seed)
     m = cfg.model
+    flux = model is not None and codec.is_flux(model)
+    width = int(model.latent_channels) if model is not None else 4
+    cpu = torch.device("cpu")
     if m.init_encoder:
-        enc = tv.load_encoder(_existing(m.init_encoder, "init_encoder"), device=torch.device("cpu"), dtype=torch.float32)
+        path = _existing(m.init_encoder, "init_encoder")
+        enc = codec.load_net(path, "encoder", model.family, cpu, torch.float32) if flux else tv.load_encoder(
+            path, device=cpu, dtype=torch.float32)
     else:
-        enc = tv.new_encoder(seed=cfg.seed)
+        enc = tv.new_encoder(seed=cfg.seed, latent_channels=width)
     if m.init_decoder:
-        dec = load_decoder_any(_existing(m.init_decoder, "init_decoder"), device=torch.device("cpu"), dtype=torch.float32)
+        path = _existing(m.init_decoder, "init_decoder")
+        dec = codec.load_net(path, "decoder", model.family, cpu, torch.float32) if flux else load_decoder_any(
+            path, device=cpu, dtype=torch.float32)
     else:
         chans = tuple(m.decoder_channels) if m.decoder_channels else OFFICIAL_DECODER_CHANNELS
-        dec = tv.new_decoder(seed=cfg.seed + 1, block_out_channels=chans)
+        dec = tv.new_decoder(seed=cfg.seed + 1, block_out_channels=chans, latent_channels=width)
     return enc.float().train().requires_grad_(True), dec.float().train().requires_grad_(True)
 
 
@@ -328,7 +346,7 @@ def load_frozen_vae(ref: str, device, options=None):
     from layerctl.backends.registry import load_model
 
     m = load_model(ref, device="cpu", dtype="fp32", options=options)
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         if getattr(m.pipe, name, None) is not None:
             try:
                 setattr(m.pipe, name, None)
@@ -377,22 +395,23 @@ def evaluate(model, encoder, decoder, batches, tta: bool = False, device=None) -
     """
     import torch
 
+    from layerctl.models import codec
     from layerctl.training.metrics import MetricSums, batch_metrics
-    from layerctl.models.transparent_vae import decode_rgba, encode_offset
 
     dev = device or next(decoder.parameters()).device
-    dt = next(decoder.parameters()).dtype
     sums = MetricSums()
     with torch.no_grad():
         for batch in batches:
             rgba = batch["rgba"].to(dev, torch.float32)
             prem = (rgba[:, :3] * 2 - 1) * rgba[:, 3:4]
             mean, std = model.vae_encode(prem)
-            offset = encode_offset(encoder, rgba).float()  # the inference path (pads with pad_rgb_torch)
+            # the inference path of the model's family (pads with pad_rgb_torch; FLUX.1: alpha last, unclipped pixels)
+            offset = codec.offset(model, encoder, rgba).float()
             latent = mean + std * offset
-            decoded01 = model.vae_decode(latent)
+            pixels = codec.decoder_pixels(model, latent)
+            decoded01 = pixels.clamp(0, 1)
             plain01 = model.vae_decode(mean)
-            pred = decode_rgba(decoder, decoded01.to(dt), latent.to(dt), tta=tta).float()
+            pred = codec.decode_raw(model, decoder, pixels, latent, tta=tta)
             sums.add(batch_metrics(pred, rgba, decoded01, plain01))
     return sums.summary()
 
@@ -540,9 +559,10 @@ def _setup(cfg: VAETrainConfig, accelerator, console, ckpt_path: Optional[Path])
     from layerctl.training import losses as L
 
     from layerctl.backends.base import LoadOptions
+    from layerctl.models.codec import is_flux
 
     model = load_frozen_vae(cfg.model.model, accelerator.device, LoadOptions.of(cfg.model))
-    pair = make_pair(*build_nets(cfg))
+    pair = make_pair(*build_nets(cfg, model), flux=is_flux(model))
     torch.manual_seed(cfg.seed + 2)
     disc = L.PatchDiscriminator(4, cfg.loss.disc_channels, cfg.loss.disc_layers)
     o = cfg.optim
@@ -769,19 +789,25 @@ def load_transparent_net(kind: str, path: Optional[str], model, weights_dir: Opt
     or the model's official file (eval-vae, train-lora)."""
     import torch
 
+    from layerctl.models import codec
     from layerctl.models import transparent_vae as tv
-    from layerctl.models.weights import check_file, find_official, tiny_decoder, tiny_encoder
+    from layerctl.models.weights import check_file, find_official
 
+    flux = codec.is_flux(model)
     if path:
         src = check_file(path, f"transparent {kind}")
+        if flux:  # 16 latent channels; an SD file is refused naming the tensor and both shapes
+            return codec.load_net(src, kind, model.family, device, torch.float32).eval(), str(src)
         load = load_decoder_any if kind == "decoder" else tv.load_encoder
         return load(src, device=device, dtype=torch.float32).eval(), str(src)
     if getattr(model, "tiny", False):
-        net = tiny_decoder() if kind == "decoder" else tiny_encoder()
+        net = codec.tiny_net(kind, model.family)
         return net.to(device, torch.float32).eval(), f"tiny-{kind} (random stand-in)"
     if kind not in model.official:
         raise LayerctlError(f"the {model.backend} backend has no official transparent {kind}; pass --transparent-{kind}")
     src = find_official([model.official[kind]], weights_dir)[0]
+    if flux:
+        return codec.load_net(src, kind, model.family, device, torch.float32).eval(), str(src)
     load = tv.load_decoder if kind == "decoder" else tv.load_encoder
     return load(src, device=device, dtype=torch.float32).eval(), str(src)
 
