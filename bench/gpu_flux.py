@@ -172,13 +172,12 @@ def part_tta(args, rep, session, model, req, latents, sync):
                   target=f"< {TTA_TARGET_S} s" if args.size >= 1024 else None, met=t < TTA_TARGET_S)
 
 
-def part_offload(args, rep, model, plain_pipe, req, key):
+def part_offload(args, rep, model, plain_pipe, req):
     """--offload model on both sides (the same modules: layerctl's kit first, then diffusers' own hooks)."""
     from layerctl.api import Session
-    from layerctl.models.kit import ModelKit
 
     with Session(quiet=True) as off:
-        off.models._kits[key[:-1] + ("model",)] = ModelKit(model, off.models._vae_nets, quiet=True, offload="model")
+        off.models.adopt(model, req(offload="model"))
         t0 = time.perf_counter()
         m_l = peak_mib(lambda: off.gen(req(offload="model", tta=False)), model.device)
         t_l = time.perf_counter() - t0
@@ -228,7 +227,6 @@ def run(args) -> int:
 
     from layerctl.api import Session
     from layerctl.backends.flux import model_from_pipeline
-    from layerctl.models.kit import ModelKit
     from layerctl.requests import GenRequest
 
     device = torch.device(args.device)
@@ -256,14 +254,13 @@ def run(args) -> int:
                           width=args.size, height=args.size, steps=args.steps, cfg=args.cfg, overwrite=True,
                           device=args.device, dtype=dt, **files, **kw)
 
-    key = ("bench-flux", args.device, dt, "auto", "none")
-    session.models._kits[key] = ModelKit(model, session.models._vae_nets, quiet=True)  # the in-memory model
+    session.models.adopt(model, req())  # the in-memory model serves "bench-flux"
     with DecodeSwitch() as switch:
         latents = part_gen(args, rep, session, model, plain_pipe, req, switch, sync)
     part_tta(args, rep, session, model, req, latents, sync)
     session.close()  # restores the transformer's own weights
     if args.offload and device.type == "cuda":
-        part_offload(args, rep, model, plain_pipe, req, key)
+        part_offload(args, rep, model, plain_pipe, req)
     rep.dump(args.json)
     return 0
 

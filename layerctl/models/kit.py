@@ -297,14 +297,24 @@ class ModelCache:
             return  # an unknown reference: loading it says why, after the output checks as before
         precheck_family(family, opts, mode)
 
-    def kit(self, opts) -> ModelKit:
+    def _key(self, opts) -> tuple:
         from layerctl.backends.base import LoadOptions
+
+        return (self.model_ref(opts), opts.device, opts.dtype, opts.attention, LoadOptions.of(opts, self.quiet),
+                check_offload(opts))
+
+    def adopt(self, model, opts) -> ModelKit:
+        """Serve requests with these options from an already built model (benchmarks, notebooks: a model
+        made in memory) instead of loading their reference."""
+        key = self._key(opts)
+        self._kits[key] = ModelKit(model, self._vae_nets, self.quiet, key[-1])
+        return self._kits[key]
+
+    def kit(self, opts) -> ModelKit:
         from layerctl.backends.registry import load_model
 
-        offload = check_offload(opts)
-        ref = self.model_ref(opts)
-        load_options = LoadOptions.of(opts, self.quiet)
-        key = (ref, opts.device, opts.dtype, opts.attention, load_options, offload)
+        key = self._key(opts)
+        ref, load_options, offload = key[0], key[4], key[5]
         if key not in self._kits:
             model = load_model(ref, opts.device, opts.dtype, opts.attention, load_options)
             if model.notes:
