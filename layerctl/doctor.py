@@ -30,6 +30,12 @@ ROLE_USES = {
     "bg2ble": "gen --bg (SDXL, stage 1: blended)",
     "bgble2fg": "gen --bg (SDXL, stage 2: foreground)",
 }
+# FLUX.1 has no layer modes: its two files serve text/image -> RGBA only
+FLUX_ROLE_USES = {
+    "decoder": "every FLUX.1 job (TransparentVAE.pth: decodes the transparent picture)",
+    "encoder": "FLUX.1 transparent inputs: --init/--mask, upscale (TransparentVAE.pth)",
+    "rgba": "FLUX.1 gen (text -> RGBA), --init/--mask/--hires, upscale",
+}
 
 
 def versions() -> dict:
@@ -97,7 +103,7 @@ def official_files(wdir: Optional[str]) -> list[dict]:
             where, path = locate_official(filename, wdir)
             rows.append({
                 "family": family, "role": role, "file": filename, "found": where is not None, "where": where,
-                "path": str(path) if path else None, "used_for": ROLE_USES.get(role, role),
+                "path": str(path) if path else None, "used_for": (FLUX_ROLE_USES if family == "flux" else ROLE_USES).get(role, role),
                 "repo": official_repo_for(filename, OFFICIAL_REPO),
             })
     return rows

@@ -45,6 +45,8 @@ def test_doctor_json_lists_backends_device_and_missing_files(tmp_path):
     joint = missing[OFFICIAL_FILES["sd15"]["joint"]]
     assert joint["used_for"] == "gen --joint" and joint["put_in"] == str(wdir)
     assert joint["download_from"] == f"hub repo {OFFICIAL_REPO}"
+    flux_uses = " ".join(f["used_for"] for f in rep["official_files"] if f["family"] == "flux")
+    assert "FLUX.1" in flux_uses and "--fg" not in flux_uses and "decompose" not in flux_uses  # no FLUX layer modes
     assert len(rep["missing"]) == len(rep["official_files"]) - 1
 
 
