@@ -8,9 +8,9 @@ import typer
 
 from layerctl.commands._options import (
     CfgRescale, PredictionType, Sampler, Schedule, ZeroSnr,
-    EDITING, OUTPUT, Attention, Cfg, ClipSkip, Config, ControlImage, ControlNet, ControlScale, Device, Dtype, Family, Json,
-    LayerWeights, Lora, LoraScale, Model, Negative, NoTta, NoVariant, Offload, Overwrite, PanelCommand, Preview, Quiet, Seed,
-    Steps, TransparentDecoder, TransparentEncoder, Weight, WeightsDir, request_args,
+    EDITING, OUTPUT, Attention, Cfg, ClipSkip, Config, ControlImage, ControlScale, Device, Dtype, Family, Json,
+    Lora, LoraScale, Model, Negative, NoTta, NoVariant, Offload, PanelCommand, Preview, Quiet, Seed,
+    TransparentDecoder, TransparentEncoder, Weight, WeightsDir, request_args,
 )
 from layerctl.commands.gen import build_request, emit, resolve_seed, tell_seed
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import glob as globmod
 import io
-import json
 import os
 import time
 from dataclasses import dataclass

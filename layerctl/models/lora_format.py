@@ -95,8 +95,6 @@ class LoraPair:
         return int(self.down.shape[0])
 
     def delta(self, shape=None):
-        import torch
-
         d = self.up.float().flatten(1) @ self.down.float().flatten(1)
         d = d * self.scale
         return d.reshape(shape) if shape is not None else d
