@@ -74,7 +74,7 @@ def row_seeds(generators) -> list[int]:
 
 def _noised(sched, x: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
     """x noised to the level the sampler's input has before timestep `index` of its full schedule
-    (past the last one: x itself). Three kinds of scheduler:
+    (past the last one: x itself). Four kinds of scheduler:
 
     - no sigmas (DDIM, LCM): sqrt(abar_t) x + sqrt(1 - abar_t) eps at t = timesteps[index];
     - DPM-Solver multistep / UniPC (_sigma_to_alpha_sigma_t): alpha_t x + sigma_t eps;
