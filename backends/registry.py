@@ -18,13 +18,26 @@ ENTRY_POINT_GROUP = "layerctl.backends"
 FLUX_TRANSFORMER_KEYS = ("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks.")
 
 
+_SCAN: dict = {}  # the last entry-point scan: {"key": (entry_points function, sys.path), "found": {name: ep}}
+
+
+def _entry_point_backends() -> dict[str, Any]:
+    """Name -> entry point of the group, scanned once per process (reading every installed package's
+    metadata takes ~6 ms, and each request asks twice); scanned again when sys.path or
+    importlib.metadata.entry_points changes (a path added, a test's stand-in)."""
+    import sys
+    from importlib import metadata
+
+    key = (metadata.entry_points, tuple(sys.path))
+    if _SCAN.get("key") != key:
+        _SCAN["found"] = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        _SCAN["key"] = key
+    return _SCAN["found"]
+
+
 def available_backends() -> dict[str, type]:
     """Registry name -> Backend class, from the entry-point group (built-ins always present)."""
-    from importlib.metadata import entry_points
-
-    found: dict[str, Any] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep
+    found: dict[str, Any] = dict(_entry_point_backends())
     # Built-ins even when the package metadata is stale (e.g. running from a checkout).
     for name, target in {
         "tiny": "layerctl.backends.tiny:TinyBackend",

@@ -153,6 +153,25 @@ def test_one_transformer_step(tiny, tiny_schnell):
         assert torch.equal(out, other_g) == (model is tiny_schnell)  # only dev takes the guidance
 
 
+def test_predict_makes_the_step_inputs_once_per_size(tiny, monkeypatch):
+    embeds = tiny.encode_prompt(PROMPTS[:1], [""], False, 64, 64)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor(700.0)
+    expected = tiny.unpack_latents(tiny.transformer_step(tiny.pack_latents(x), t, embeds, tiny.image_ids(64, 64),
+                                                         guidance=3.5), 64, 64)
+    tiny._step_cache.clear()
+    made = []
+    real = type(tiny).image_ids
+    monkeypatch.setattr(type(tiny), "image_ids", lambda self, h, w, dtype=None: made.append((h, w)) or real(self, h, w, dtype))
+    first = tiny.predict(x, t, embeds, 3.5, {})
+    assert torch.equal(first, expected) and torch.equal(tiny.predict(x, t, embeds, 3.5, {}), expected)
+    assert made == [(64, 64)]  # the position ids of this size were made once for both steps
+    assert not torch.equal(tiny.predict(x, t, embeds, 1.0, {}), expected)  # another guidance value is not reused
+    wide = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(3))
+    assert tiny.predict(wide, t, embeds, 3.5, {}).shape == wide.shape
+    assert made[-1] == (64, 96)  # a new size: its own ids
+
+
 def test_schedule_matches_diffusers(tiny, tiny_schnell):
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift

@@ -81,3 +81,22 @@ def test_config_is_only_for_single_files():
 
     with pytest.raises(LayerctlError, match="--config is for single-file"):
         registry.load_model("someone/model", "cpu", "fp32", "sdpa", LoadOptions(config="/x"))
+
+
+def test_entry_points_are_scanned_once_until_the_path_changes(monkeypatch):
+    import importlib.metadata as md
+
+    calls = []
+    real = md.entry_points
+
+    def counting(group=None, **k):
+        calls.append(group)
+        return real(group=group, **k)
+
+    monkeypatch.setattr(md, "entry_points", counting)
+    first = registry.available_backends()
+    assert registry.available_backends() == first and registry.resolve_model_ref("tiny-flux") == ("tiny-flux", "tiny-flux")
+    assert calls == [registry.ENTRY_POINT_GROUP]  # one scan for three lookups
+    monkeypatch.syspath_prepend("/nonexistent-layerctl-plugins")
+    assert registry.available_backends() == first
+    assert calls == [registry.ENTRY_POINT_GROUP] * 2  # a new sys.path entry may bring new plugins: scanned again
