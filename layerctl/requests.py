@@ -146,30 +146,53 @@ class JobOptions(ModelOptions, SamplingOptions):
         return v
 
 
-class GenRequest(JobOptions):
-    """One `layerctl gen` job (every mode)."""
+class LayerJob(JobOptions):
+    """What `gen` and `decompose` jobs share: the prompts and layer files of the layer modes, the size,
+    the PSD, and the conditional model's weight and stop point."""
 
     prompt: Optional[str] = None
-    out: Optional[str] = None
-    out_dir: Optional[str] = None
-    width: Optional[int] = None
-    height: Optional[int] = None
-    batch: int = 1
-    preview: bool = False
-    psd: Optional[str] = None
-
-    # layer modes
     fg: Optional[str] = None
     bg: Optional[str] = None
     fg_prompt: Optional[str] = None
     bg_prompt: Optional[str] = None
-    joint: bool = False
+    width: Optional[int] = None
+    height: Optional[int] = None
     resize: Literal["crop", "fit", "stretch"] = "crop"
-    stop_at: float = 1.0
-    weight: float = 1.0
+    psd: Optional[str] = None
     fg_name: str = "fg.png"
     bg_name: str = "bg.png"
     blended_name: str = "blended.png"
+    weight: float = 1.0  # strength of the SDXL patch file
+    stop_at: float = 1.0  # fraction of steps run by the conditional model
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, v, info):
+        return _multiple_of_64(info.field_name, v)
+
+    @field_validator("prompt", "fg_prompt", "bg_prompt")
+    @classmethod
+    def _prompts(cls, v, info):
+        return check_break_only(v, info.field_name.replace("_", " "))
+
+    @field_validator("stop_at")
+    @classmethod
+    def _stop_at(cls, v):
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"stop_at must be in [0, 1] (got {v})")
+        return v
+
+
+class GenRequest(LayerJob):
+    """One `layerctl gen` job (every mode)."""
+
+    out: Optional[str] = None
+    out_dir: Optional[str] = None
+    batch: int = 1
+    preview: bool = False
+
+    # layer modes
+    joint: bool = False
 
     # img2img / inpainting / hires / controlnet
     init: Optional[str] = None
@@ -186,16 +209,6 @@ class GenRequest(JobOptions):
     _first_index: int = PrivateAttr(0)
     _total_images: Optional[int] = PrivateAttr(None)
 
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, v, info):
-        return _multiple_of_64(info.field_name, v)
-
-    @field_validator("prompt", "fg_prompt", "bg_prompt")
-    @classmethod
-    def _prompts(cls, v, info):
-        return check_break_only(v, info.field_name.replace("_", " "))
-
     @field_validator("batch")
     @classmethod
     def _batch(cls, v):
@@ -208,13 +221,6 @@ class GenRequest(JobOptions):
     def _strength(cls, v):
         if not (0.0 < v <= 1.0):
             raise ValueError(f"strength must be in (0, 1] (got {v})")
-        return v
-
-    @field_validator("stop_at")
-    @classmethod
-    def _stop_at(cls, v):
-        if not (0.0 <= v <= 1.0):
-            raise ValueError(f"stop_at must be in [0, 1] (got {v})")
         return v
 
     @field_validator("hires")
@@ -270,42 +276,11 @@ class GenRequest(JobOptions):
         return "rgba"
 
 
-class DecomposeRequest(JobOptions):
+class DecomposeRequest(LayerJob):
     """One `layerctl decompose` job."""
 
     image: str
-    fg: Optional[str] = None
-    bg: Optional[str] = None
-    prompt: Optional[str] = None
-    fg_prompt: Optional[str] = None
-    bg_prompt: Optional[str] = None
     out_dir: str = "."
-    resize: Literal["crop", "fit", "stretch"] = "crop"
-    width: Optional[int] = None
-    height: Optional[int] = None
-    psd: Optional[str] = None
-    fg_name: str = "fg.png"
-    bg_name: str = "bg.png"
-    blended_name: str = "blended.png"
-    weight: float = 1.0  # strength of the SDXL patch file
-    stop_at: float = 1.0  # fraction of steps run by the conditional model
-
-    @field_validator("width", "height")
-    @classmethod
-    def _size(cls, v, info):
-        return _multiple_of_64(info.field_name, v)
-
-    @field_validator("prompt", "fg_prompt", "bg_prompt")
-    @classmethod
-    def _prompts(cls, v, info):
-        return check_break_only(v, info.field_name.replace("_", " "))
-
-    @field_validator("stop_at")
-    @classmethod
-    def _stop_at(cls, v):
-        if not (0.0 <= v <= 1.0):
-            raise ValueError(f"stop_at must be in [0, 1] (got {v})")
-        return v
 
 
 class UpscaleRequest(JobOptions):
