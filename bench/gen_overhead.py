@@ -214,6 +214,15 @@ def profile_pair(fn_l, fn_p, rep: Report, fam: str, runs: int = 3) -> None:
     import cProfile
     import pstats
 
+    package = Path(__file__).resolve().parents[1]
+    ours: set = set()
+
+    def is_ours(file: str) -> bool:
+        """layerctl's own code: the package and its backends (installed as layerctl.backends)."""
+        path = Path(file).resolve()
+        return any(part in ("layerctl", "backends") for part in path.parts) and (
+            package in path.parents or "site-packages" in path.parts and "layerctl" in path.parts)
+
     def totals(fn):
         pr = cProfile.Profile()
         pr.enable()
@@ -224,6 +233,8 @@ def profile_pair(fn_l, fn_p, rep: Report, fam: str, runs: int = 3) -> None:
         out = {}
         for (file, line, func), (_cc, _nc, tt, ct, _callers) in st.stats.items():
             short = f"{Path(file).parent.name}/{Path(file).name}:{func}"
+            if is_ours(file):
+                ours.add(short)
             out[short] = (out.get(short, (0.0, 0.0))[0] + tt, max(out.get(short, (0.0, 0.0))[1], ct))
         total = max(ct for _tt, ct in out.values())
         return out, total
@@ -231,7 +242,7 @@ def profile_pair(fn_l, fn_p, rep: Report, fam: str, runs: int = 3) -> None:
     tl, total_l = totals(fn_l)
     tp, total_p = totals(fn_p)
     rep.note(f"{fam} profile ({runs} runs each): layerctl {fmt_s(total_l / runs)}/run, plain-same {fmt_s(total_p / runs)}/run")
-    own = sorted(((v[1], k) for k, v in tl.items() if "layerctl" in k or "/layerctl/" in k), reverse=True)[:12]
+    own = sorted(((v[1], k) for k, v in tl.items() if k in ours), reverse=True)[:12]
     for ct, k in own:
         rep.note(f"  layerctl cumulative {fmt_s(ct / runs)}/run  {k}")
     keys = set(tl) | set(tp)
