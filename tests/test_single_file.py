@@ -3,6 +3,7 @@ detection from the header, loading with no network and an empty Hugging Face cac
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -276,3 +277,26 @@ def test_recipe_config_is_recipe_relative_and_must_exist(checkpoints, tmp_path, 
     (sub / "bad.yaml").write_text("jobs:\n  - gen:\n      prompt: x\n      config: nocfg\n")
     msg = str(pytest.raises(LayerctlError, recipes.plan_recipe, sub / "bad.yaml").value)
     assert ":4: jobs[0].gen.config: config: file not found: nocfg" in msg
+
+
+def test_eval_vae_measures_against_a_single_file_with_its_config(checkpoints, tmp_path):
+    """eval-vae takes --config (and --family) like gen: the tiny SD1.5 file measures the same numbers as
+    the tiny backend itself; a bad --family or config folder exits 2 before anything loads."""
+    from layerctl.models.transparent_vae import save_module
+    from layerctl.models.weights import tiny_decoder, tiny_encoder
+
+    path, config = checkpoints["tiny"]
+    nets = []
+    for flag, net in (("--transparent-decoder", tiny_decoder()), ("--transparent-encoder", tiny_encoder())):
+        nets += [flag, str(save_module(net, tmp_path / f"{flag[2:]}.safetensors", dtype=torch.float32))]
+    common = ["eval-vae", "synthetic", "--count", "2", "--resolution", "64", "--batch-size", "2", "--json", *nets]
+    code, out, err = run_cli(*common, "--model", "tiny")
+    assert code == 0, err
+    code2, out2, err2 = run_cli(*common, "--model", str(path), "--config", str(config), "--family", "sd15")
+    assert code2 == 0, err2
+    assert json.loads(out2)["metrics"] == json.loads(out)["metrics"]
+    code, _, err = run_cli(*common, "--model", str(path), "--family", "sd3")
+    assert code == 2 and "--family must be sd15 or sdxl" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(*common, "--model", str(path), "--config", str(tmp_path / "empty"))
+    assert code == 2 and "has no model_index.json" in err

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from layerctl.commands._options import Config, Family, NoVariant
 from layerctl.commands._training import JsonSummary, QuietRun, Resume, ResumeFrom, RunDir, SetKeys, StartOver, run_training
 from layerctl.errors import LayerctlError
 
@@ -40,6 +41,9 @@ def eval_vae(
     transparent_decoder: Optional[str] = typer.Option(None, "--transparent-decoder", help="Decoder .safetensors (official layout); default: the model's official/tiny one."),
     transparent_encoder: Optional[str] = typer.Option(None, "--transparent-encoder", help="Encoder .safetensors (official layout); default: the model's official/tiny one."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: env LAYERCTL_MODEL, else tiny."),
+    family: Family = None,
+    config: Config = None,
+    no_variant: NoVariant = False,
     weights_dir: Optional[str] = typer.Option(None, "--weights-dir", help="Folder with the official LayerDiffuse files."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Centre-crop and resize to this square size (multiple of 64); default: each image's own size, cropped to multiples of 64."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most this many images."),
@@ -63,6 +67,16 @@ def eval_vae(
         raise LayerctlError("--limit must be > 0")
     if batch_size <= 0 or count <= 0:
         raise LayerctlError("--batch-size and --count must be > 0")
+    if family not in (None, "sd15", "sdxl"):
+        raise LayerctlError(f"--family must be sd15 or sdxl (got {family})")
+    from layerctl.backends.base import LoadOptions
+    from layerctl.requests import check_config_folder
+
+    try:
+        check_config_folder(config)
+    except ValueError as exc:
+        raise LayerctlError(str(exc)) from None
+    load_options = LoadOptions(family=family, config=config, variant=not no_variant, quiet=as_json)
     if not model:
         import os
 
@@ -86,6 +100,7 @@ def eval_vae(
         batch_size=batch_size,
         device=device,
         quiet=as_json,
+        load_options=load_options,
     )
     if as_json:
         sys.stdout.write(json.dumps(res, sort_keys=True) + "\n")

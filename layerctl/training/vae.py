@@ -826,8 +826,10 @@ def run_eval(
     batch_size: int = 4,
     device: str = "auto",
     quiet: bool = False,
+    load_options=None,
 ) -> dict:
-    """eval-vae: the validation metrics for any weights on any folder (or the synthetic source)."""
+    """eval-vae: the validation metrics for any weights on any folder (or the synthetic source).
+    `load_options`: a layerctl.backends.base.LoadOptions (--family, --config, --no-variant)."""
     from rich.console import Console
 
     from layerctl.training import data as D
@@ -857,7 +859,7 @@ def run_eval(
     from layerctl.backends.base import resolve_device
 
     dev = resolve_device(device)
-    model = load_frozen_vae(model_ref, dev)
+    model = load_frozen_vae(model_ref, dev, load_options)
     dec, dec_name = load_transparent_net("decoder", decoder, model, weights_dir, dev)
     enc, enc_name = load_transparent_net("encoder", encoder, model, weights_dir, dev)
     t0 = time.time()
