@@ -548,3 +548,28 @@ def test_two_process_cpu_run_matches_one_process_and_its_lora_loads(tmp_path, ti
     with apply_lora_file(tiny.unet, tmp_path / "two" / T.LORA_FILE, 1.0) as h:
         assert h.pairs == 88 and _maxdiff(base, _weights(tiny.unet)) > 0
     assert _maxdiff(base, _weights(tiny.unet)) == 0.0
+
+
+def test_validation_images_use_the_recipes_sampler(tmp_path):
+    """validation.sampler/schedule reach the preview images (metadata as gen writes it) and change them;
+    an unknown sampler is a recipe error before training."""
+    import numpy as np
+    from pydantic import ValidationError
+
+    from layerctl.io.imageio import read_metadata
+    from layerctl.training import lora as T
+
+    runs = {}
+    for name, extra in (("default", {}), ("euler_a", {"sampler": "euler_a", "schedule": "normal"})):
+        cfg = _cfg(tmp_path / name, steps=1, checkpoint_every=1,
+                   validation={"every": 1, "at_start": False, "images": True, "steps": 3, "cfg": 2.0,
+                               "prompts": ["a red ball"], **extra})
+        s = T.train(cfg, quiet=True)
+        assert s["status"] == "completed"
+        png = tmp_path / name / "run" / "validation" / "step-0000001" / "00-seed0.png"
+        runs[name] = (read_metadata(png), np.asarray(Image.open(png)))
+    assert (runs["default"][0]["sampler_label"], runs["default"][0]["schedule_label"]) == ("DPM++ 2M", "Karras")
+    assert (runs["euler_a"][0]["sampler"], runs["euler_a"][0]["sampler_label"]) == ("euler_a", "Euler a")
+    assert not np.array_equal(runs["default"][1], runs["euler_a"][1])
+    with pytest.raises(ValidationError, match="sampler 'dpm3' is unknown"):
+        _cfg(tmp_path / "bad", validation={"sampler": "dpm3"})

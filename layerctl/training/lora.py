@@ -51,6 +51,7 @@ from layerctl.core.frames import LAYER_MODES, SD15_LAYOUTS
 from layerctl.errors import LayerctlError
 from layerctl.training import harness as H
 from layerctl.training.harness import list_checkpoints, lr_factor, read_log  # noqa: F401 - part of this module's API
+from layerctl.requests import SamplingOptions
 from layerctl.training.config import ImageDataOptions, RunOptions, Section, SyntheticOptions
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: pipe.load_lora_weights(OUT) finds it
@@ -157,7 +158,9 @@ class LayerPrompt(Section):
     bg: str = ""
 
 
-class ValidationOptions(Section):
+class ValidationOptions(Section, SamplingOptions):
+    """Validation samples; `sampler`, `schedule`, `prediction_type`, `zero_snr`, `cfg_rescale` as in gen."""
+
     every: int = Field(500, gt=0, description="steps between validations (loss on fixed samples + images)")
     at_start: bool = Field(True, description="validate the starting weights (the baseline)")
     prompts: list[Union[str, LayerPrompt]] = Field(default_factory=list, description="default: captions of the first items")
@@ -1053,13 +1056,15 @@ def export_final(out_dir: Path, ckpt: Path, name: str) -> Path:
 def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int, control=None) -> dict:
     """One validation sample: role -> [C,H,W] float in [0,1] (fg/rgba RGBA, others RGB).
     ``control``: the [1,3,H,W] control image of fg2bg / bg2fg."""
-    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
+    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, job_sampling, make_noise
 
     v = cfg.validation
     use_cfg = v.cfg > 1.0
+    sampling = job_sampling(v, model, quiet=True)
     if cfg.mode == "transparent":
         embeds = model.encode_prompt([texts[0]], [v.negative], use_cfg, size, size)
-        lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], 1, size, size), steps=v.steps, cfg=v.cfg))
+        lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], 1, size, size), steps=v.steps, cfg=v.cfg,
+                                         sampling=sampling, seeds=[seed]))
         return {"rgba": decode_transparent(model, decoder, lat, tta=v.tta)[0].float().cpu()}
     from layerctl.models.attention_sharing import make_cond_mark, repeat_frames
 
@@ -1075,7 +1080,7 @@ def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size:
         if control is not None:
             patcher.set_control(control)
         lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], F_, size, size), steps=v.steps,
-                                         cfg=v.cfg, frames=F_))
+                                         cfg=v.cfg, frames=F_, sampling=sampling, seeds=[seed]))
     finally:
         patcher.set_prompt_overrides(None)
         patcher.set_cond_mark(None)
@@ -1097,6 +1102,7 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
     from layerctl import __version__
     from layerctl.core.imagemath import rgba_to_uint8
     from layerctl.io.imageio import save_png
+    from layerctl.pipelines.sampling import job_sampling
 
     v = cfg.validation
     size = cfg.data.resolution
@@ -1113,6 +1119,7 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
                     "size": [size, size], "model": cfg.model.model, "mode": "rgba" if cfg.mode == "transparent" else cfg.layers.kind,
                     "role": role, "train_step": step, "trained_weights": weights_file(cfg), "transparent_decoder": decoder_name,
                     "tta": v.tta, "layerctl_version": __version__, "source": "layerctl train-lora validation",
+                    **job_sampling(v, model, quiet=True).metadata(),
                 }
                 save_png(folder / name, rgba_to_uint8(img), meta, overwrite=True)
                 written.append(str(folder / name))
