@@ -1053,14 +1053,13 @@ def export_final(out_dir: Path, ckpt: Path, name: str) -> Path:
 # ---------------------------------------------------------------- validation
 
 
-def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int, control=None) -> dict:
+def _denoise_images(cfg, model, patcher, decoder, texts: tuple, seed: int, size: int, sampling, control=None) -> dict:
     """One validation sample: role -> [C,H,W] float in [0,1] (fg/rgba RGBA, others RGB).
     ``control``: the [1,3,H,W] control image of fg2bg / bg2fg."""
-    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, job_sampling, make_noise
+    from layerctl.pipelines.sampling import DenoiseSpec, decode_rgb, decode_transparent, denoise, make_noise
 
     v = cfg.validation
     use_cfg = v.cfg > 1.0
-    sampling = job_sampling(v, model, quiet=True)
     if cfg.mode == "transparent":
         embeds = model.encode_prompt([texts[0]], [v.negative], use_cfg, size, size)
         lat = denoise(model, DenoiseSpec(embeds=embeds, noise=make_noise([seed], 1, size, size), steps=v.steps, cfg=v.cfg,
@@ -1106,11 +1105,13 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
 
     v = cfg.validation
     size = cfg.data.resolution
+    sampling = job_sampling(v, model, quiet=True)  # the recipe's validation sampler, once per validation
     folder = Path(out_dir) / VAL_DIR / f"step-{step:07d}"
     written = []
     for i, texts in enumerate(prompts):
         for seed in v.seeds:
-            imgs = _denoise_images(cfg, model, patcher, decoder, texts, seed, size, None if controls is None else controls[i])
+            imgs = _denoise_images(cfg, model, patcher, decoder, texts, seed, size, sampling,
+                                   None if controls is None else controls[i])
             for role, img in imgs.items():
                 name = f"{i:02d}-seed{seed}.png" if role == "rgba" else f"{i:02d}-seed{seed}-{role}.png"
                 prompt = texts[0] if cfg.mode == "transparent" else texts[frames_of(cfg).index(role)]
@@ -1119,7 +1120,7 @@ def validation_images(cfg, model, patcher, decoder, prompts, out_dir: Path, step
                     "size": [size, size], "model": cfg.model.model, "mode": "rgba" if cfg.mode == "transparent" else cfg.layers.kind,
                     "role": role, "train_step": step, "trained_weights": weights_file(cfg), "transparent_decoder": decoder_name,
                     "tta": v.tta, "layerctl_version": __version__, "source": "layerctl train-lora validation",
-                    **job_sampling(v, model, quiet=True).metadata(),
+                    **sampling.metadata(),
                 }
                 save_png(folder / name, rgba_to_uint8(img), meta, overwrite=True)
                 written.append(str(folder / name))
