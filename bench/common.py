@@ -108,6 +108,22 @@ def set_threads(n: Optional[int]) -> None:
         torch.set_num_threads(int(n))
 
 
+def add_loop_args(ap) -> None:
+    """The options the sampling-loop benchmarks (gen_overhead, sampler_overhead) share."""
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--quick", action="store_true", help="64 px, 2 steps, 1 round (smoke test)")
+    ap.add_argument("--json", help="write the results to this JSON file")
+
+
+def apply_loop_args(args) -> None:
+    """--quick shrinks the run (one thread unless --threads says otherwise); then the threads are set."""
+    if args.quick:
+        args.size, args.steps, args.reps = 64, 2, 1
+        args.threads = args.threads or 1
+    set_threads(args.threads)
+
+
 # ---------------------------------------------------------------- timing
 
 

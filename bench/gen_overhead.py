@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Report, fmt_s, interleave, machine_info, median, print_header, set_threads  # noqa: E402
+from common import Report, add_loop_args, apply_loop_args, fmt_s, interleave, machine_info, median, print_header  # noqa: E402
 
 TARGET = 1.05
 PROMPT = "glass cup, high quality"
@@ -111,16 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="interleaved rounds (default 7)")
     ap.add_argument("--families", default="sd15,sdxl,flux", help="comma-separated: sd15 (tiny), sdxl (tiny-xl), flux (tiny-flux)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode-included cases")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--profile", action="store_true", help="cProfile layerctl vs plain-same and list the differences")
-    ap.add_argument("--quick", action="store_true", help="64 px, 2 steps, 1 round (smoke test)")
-    ap.add_argument("--json", help="write the results to this JSON file")
+    add_loop_args(ap)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.size, args.steps, args.reps = 64, 2, 1
-        args.threads = args.threads or 1
-    set_threads(args.threads)
+    apply_loop_args(args)
 
     import torch
 
