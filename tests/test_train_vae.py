@@ -114,6 +114,39 @@ def test_gan_and_reconstruction_losses():
     assert d(torch.zeros(2, 4, 64, 64)).shape[:2] == (2, 1)
 
 
+def test_edge_weighted_alpha_loss_punishes_a_halo_more_than_an_error_far_from_the_object():
+    target = torch.zeros(1, 4, 16, 16)
+    target[:, 0, 4:12, 4:12] = 1.0  # an 8x8 opaque square
+    band = L.edge_band(target[:, :1], 2)
+    # the band: 2 px each side of the square's outline, nothing far inside or outside
+    assert band[0, 0, 2, 8] == 1 and band[0, 0, 5, 8] == 1 and band[0, 0, 8, 8] == 0 and band[0, 0, 0, 0] == 0
+    assert int(band.sum()) == 12 * 12 - 4 * 4
+    halo, far = target.clone(), target.clone()
+    halo[:, 0, 3, 4:12] = 0.2  # a faint halo row just outside the edge
+    far[:, 0, 15, 4:12] = 0.2  # the same error in a far corner
+    plain = [L.recon_loss(x, target, "l1", alpha_weight=5.0).item() for x in (halo, far)]
+    assert plain[0] == pytest.approx(plain[1])
+    weighted = [L.recon_loss(x, target, "l1", alpha_weight=5.0, edge_weight=4.0).item() for x in (halo, far)]
+    assert weighted[0] > 3 * weighted[1]
+    # no error, no loss, whatever the weights
+    assert L.recon_loss(target, target, "l1", alpha_weight=5.0, edge_weight=4.0).item() == 0.0
+
+
+def test_every_shipped_recipe_validates():
+    """recipes/ and recipes/toy/ (the toy model's training stages): each train-vae / train-lora recipe
+    loads with its trainer's schema, so a renamed key cannot leave a stage that no longer runs."""
+    from layerctl.training import lora, vae
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    loaded = {}
+    for path in sorted(root.glob("**/train-*.yaml")):
+        loader = vae.load_config if path.name.startswith("train-vae") else lora.load_config
+        loaded[path.relative_to(root).as_posix()] = loader(path)
+    assert len([k for k in loaded if k.startswith("toy/")]) >= 10
+    stage5 = loaded["toy/train-vae-5.yaml"]
+    assert stage5.loss.alpha_edge_weight > 0 and stage5.loss.recon == "l1" and stage5.optim.lr_encoder > 0
+
+
 def test_decoder_views_are_the_tta_passes():
     from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import apply_view, decoder_views, unview

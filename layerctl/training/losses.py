@@ -75,10 +75,28 @@ def g_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     raise ValueError(f"unknown GAN loss {kind!r} (hinge or bce)")
 
 
-def recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", alpha_weight: float = 1.0) -> torch.Tensor:
+def edge_band(alpha01: torch.Tensor, width: int) -> torch.Tensor:
+    """[B,1,H,W] 0/1 map of the pixels within `width` px of the object's outline (alpha 0.5), on
+    both sides: the anti-aliased rim and the ring just outside it, where a decoder that is not sure
+    where the edge lies draws a faint halo."""
+    if width <= 0:
+        return torch.zeros_like(alpha01)
+    solid = (alpha01 > 0.5).float()
+    k = 2 * width + 1
+    grown = F.max_pool2d(solid, k, stride=1, padding=width)
+    shrunk = -F.max_pool2d(-solid, k, stride=1, padding=width)
+    return grown - shrunk
+
+
+def recon_loss(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", alpha_weight: float = 1.0,
+    edge_weight: float = 0.0, edge_width: int = 2,
+) -> torch.Tensor:
     """[B,4,H,W] [alpha, R, G, B] prediction vs target; channel 0 (alpha) weighted by alpha_weight.
 
-    Normalised by the channel weights, so alpha_weight = 1 is the plain mean.
+    Normalised by the channel weights, so alpha_weight = 1 is the plain mean. With edge_weight > 0
+    the alpha error of the pixels in edge_band(target alpha, edge_width) counts 1 + edge_weight
+    times (a weighted mean, so the alpha term keeps its scale).
     """
     d = (pred.float() - target.float()).abs()
     if kind == "l2":
@@ -86,6 +104,9 @@ def recon_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "l2", alpha
     elif kind != "l1":
         raise ValueError(f"unknown reconstruction loss {kind!r} (l2 or l1)")
     per_c = d.mean(dim=(0, 2, 3))  # [4]
+    if edge_weight > 0:
+        w_px = 1.0 + edge_weight * edge_band(target[:, :1].float(), edge_width)
+        per_c = torch.cat([((d[:, :1] * w_px).sum() / w_px.sum()).reshape(1), per_c[1:]])
     w = torch.ones_like(per_c)
     w[0] = alpha_weight
     return (per_c * w).sum() / w.sum()

@@ -11,7 +11,7 @@ visible loop (`train`), nanoGPT style. Per optimizer step, for each micro-batch:
     pred      = D_a(clamp(decoded/2+0.5), latent)      [alpha, R, G, B] (trained)
 
     loss = w_id * mse(decoded, (2c-1)*a)               identity: still decodes to the picture
-         + w_rec * l2(pred, [a, padded])               reconstruction
+         + w_rec * l2(pred, [a, padded])               reconstruction (alpha: optionally edge-weighted)
          + w_adv * -PatchD(pred)                       after loss.disc_start steps
     PatchD is trained on [a, padded] (real) vs pred (fake), hinge or BCE.
 
@@ -82,6 +82,10 @@ class LossOptions(Section):
     recon_weight: float = Field(1.0, ge=0)
     recon: Literal["l2", "l1"] = "l2"
     alpha_weight: float = Field(1.0, ge=0, description="weight of the alpha channel in the reconstruction loss")
+    alpha_edge_weight: float = Field(
+        0.0, ge=0, description="extra weight of the alpha error within alpha_edge_width px of the object's outline (against halos)"
+    )
+    alpha_edge_width: int = Field(2, ge=1, le=16, description="px each side of the outline that alpha_edge_weight covers")
     decoder_views: bool = Field(
         True, description="show the decoder a random one of the 8 flip/rot90 views of its inputs (undone on its output), as the TTA decode does"
     )
@@ -615,7 +619,7 @@ def _losses(cfg: VAETrainConfig, model, pair, raw_disc, rgba, padded, views, use
     _latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, lambda z: frozen_decode(model, z), views)
     target = decoder_target(rgba, padded)
     l_id = L.identity_loss(decoded, id_target)
-    l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight)
+    l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight, cfg.loss.alpha_edge_weight, cfg.loss.alpha_edge_width)
     loss = cfg.loss.identity_weight * l_id + cfg.loss.recon_weight * l_rec
     if use_adv:
         raw_disc.requires_grad_(False)  # the generator's adversarial term does not train the discriminator
