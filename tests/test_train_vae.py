@@ -509,3 +509,40 @@ def test_lr_encoder_zero_trains_the_decoder_alone(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     da, db = load_file(str(dec0)), load_file(str(tmp_path / "b" / "run" / V.DECODER_FILE))
     assert any(not torch.equal(da[k], db[k]) for k in da)
+
+
+def test_latent_noise_perturbs_what_the_decoder_reads_not_the_identity_term(tmp_path):
+    """loss.latent_noise: the decoder reads latent + noise and the decode of that; the identity term
+    (which trains the encoder) keeps the clean latent's decode. A short run with it completes."""
+    import torch
+
+    from layerctl.training import vae as V
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen = None
+
+        def forward(self, pixels, latent):
+            self.seen = (pixels, latent)
+            return torch.zeros(pixels.shape[0], 4, *pixels.shape[2:]) + self.w
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8)
+
+    decode = lambda z: torch.tanh(z.mean(1, keepdim=True).repeat_interleave(8, 2).repeat_interleave(8, 3).expand(-1, 3, -1, -1))  # noqa: E731
+    mean, std = torch.randn(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    enc_in = torch.rand(2, 4, 16, 16)
+    spy = Spy()
+    pair = V.make_pair(Zero(), spy)
+    latent, decoded, _pred = pair(enc_in, mean, std, decode)
+    assert torch.equal(spy.seen[1], mean) and torch.equal(decoded, decode(mean))
+    noise = torch.full_like(mean, 0.5)
+    latent, decoded, _pred = pair(enc_in, mean, std, decode, None, noise)
+    assert torch.allclose(spy.seen[1], mean + 0.5)
+    assert torch.equal(decoded, decode(mean))  # identity: the clean latent
+    assert torch.allclose(spy.seen[0], (decode(mean + 0.5) / 2 + 0.5).clamp(0, 1))  # the decoder: the perturbed one
+    result = V.train(_cfg(tmp_path, steps=2, loss={"latent_noise": 0.5, "alpha_edge_weight": 2.0, "recon": "l1"}), quiet=True)
+    assert result["status"] == "completed"

@@ -8,7 +8,8 @@ visible loop (`train`), nanoGPT style. Per optimizer step, for each micro-batch:
     offset    = E_a([a, padded])                       (trained)
     latent    = mean + std * offset                    (the transparent latent, unscaled)
     decoded   = frozen_vae.decode(latent)              (grad flows to the latent only)
-    pred      = D_a(clamp(decoded/2+0.5), latent)      [alpha, R, G, B] (trained)
+    pred      = D_a(clamp(decoded/2+0.5), latent)      [alpha, R, G, B] (trained); with loss.latent_noise
+                                                       the decoder reads latent + noise and its decode
 
     loss = w_id * mse(decoded, (2c-1)*a)               identity: still decodes to the picture
          + w_rec * l2(pred, [a, padded])               reconstruction (alpha: optionally edge-weighted)
@@ -86,6 +87,11 @@ class LossOptions(Section):
         0.0, ge=0, description="extra weight of the alpha error within alpha_edge_width px of the object's outline (against halos)"
     )
     alpha_edge_width: int = Field(2, ge=1, le=16, description="px each side of the outline that alpha_edge_weight covers")
+    latent_noise: float = Field(
+        0.0, ge=0, le=2,
+        description="the decoder learns from latents perturbed by Gaussian noise of strength U(0, latent_noise) per image "
+        "(in the denoiser's scaled units), as a sampled latent is never exactly an encoded one; the identity term sees the clean latent",
+    )
     decoder_views: bool = Field(
         True, description="show the decoder a random one of the 8 flip/rot90 views of its inputs (undone on its output), as the TTA decode does"
     )
@@ -228,14 +234,20 @@ def make_pair(encoder, decoder, flux: bool = False):
             self.encoder = enc
             self.decoder = dec
 
-        def forward(self, enc_in, mean, std, decode, views: Optional[list] = None):
+        def forward(self, enc_in, mean, std, decode, views: Optional[list] = None, noise=None):
             # the same as transparent_vae.encode_offset, with the padding already done by the loader
             if flux:
                 enc_in = torch.cat([enc_in[:, 1:], enc_in[:, :1]], dim=1)  # [padded RGB, alpha]
             offset = self.encoder(enc_in) * OFFSET_SCALE
             latent = mean + std * offset.float()
             decoded = decode(latent)  # [-1,1]
-            pixels = decoded / 2 + 0.5 if flux else (decoded / 2 + 0.5).clamp(0, 1)
+            if noise is not None:  # the decoder reads a perturbed latent (and its decode); the identity term the clean one
+                latent = latent.detach() + noise
+                with torch.no_grad():
+                    decoded_in = decode(latent)
+            else:
+                decoded_in = decoded
+            pixels = decoded_in / 2 + 0.5 if flux else (decoded_in / 2 + 0.5).clamp(0, 1)
             if views is None:
                 pred = self.decoder(pixels, latent)  # [alpha, R, G, B] (FLUX: [R, G, B, alpha]), not clipped
             else:  # per image one of the 8 test-time views, undone afterwards (as decode_tta does per pass)
@@ -616,7 +628,11 @@ def _losses(cfg: VAETrainConfig, model, pair, raw_disc, rgba, padded, views, use
             id_target = frozen_decode(model, mean)
     else:
         id_target = prem
-    _latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, lambda z: frozen_decode(model, z), views)
+    noise = None
+    if cfg.loss.latent_noise > 0:  # per image a strength in U(0, latent_noise), in the denoiser's (scaled) units
+        strength = torch.rand(mean.shape[0], 1, 1, 1, device=mean.device) * cfg.loss.latent_noise
+        noise = torch.randn_like(mean) * strength / model.latent_scale
+    _latent, decoded, pred = pair(encoder_input(rgba, padded), mean, std, lambda z: frozen_decode(model, z), views, noise)
     target = decoder_target(rgba, padded)
     l_id = L.identity_loss(decoded, id_target)
     l_rec = L.recon_loss(pred, target, cfg.loss.recon, cfg.loss.alpha_weight, cfg.loss.alpha_edge_weight, cfg.loss.alpha_edge_width)
