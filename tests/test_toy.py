@@ -142,22 +142,25 @@ def _run_default(tmp_path, prompt, seed, monkeypatch):
 
 
 def test_main_job_falls_back_to_toy_and_shows_real_transparency(tmp_path, monkeypatch):
-    """Issue 9's check, with the shipped weights: the fallback notice; "glass cup" gives a partly
-    transparent body, "red ball" an opaque round object (most of 3 seeds). (Whether the glass body
-    is cup-shaped is measured over 100 seeds by bench/toy_quality.py, see docs/toy-model.md: the
-    toy model draws it in a minority of seeds, so it is not asserted here.)"""
-    from layerctl.training.toy_metrics import body_alpha_mean, classify
+    """Issue 9's and 14's check, with the shipped weights: the fallback notice; "glass cup" gives a
+    partly transparent body inside a more opaque rim (glass as the toy world draws it), "red ball" an
+    opaque round object. (Whether the glass body is cup-shaped, and the solid alpha with the rim, are
+    measured over 100 seeds by bench/toy_quality.py, see docs/toy-model.md: neither is good enough on
+    every seed to assert here.)"""
+    from layerctl.training.toy_metrics import body_alpha_mean, classify, rim_and_body
 
     _weights()
     cups, balls = [], []
     for seed in (1, 2, 3):
         alpha, err = _run_default(tmp_path, "glass cup", seed, monkeypatch)
         assert "using the bundled 'toy' model" in err
-        cups.append((classify(alpha)[0], body_alpha_mean(alpha)))
+        cups.append((classify(alpha)[0], body_alpha_mean(alpha), rim_and_body(alpha)[0]))
         alpha, _ = _run_default(tmp_path, "red ball", seed, monkeypatch)
         balls.append((classify(alpha)[0], body_alpha_mean(alpha)))
-    assert all(0.2 < a < 0.8 for _shape, a in cups), cups
-    assert sum(shape == "ball" and a > 0.85 for shape, a in balls) >= 2, balls
+    assert all(0.2 < body < 0.8 for _shape, body, _rim in cups), cups
+    # the rim of the glass is denser than its body on every seed (1.7% of images before issue 14's retraining)
+    assert all(rim > body + 0.1 for _shape, body, rim in cups), cups
+    assert all(shape == "ball" and a > 0.9 for shape, a in balls), balls
     # and the two materials are told apart on every seed
     assert all(b[1] - c[1] > 0.25 for c, b in zip(cups, balls)), (cups, balls)
 
