@@ -90,7 +90,8 @@ class LossOptions(Section):
     latent_noise: float = Field(
         0.0, ge=0, le=2,
         description="the decoder learns from latents perturbed by Gaussian noise of strength U(0, latent_noise) per image "
-        "(in the denoiser's scaled units), as a sampled latent is never exactly an encoded one; the identity term sees the clean latent",
+        "(in the denoiser's scaled units), as a sampled latent is never exactly an encoded one; the identity term sees the clean latent, "
+        "and the encoder learns from the identity term alone (meant for decoder-only stages, optim.lr_encoder: 0)",
     )
     decoder_views: bool = Field(
         True, description="show the decoder a random one of the 8 flip/rot90 views of its inputs (undone on its output), as the TTA decode does"
