@@ -542,7 +542,7 @@ def test_latent_noise_perturbs_what_the_decoder_reads_not_the_identity_term(tmp_
     noise = torch.full_like(mean, 0.5)
     latent, decoded, _pred = pair(enc_in, mean, std, decode, None, noise)
     assert torch.allclose(spy.seen[1], mean + 0.5)
-    assert torch.equal(decoded, decode(mean))  # identity: the clean latent
+    assert torch.equal(latent, mean) and torch.equal(decoded, decode(mean))  # identity: the clean latent, handed back as such
     assert torch.allclose(spy.seen[0], (decode(mean + 0.5) / 2 + 0.5).clamp(0, 1))  # the decoder: the perturbed one
     result = V.train(_cfg(tmp_path, steps=2, loss={"latent_noise": 0.5, "alpha_edge_weight": 2.0, "recon": "l1"}), quiet=True)
     assert result["status"] == "completed"

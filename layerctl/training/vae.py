@@ -243,16 +243,16 @@ def make_pair(encoder, decoder, flux: bool = False):
             latent = mean + std * offset.float()
             decoded = decode(latent)  # [-1,1]
             if noise is not None:  # the decoder reads a perturbed latent (and its decode); the identity term the clean one
-                latent = latent.detach() + noise
+                latent_in = latent.detach() + noise
                 with torch.no_grad():
-                    decoded_in = decode(latent)
+                    decoded_in = decode(latent_in)
             else:
-                decoded_in = decoded
+                latent_in, decoded_in = latent, decoded
             pixels = decoded_in / 2 + 0.5 if flux else (decoded_in / 2 + 0.5).clamp(0, 1)
             if views is None:
-                pred = self.decoder(pixels, latent)  # [alpha, R, G, B] (FLUX: [R, G, B, alpha]), not clipped
+                pred = self.decoder(pixels, latent_in)  # [alpha, R, G, B] (FLUX: [R, G, B, alpha]), not clipped
             else:  # per image one of the 8 test-time views, undone afterwards (as decode_tta does per pass)
-                pred = unview(self.decoder(apply_view(pixels, views), apply_view(latent, views)), views)
+                pred = unview(self.decoder(apply_view(pixels, views), apply_view(latent_in, views)), views)
             if flux:
                 pred = torch.cat([pred[:, 3:4], pred[:, :3]], dim=1)
             return latent, decoded, pred
