@@ -58,6 +58,7 @@ class LoadedModel:
     default_cfg: float
     official: dict = field(default_factory=dict)  # role -> official file name
     modes: tuple = ("rgba",)  # layer modes this backend can run
+    refine_strength: float = 0.5  # default strength of a refine at a larger size (upscale, gen --hires)
     notes: str = ""  # e.g. "tiny: random weights, pictures are noise"
     attention: str = "sdpa"  # what the UNet's attention runs on
     tiny: bool = False  # a built-in test model (random weights; layer weights made in memory)

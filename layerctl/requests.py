@@ -199,7 +199,7 @@ class GenRequest(LayerJob):
     strength: float = 0.75
     mask: Optional[str] = None
     hires: Optional[float] = None
-    hires_strength: float = 0.5
+    hires_strength: Optional[float] = None  # None: the model's refine_strength (toy 0.2, others 0.5)
     controlnet: list[str] = Field(default_factory=list)
     control_image: list[str] = Field(default_factory=list)
     control_scale: list[float] = Field(default_factory=list)
@@ -233,7 +233,7 @@ class GenRequest(LayerJob):
     @field_validator("hires_strength")
     @classmethod
     def _hires_strength(cls, v):
-        if not (0.0 < v <= 1.0):
+        if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(f"hires_strength must be in (0, 1] (got {v})")
         return v
 
@@ -289,7 +289,7 @@ class UpscaleRequest(JobOptions):
     image: str
     scale: float = 2.0
     prompt: str = ""
-    strength: float = 0.5
+    strength: Optional[float] = None  # None: the model's refine_strength (toy 0.2, others 0.5)
     out: Optional[str] = None
     weight: float = 1.0
     preview: bool = False
@@ -313,7 +313,7 @@ class UpscaleRequest(JobOptions):
     @field_validator("strength")
     @classmethod
     def _strength(cls, v):
-        if not (0.0 < v <= 1.0):
+        if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(f"strength must be in (0, 1] (got {v})")
         return v
 

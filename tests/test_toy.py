@@ -165,6 +165,50 @@ def test_main_job_falls_back_to_toy_and_shows_real_transparency(tmp_path, monkey
     assert all(b[1] - c[1] > 0.25 for c, b in zip(cups, balls)), (cups, balls)
 
 
+def _alpha_png(path, size=None):
+    import json
+
+    from PIL import Image
+
+    img = Image.open(path)
+    meta = json.loads(img.text["layerctl"])
+    img = img.convert("RGBA")
+    if size is not None:
+        img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32)[..., 3] / 255.0, meta
+
+
+def test_upscale_and_hires_on_toy_keep_the_shape(tmp_path):
+    """Issue 14: `upscale` (x2) and `gen --hires 2` on the toy model keep the object's shape. The toy model
+    knows one size; at 128x128 a refine of strength 0.5 (the SD default) redrew glass cups into torn,
+    hooked shapes (bench/toy_upscale.py: mask IoU with the source 0.69, against 0.95 at 0.2), so its
+    default refine strength is 0.2.
+    An explicit --strength is honoured."""
+    from clihelp import run_cli
+
+    _weights()
+    src = tmp_path / "cup.png"
+    code, _o, err = run_cli("gen", "glass cup", "--model", "toy", "--seed", "1", "--out", src)
+    assert code == 0, err
+    a0, _ = _alpha_png(src)
+    ious = {}
+    for label, extra in (("default", ()), ("0.5", ("--strength", "0.5"))):
+        out = tmp_path / f"cup_x2_{label}.png"
+        code, _o, err = run_cli("upscale", src, "--model", "toy", "--prompt", "glass cup", "--seed", "1", "--out", out, *extra)
+        assert code == 0, err
+        a1, meta = _alpha_png(out, 64)
+        assert meta["strength"] == (0.2 if label == "default" else 0.5) and meta["size"] == [128, 128]
+        m0, m1 = a0 > 0.2, a1 > 0.2
+        ious[label] = (m0 & m1).sum() / (m0 | m1).sum()
+    assert ious["default"] > 0.85, ious
+    hires = tmp_path / "hires.png"
+    code, _o, err = run_cli("gen", "glass cup", "--model", "toy", "--seed", "1", "--hires", "2", "--out", hires)
+    assert code == 0, err
+    a2, meta = _alpha_png(hires, 64)
+    assert meta["hires_strength"] == 0.2 and meta["size"] == [128, 128]
+    assert ((a0 > 0.2) & (a2 > 0.2)).sum() / ((a0 > 0.2) | (a2 > 0.2)).sum() > 0.85
+
+
 def test_every_layer_mode_runs_on_toy(tmp_path):
     """gen --bg, gen --fg, gen --joint and decompose run on the shipped toy weights (no explicit files),
     with --psd; the outputs have the model's size and the foreground has alpha."""
@@ -260,3 +304,23 @@ def test_toy_quality_bench_quick(tmp_path, capsys):
     assert gt["rgba"]["solid_object_alpha"] > 0.85 and gt["rgba"]["solid_hole_share"] == 0.0
     assert gt["rgba"]["glass_share_rim_above_body"] == 1.0
     assert gt["layers"]["mae"] < 0.01 and gt["layers"]["iou"] > 0.9
+
+
+def test_toy_upscale_bench_measure():
+    """bench/toy_upscale.py's per-result measure: the same shape scores IoU 1 and nothing new; a
+    shape with a hole torn into it scores lower and counts the new hole."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "toy_upscale.py"
+    spec = importlib.util.spec_from_file_location("bench_toy_upscale", bench)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 18**2).astype(np.float32)
+    same = mod.measure(disc, disc)
+    assert same["iou"] == 1.0 and not same["new_hole"] and not same["speck"] and same["alpha_mae"] == 0.0
+    torn = disc.copy()
+    torn[26:38, 26:38] = 0.0
+    got = mod.measure(disc, torn)
+    assert got["iou"] < 0.9 and got["new_hole"] and got["alpha_mae"] > 0.01

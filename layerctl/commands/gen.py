@@ -138,7 +138,7 @@ def gen(
     strength: Strength = 0.75,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Inpainting mask (white = repaint), with --init.", rich_help_panel=EDITING)] = None,
     hires: Annotated[Optional[float], typer.Option("--hires", help="Upscale factor (> 1) refined by img2img.", rich_help_panel=EDITING)] = None,
-    hires_strength: Annotated[float, typer.Option("--hires-strength", help="Strength of the hires pass, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
+    hires_strength: Annotated[Optional[float], typer.Option("--hires-strength", help="Strength of the hires pass, in (0, 1] (model default: toy 0.2, others 0.5).", rich_help_panel=EDITING)] = None,
     controlnet: ControlNet = None,
     control_image: ControlImage = None,
     control_scale: ControlScale = None,

@@ -21,7 +21,7 @@ def upscale(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="What the image shows (guides the refinement).")] = None,
     negative: Negative = None,
     clip_skip: ClipSkip = 1,
-    strength: Annotated[float, typer.Option("--strength", help="How much the refinement may change, in (0, 1].", rich_help_panel=EDITING)] = 0.5,
+    strength: Annotated[Optional[float], typer.Option("--strength", help="How much the refinement may change, in (0, 1] (model default: toy 0.2, others 0.5).", rich_help_panel=EDITING)] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output PNG (default: IMAGE_x<scale>.png next to IMAGE).", rich_help_panel=OUTPUT)] = None,
     model: Model = None,
     family: Family = None,

@@ -246,6 +246,11 @@ def _settings(req, model) -> tuple[int, float]:
     return int(steps), float(cfg)
 
 
+def refine_strength(given: Optional[float], model) -> float:
+    """The strength of a refine at a larger size: as given, else the model's default (toy 0.2, others 0.5)."""
+    return float(given) if given is not None else float(model.refine_strength)
+
+
 def _inpainting_unet(model) -> bool:
     """An inpainting denoiser: [latent, mask, masked-image latent] in (SD: 9 = 4 + 1 + 4 channels)."""
     return model.denoiser_in_channels == 2 * model.latent_channels + 1
@@ -266,7 +271,7 @@ def plan_gen_edit(models, req) -> EditJob:
         raise LayerctlError("--out is required (the PNG to write; {i} and {seed} fill in for batches)")
     if req.mask and not req.init:
         raise LayerctlError("--mask needs --init (the image to inpaint)")
-    if not (0.0 < req.hires_strength <= 1.0):
+    if req.hires_strength is not None and not (0.0 < req.hires_strength <= 1.0):
         raise LayerctlError(f"hires_strength must be in (0, 1] (got {req.hires_strength})")
     n = req.batch
     seeds = batch_seeds(req.seed, n)
@@ -321,7 +326,7 @@ def plan_gen_edit(models, req) -> EditJob:
         req=req, kind="gen", kit=kit, prompt=req.prompt, seeds=seeds, steps=steps, cfg=cfg, width=width,
         height=height, paths=paths, psd_paths=psds, init=init, mask_path=req.mask, mask_sha256=mask_sha,
         strength=req.strength if init is not None else 1.0, hires=req.hires, hires_wh=hires_wh,
-        hires_strength=req.hires_strength, control_options=options, control_images=images, notes=notes,
+        hires_strength=refine_strength(req.hires_strength, model), control_options=options, control_images=images, notes=notes,
         sampling=_sampling(models, req, model),
     )
     if init is not None:
@@ -365,10 +370,11 @@ def plan_upscale(models, req) -> EditJob:
     model = kit.model
     _check_unet(model)
     steps, cfg = _settings(req, model)
+    strength = refine_strength(req.strength, model)
     job = EditJob(
         req=req, kind="upscale", kit=kit, prompt=req.prompt, seeds=[seed], steps=steps, cfg=cfg, width=w,
-        height=h, paths=paths, init=src, init_rgba=src.source.copy(), strength=req.strength, hires=req.scale,
-        hires_wh=(w2, h2), hires_strength=req.strength, control_options=options, control_images=images,
+        height=h, paths=paths, init=src, init_rgba=src.source.copy(), strength=strength, hires=req.scale,
+        hires_wh=(w2, h2), hires_strength=strength, control_options=options, control_images=images,
         sampling=_sampling(models, req, model),
     )
     job.controls = _load_controls(job, w2, h2)
