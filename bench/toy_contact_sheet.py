@@ -4,7 +4,7 @@
     python bench/toy_contact_sheet.py --layer-weights DIR --out /tmp/sheet.png   # candidate layer files
 
 One row per picture a newcomer makes, seeds 0-3 across, every tile generated through `Session.gen`
-exactly as `layerctl gen` (defaults: 20 steps, CFG 4, 8-way TTA). Transparent tiles are shown as
+exactly as `layerctl gen` (defaults: 20 steps, the model's CFG (toy: 3), 8-way TTA). Transparent tiles are shown as
 the checkerboard preview (the same tones as `gen --preview`, 8-px cells at 64 px), scaled 3x with
 nearest-neighbour so that single pixels stay visible:
 

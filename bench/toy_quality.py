@@ -146,8 +146,9 @@ def ground_truth(n: int = 400, seed: int = 12345) -> dict:
 # ---------------------------------------------------------------- generation
 
 
-def _weights_args(weights_dir: str | None, decoder: str | None, role: str) -> dict:
-    out = {}
+def _request_args(weights_dir: str | None, decoder: str | None, role: str, cfg_rescale: float | None = None) -> dict:
+    """The GenRequest fields the bench's options set beyond prompt, seed, steps and cfg."""
+    out = {} if cfg_rescale is None else {"cfg_rescale": cfg_rescale}
     if decoder:
         out["transparent_decoder"] = decoder
     if weights_dir and (Path(weights_dir) / f"{role}.safetensors").is_file():
@@ -308,6 +309,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi (default: the model's)")
     ap.add_argument("--model", default="toy")
     ap.add_argument("--layer-weights", default=None,
                     help="folder with candidate rgba/joint/fg2bg/bg2fg.safetensors (default: the shipped ones)")
@@ -333,20 +335,20 @@ def main(argv=None):
 
     from layerctl.api import Session
 
-    report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg,
+    report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
               "seeds": len(seeds), "layer_seeds": len(layer_seeds),
               "weights": {"layer_weights": args.layer_weights, "decoder": args.decoder}}
     t0 = time.perf_counter()
     with Session(quiet=True) as s:
         alphas, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
-                                      _weights_args(args.layer_weights, args.decoder, "rgba"))
+                                      _request_args(args.layer_weights, args.decoder, "rgba", args.cfg_rescale))
         rows = {p: [rgba_measures(alphas[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
         report["rgba"] = summarise_rgba(rows, solid, glass)
         layer_rows, layer_times = {}, {}
         for mode in modes:
             layer_rows[mode], layer_times[mode] = generate_layers(
                 s, mode, scenes, layer_seeds, args.steps, args.cfg, out_dir, args.model,
-                _weights_args(args.layer_weights, args.decoder, mode))
+                _request_args(args.layer_weights, args.decoder, mode, args.cfg_rescale))
     report["layers"] = {m: summarise_layers(r) for m, r in layer_rows.items()}
     report["seconds_per_image_median"] = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
     report["seconds_per_layer_job_median"] = {m: float(np.median(t)) for m, t in layer_times.items()}

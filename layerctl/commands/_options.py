@@ -61,7 +61,7 @@ Height = Annotated[Optional[int], typer.Option("--height", "-H", help="Height in
 Steps = Annotated[Optional[int], typer.Option(
     "--steps", help=f"Sampling steps, 1 to {MAX_STEPS} (model default: toy 20, SD1.5 20, SDXL 25).", rich_help_panel=SIZE)]
 Cfg = Annotated[Optional[float], typer.Option(
-    "--cfg", help="Classifier-free guidance scale, >= 0 (model default: toy 4, SD1.5/SDXL 7).", rich_help_panel=SIZE)]
+    "--cfg", help="Classifier-free guidance scale, >= 0 (model default: toy 3, SD1.5/SDXL 7).", rich_help_panel=SIZE)]
 Seed = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed in [0, 2**32); -1 or none: a random one (written to the files and printed on stderr). "
     "Image i of a batch uses seed+i.", rich_help_panel=SIZE)]
