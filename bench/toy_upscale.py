@@ -42,10 +42,9 @@ def _alpha(path, size=None) -> np.ndarray:
 
 def measure(a0: np.ndarray, small: np.ndarray) -> dict:
     """One result: `a0` the source alpha, `small` the upscaled alpha resized back to the source size."""
-    from layerctl.training.toy_metrics import has_hole, has_speck
+    from layerctl.training.toy_metrics import has_hole, has_speck, iou
 
-    m0, m1 = a0 > 0.2, small > 0.2
-    return {"iou": float((m0 & m1).sum() / max((m0 | m1).sum(), 1)), "new_hole": bool(has_hole(small) and not has_hole(a0)),
+    return {"iou": iou(a0 > 0.2, small > 0.2), "new_hole": bool(has_hole(small) and not has_hole(a0)),
             "speck": bool(has_speck(small)), "alpha_mae": float(np.abs(small - a0).mean())}
 
 

@@ -189,6 +189,8 @@ def test_upscale_and_hires_on_toy_keep_the_shape(tmp_path):
     An explicit --strength is honoured."""
     from clihelp import run_cli
 
+    from layerctl.training.toy_metrics import iou
+
     _weights()
     src = tmp_path / "cup.png"
     code, _o, err = run_cli("gen", "glass cup", "--model", "toy", "--seed", "1", "--out", src)
@@ -201,15 +203,14 @@ def test_upscale_and_hires_on_toy_keep_the_shape(tmp_path):
         assert code == 0, err
         a1, meta = _alpha_png(out, 64)
         assert meta["strength"] == (0.2 if label == "default" else 0.5) and meta["size"] == [128, 128]
-        m0, m1 = a0 > 0.2, a1 > 0.2
-        ious[label] = (m0 & m1).sum() / (m0 | m1).sum()
+        ious[label] = iou(a0 > 0.2, a1 > 0.2)
     assert ious["default"] > 0.85, ious
     hires = tmp_path / "hires.png"
     code, _o, err = run_cli("gen", "glass cup", "--model", "toy", "--seed", "1", "--hires", "2", "--out", hires)
     assert code == 0, err
     a2, meta = _alpha_png(hires, 64)
     assert meta["hires_strength"] == 0.2 and meta["size"] == [128, 128]
-    assert ((a0 > 0.2) & (a2 > 0.2)).sum() / ((a0 > 0.2) | (a2 > 0.2)).sum() > 0.85
+    assert iou(a0 > 0.2, a2 > 0.2) > 0.85
 
 
 def test_every_layer_mode_runs_on_toy(tmp_path):
