@@ -191,7 +191,7 @@ class ToyBackend(Backend):
     def load(self, ref, device, dtype, attention="auto"):
         folder = None if ref in ("toy", "", None) else Path(ref)
         pipe = load_toy(device, dtype, folder)
-        base = Path(folder or WEIGHTS_DIR)
+        base = Path(folder or WEIGHTS_DIR).resolve()  # absolute: the official-file lookup reads relative names as released names
         official = {role: str(base / name) for role, name in {**{k: FILES[k] for k in ("encoder", "decoder")}, **LAYER_FILES}.items()
                     if (base / name).is_file()}
         modes = tuple(m for m in ("rgba", "joint", "fg2bg", "bg2fg") if m in official) or ("rgba",)

@@ -24,7 +24,9 @@ weights unless --layer-weights / --decoder name other files), model loaded once.
    and `gen --fg` (the scene's foreground given). Per image: the blended picture vs `fg over
    bg` (MAE over the object; target < 0.1) and the foreground's object mask vs the region where
    the blended picture differs from the background (IoU; target > 0.7); for joint and --bg
-   also whether the generated foreground has the prompt's shape.
+   also whether the generated foreground has the prompt's shape. Beside them, the ceiling: the
+   same two measures on the scenes themselves with their bg and blended picture round-tripped
+   through the base VAE (every generated bg and blended picture is decoded by it).
 3. transparency VAE, from the shipped encoder/decoder: alpha PSNR and composite RGB PSNR on
    held-out scenes against the zero-initialised pair.
 4. time of one 64x64 image (20 steps, 8-way TTA decode), model loaded; shipped size.
@@ -146,9 +148,12 @@ def ground_truth(n: int = 400, seed: int = 12345) -> dict:
 # ---------------------------------------------------------------- generation
 
 
-def _request_args(weights_dir: str | None, decoder: str | None, role: str, cfg_rescale: float | None = None) -> dict:
+def _request_args(weights_dir: str | None, decoder: str | None, role: str, cfg_rescale: float | None = None,
+                  negative: str | None = None) -> dict:
     """The GenRequest fields the bench's options set beyond prompt, seed, steps and cfg."""
     out = {} if cfg_rescale is None else {"cfg_rescale": cfg_rescale}
+    if negative is not None:
+        out["negative"] = negative
     if decoder:
         out["transparent_decoder"] = decoder
     if weights_dir and (Path(weights_dir) / f"{role}.safetensors").is_file():
@@ -233,10 +238,36 @@ def layers_ground_truth(scenes) -> dict:
     return summarise_layers(rows)
 
 
+def layers_vae_ceiling(scenes, model: str) -> dict:
+    """The agreement a perfect diffusion model would reach through the base VAE: each scene's
+    background and blended picture encoded (latent mean) and decoded, its foreground as it is.
+    Every generated bg and blended picture goes through that decoder, so the layer modes cannot
+    do better than this (for --bg, where the bg is the given file, only the blended one is decoded)."""
+    import torch
+
+    from layerctl.training.vae import load_frozen_vae
+
+    vae = load_frozen_vae(model, torch.device("cpu")).pipe.vae
+
+    def round_trip(img):
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() * 2 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        return ((y[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+
+    both, given_bg = [], []
+    for s in scenes:
+        blended = round_trip(s.blended)
+        a, b = layer_agreement(s.fg, round_trip(s.bg), blended), layer_agreement(s.fg, s.bg, blended)
+        both.append({"mae": a["mae"], "iou": a["iou"]})
+        given_bg.append({"mae": b["mae"], "iou": b["iou"]})
+    return {"bg_decoded": summarise_layers(both), "bg_given": summarise_layers(given_bg)}
+
+
 # ---------------------------------------------------------------- transparency VAE
 
 
-def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None = None) -> dict:
+def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None = None, model: str = "toy") -> dict:
     """Shipped transparency encoder/decoder vs the zero-initialised pair, on n held-out scenes."""
     import torch
 
@@ -250,7 +281,7 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None
     padded = np.stack([pad_rgb(x) for x in rgba])
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()  # noqa: E731
     batches = [{"rgba": to_t(rgba[i : i + 16]), "padded": to_t(padded[i : i + 16])} for i in range(0, n, 16)]
-    model = load_frozen_vae("toy", torch.device("cpu"))
+    model = load_frozen_vae(model, torch.device("cpu"))
     enc = tv.load_encoder(weight_path("encoder")).float().eval()
     dec = load_decoder_any(decoder or weight_path("decoder")).float().eval()
     shipped = evaluate(model, enc, dec, batches, tta=False)
@@ -286,9 +317,12 @@ def print_summary(report: dict) -> None:
     ]
     for mode, s in report.get("layers", {}).items():
         gt = report["ground_truth"]["layers"]
+        ceil = report["ground_truth"]["layers_through_vae"]["bg_given" if mode == "bg2fg" else "bg_decoded"]
         lines.append((f"{mode}: MAE blended vs fg over bg", fmt(s["mae"]), fmt(gt["mae"]), f"< {MAE_TARGET}"))
+        lines.append((f"{mode}: MAE, scenes through the base VAE (ceiling)", fmt(ceil["mae"]), "", ""))
         lines.append((f"{mode}: share MAE < {MAE_TARGET}", fmt(s["share_mae_below_target"], True), "", ""))
         lines.append((f"{mode}: IoU fg alpha vs object in blended", fmt(s["iou"]), fmt(gt["iou"]), f"> {IOU_TARGET}"))
+        lines.append((f"{mode}: IoU, scenes through the base VAE (ceiling)", fmt(ceil["iou"]), "", ""))
         lines.append((f"{mode}: share IoU > {IOU_TARGET}", fmt(s["share_iou_above_target"], True), "", ""))
         if "fg_shape_accuracy" in s:
             lines.append((f"{mode}: fg shape accuracy", fmt(s["fg_shape_accuracy"], True), "", ""))
@@ -310,6 +344,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi (default: the model's)")
+    ap.add_argument("--negative", default=None, help="negative prompt (default: gen's)")
     ap.add_argument("--model", default="toy")
     ap.add_argument("--layer-weights", default=None,
                     help="folder with candidate rgba/joint/fg2bg/bg2fg.safetensors (default: the shipped ones)")
@@ -335,25 +370,27 @@ def main(argv=None):
 
     from layerctl.api import Session
 
-    report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
+    report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale, "negative": args.negative,
               "seeds": len(seeds), "layer_seeds": len(layer_seeds),
               "weights": {"layer_weights": args.layer_weights, "decoder": args.decoder}}
     t0 = time.perf_counter()
     with Session(quiet=True) as s:
         alphas, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
-                                      _request_args(args.layer_weights, args.decoder, "rgba", args.cfg_rescale))
+                                      _request_args(args.layer_weights, args.decoder, "rgba", args.cfg_rescale, args.negative))
         rows = {p: [rgba_measures(alphas[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
         report["rgba"] = summarise_rgba(rows, solid, glass)
         layer_rows, layer_times = {}, {}
         for mode in modes:
             layer_rows[mode], layer_times[mode] = generate_layers(
                 s, mode, scenes, layer_seeds, args.steps, args.cfg, out_dir, args.model,
-                _request_args(args.layer_weights, args.decoder, mode, args.cfg_rescale))
+                _request_args(args.layer_weights, args.decoder, mode, args.cfg_rescale, args.negative))
     report["layers"] = {m: summarise_layers(r) for m, r in layer_rows.items()}
     report["seconds_per_image_median"] = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
     report["seconds_per_layer_job_median"] = {m: float(np.median(t)) for m, t in layer_times.items()}
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
     report["ground_truth"] = {"rgba": ground_truth(), "layers": layers_ground_truth(scenes)}
+    if modes:
+        report["ground_truth"]["layers_through_vae"] = layers_vae_ceiling(scenes, args.model)
     report["per_prompt"] = {
         p: {"correct": sum(r["correct"] for r in rows[p]), "of": len(rows[p]),
             "predicted": dict(sorted({k: sum(r["shape"] == k for r in rows[p]) for k in {r["shape"] for r in rows[p]}}.items(),
@@ -373,7 +410,7 @@ def main(argv=None):
     report["shipped_bytes"] = sum(files.values())
     report["shipped_files"] = files
     if not args.no_vae:
-        report["transparent_vae"] = transparent_vae_figures(decoder=args.decoder)
+        report["transparent_vae"] = transparent_vae_figures(decoder=args.decoder, model=args.model)
     report["images"] = str(out_dir)
     report["per_image"] = {p: rows[p] for p in rows}
     report["per_image_layers"] = layer_rows

@@ -308,6 +308,11 @@ def test_toy_quality_bench_quick(tmp_path, capsys):
     assert gt["rgba"]["solid_object_alpha"] > 0.85 and gt["rgba"]["solid_hole_share"] == 0.0
     assert gt["rgba"]["glass_share_rim_above_body"] == 1.0
     assert gt["layers"]["mae"] < 0.01 and gt["layers"]["iou"] > 0.9
+    # the same scenes through the base VAE: its round trip costs agreement, and the table says so
+    ceil = gt["layers_through_vae"]
+    for k in ("bg_decoded", "bg_given"):
+        assert ceil[k]["images"] == 3 and gt["layers"]["mae"] < ceil[k]["mae"] < 0.5 and 0.0 < ceil[k]["iou"] < gt["layers"]["iou"]
+    assert "joint: IoU, scenes through the base VAE (ceiling)" in text
 
 
 def test_toy_upscale_bench_measure():
@@ -328,3 +333,55 @@ def test_toy_upscale_bench_measure():
     torn[26:38, 26:38] = 0.0
     got = mod.measure(disc, torn)
     assert got["iou"] < 0.9 and got["new_hole"] and got["alpha_mae"] > 0.01
+
+
+def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
+    """recipes/toy/pretrain_base.py decoder: trains the VAE's decoder only. The encoder (and with
+    it every latent the UNet and LoRAs learned) is saved bit for bit, the scaling factor kept,
+    the decoder changed; with --ema the saved decoder is the average (decay 0.5 here, so it moves)."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    d = _weights()
+    for f in d.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
+    spec = importlib.util.spec_from_file_location("toy_pretrain_base", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["decoder", "--out", str(tmp_path), "--steps", "2", "--batch", "2", "--lr", "1e-2", "--ema", "0.5",
+              "--seed", "3", "--threads", "1"])
+    before, after = load_file(str(d / "vae.safetensors")), load_file(str(tmp_path / "vae.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        same = bool((before[k] == after[k]).all())
+        if k.startswith(("encoder.", "quant_conv.")):
+            assert same, k
+    assert any(not bool((before[k] == after[k]).all()) for k in before if k.startswith("decoder."))
+    with safe_open(str(d / "vae.safetensors"), "pt") as f0, safe_open(str(tmp_path / "vae.safetensors"), "pt") as f1:
+        m0, m1 = f0.metadata(), f1.metadata()
+    assert m1["scaling_factor"] == m0["scaling_factor"] and m1["decoder_steps"] == "2" and float(m1["heldout_psnr"]) > 10
+    import json
+
+    assert json.loads((tmp_path / "training.json").read_text())["vae_decoder"]["steps"] == 2
+
+
+def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):
+    """`--model toy:DIR` with a relative DIR (a candidate set of toy weights) finds its own
+    transparent decoder and layer files, not a released file of that name on the hub."""
+    import shutil
+
+    from clihelp import run_cli
+
+    d = _weights()
+    shutil.copytree(d, tmp_path / "cand")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _out, err = run_cli("gen", "red ball", "--model", "toy:cand", "--steps", "2", "--seed", "1", "--out", "ball.png")
+    assert code == 0, err
+    assert (tmp_path / "ball.png").is_file()
