@@ -359,14 +359,22 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     spec.loader.exec_module(mod)
     # main() sets the thread count and Ctrl-C handlers for a training process: put this one's back
     threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = ["decoder", "--steps", "2", "--batch", "4", "--lr", "1e-2", "--ema", "0.5", "--seed", "3", "--threads", "1"]
+    (tmp_path / "transparent").mkdir()
+    for f in ("vae.safetensors", "training.json"):
+        shutil.copy(d / f, tmp_path / "transparent" / f)
     try:
-        mod.main(["decoder", "--out", str(tmp_path), "--steps", "2", "--batch", "2", "--lr", "1e-2", "--ema", "0.5",
-                  "--seed", "3", "--threads", "1"])
+        mod.main(args + ["--out", str(tmp_path)])
+        # the same run with the fg rows on transparent latents (the offset in place of the sampling noise)
+        mod.main(args + ["--out", str(tmp_path / "transparent"), "--transparent-encoder", str(d / "transparent_encoder.safetensors")])
     finally:
         torch.set_num_threads(threads)
         for sig, h in handlers.items():
             signal.signal(sig, h)
     before, after = load_file(str(d / "vae.safetensors")), load_file(str(tmp_path / "vae.safetensors"))
+    other = load_file(str(tmp_path / "transparent" / "vae.safetensors"))
+    assert any(not torch.equal(after[k], other[k]) for k in after if k.startswith("decoder."))
+    assert all(torch.equal(before[k], other[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert before.keys() == after.keys()
     for k in before:
         if k.startswith(("encoder.", "quant_conv.")):

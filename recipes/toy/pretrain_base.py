@@ -132,7 +132,10 @@ def heldout_psnr(vae, n: int = 96, seed: int = 424242) -> float:
 def train_decoder(args):
     """The VAE's decoder alone, from the weights in --out: the encoder (so every latent the UNet,
     the transparency VAE and the LoRAs were trained on) stays as it is, only the pictures decoded
-    from those latents get sharper. Sampled latents, L1 + MSE, EMA of the decoder saved."""
+    from those latents get sharper. Sampled latents, L1 + MSE, EMA of the decoder saved. With
+    --transparent-encoder the foreground rows get the latent-transparency offset instead of the
+    sampling noise (the latents the transparent LoRA draws), still decoded to the fg over grey."""
+    from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import EMA
 
     out = Path(args.out)
@@ -165,11 +168,16 @@ def train_decoder(args):
         _log_stage(out, "vae_decoder", step, time.time() - t0, args, extra={"heldout_psnr": round(psnr, 2), "ema": args.ema})
         print(f"saved vae decoder (step {step}, held-out PSNR {psnr:.2f} dB)", file=sys.stderr, flush=True)
 
+    enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     for step in range(1, args.steps + 1):
-        x = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng)[0]
+        x, _, roles, fgs = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            rows = [i for i, r in enumerate(roles) if r == "fg"] if enc is not None else []
+            if rows:  # what the LoRA draws: the latent-transparency offset instead of the sampling noise
+                rgba = torch.from_numpy(fgs[rows]).permute(0, 3, 1, 2).float()
+                z[rows] = post.mean[rows] + post.std[rows] * tv.encode_offset(enc, rgba)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
@@ -339,7 +347,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "layerctl" / "toy_weights"))
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--transparent-encoder", default=None)
+    ap.add_argument("--transparent-encoder", default=None,
+                    help="unet: train fg rows on transparent latents; decoder: decode them to the fg over grey")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="unet: stop (and save) after this step; the schedule still spans --steps")
     ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out (the decoder stage always does)")
