@@ -87,6 +87,23 @@ def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator):
     return x, caps, roles, np.stack(fgs)
 
 
+def psnr_db(rec, x) -> float:
+    """PSNR in dB of a decoded batch against its pixels, both in [-1, 1]."""
+    return -10 * math.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() + 1e-12)
+
+
+@torch.no_grad()
+def offset_fg_rows(enc, roles, fgs, mean, std, lat) -> None:
+    """In place: the fg rows of `lat` become what the transparent LoRA draws, the posterior mean
+    plus the latent-transparency offset (instead of the sampling noise). No-op without `enc`."""
+    from layerctl.models import transparent_vae as tv
+
+    rows = [i for i, r in enumerate(roles) if r == "fg"] if enc is not None else []
+    if rows:
+        rgba = torch.from_numpy(fgs[rows]).permute(0, 3, 1, 2).float()
+        lat[rows] = mean[rows] + std[rows] * tv.encode_offset(enc, rgba)
+
+
 def train_vae(args):
     vae, text, unet = toy.build_components(args.seed)
     vae.train()
@@ -108,7 +125,7 @@ def train_vae(args):
             g["lr"] = (args.lr or 1e-3) * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         opt.step()
         if step % 20 == 0:
-            psnr = -10 * math.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() + 1e-12)
+            psnr = psnr_db(rec, x)
             print(f"vae step {step}/{args.steps} loss {loss.item():.4f} psnr {psnr:.2f} kl {kl.item():.3f} "
                   f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
@@ -126,7 +143,7 @@ def heldout_psnr(vae, n: int = 96, seed: int = 424242) -> float:
     x = scene_batch(SceneSource(seed), 0, n, np.random.default_rng(seed))[0]
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample
     vae.train(was)
-    return -10 * math.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() + 1e-12)
+    return psnr_db(rec, x)
 
 
 def train_decoder(args):
@@ -174,10 +191,7 @@ def train_decoder(args):
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-            rows = [i for i, r in enumerate(roles) if r == "fg"] if enc is not None else []
-            if rows:  # what the LoRA draws: the latent-transparency offset instead of the sampling noise
-                rgba = torch.from_numpy(fgs[rows]).permute(0, 3, 1, 2).float()
-                z[rows] = post.mean[rows] + post.std[rows] * tv.encode_offset(enc, rgba)
+            offset_fg_rows(enc, roles, fgs, post.mean, post.std, z)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
@@ -190,7 +204,7 @@ def train_decoder(args):
         if avg is not None:
             avg.update(dec)
         if step % 20 == 0:
-            psnr = -10 * math.log10(F.mse_loss((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item() + 1e-12)
+            psnr = psnr_db(rec, x)
             print(f"decoder step {step}/{args.steps} loss {loss.item():.4f} psnr {psnr:.2f} lr {lr:.2e} "
                   f"{time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
@@ -288,11 +302,8 @@ def train_unet(args):
                 mean, std = post.mean, post.std
                 lat = mean + std * torch.randn(mean.shape, generator=gen)
         with torch.no_grad():
-            if enc is not None:  # fg rows: the latent-transparency offset replaces the sampling noise
-                rows = [i for i, r in enumerate(roles) if r == "fg"]
-                if rows:
-                    rgba = torch.from_numpy(fgs[rows]).permute(0, 3, 1, 2).float()
-                    lat[rows] = mean[rows] + std[rows] * tv.encode_offset(enc, rgba)
+            if enc is not None:  # (no cache then, so this batch's fg pictures exist)
+                offset_fg_rows(enc, roles, fgs, mean, std, lat)
             lat = lat * scale
         drop = rng.random(len(caps))
         caps = [("" if rng.random() < 0.5 else "bad, ugly") if d < 0.1 else c for c, d in zip(caps, drop)]
