@@ -2,6 +2,7 @@
 
     python bench/toy_contact_sheet.py                       # the shipped weights -> docs/toy-model.png
     python bench/toy_contact_sheet.py --layer-weights DIR --out /tmp/sheet.png   # candidate layer files
+    python bench/toy_contact_sheet.py --model toy:DIR --out /tmp/sheet.png       # a candidate set of toy weights
 
 One row per picture a newcomer makes, seeds 0-3 across, every tile generated through `Session.gen`
 exactly as `layerctl gen` (defaults: 20 steps, the model's CFG (toy: 3), 8-way TTA). Transparent tiles are shown as
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "toy-model.png"))
     ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--model", default="toy", help="toy:DIR for a candidate set of toy weights")
     ap.add_argument("--layer-weights", default=None, help="folder with candidate rgba/joint/fg2bg/bg2fg.safetensors")
     ap.add_argument("--decoder", default=None, help="candidate transparent decoder")
     ap.add_argument("--threads", type=int, default=1)
@@ -109,11 +111,11 @@ def main(argv=None) -> int:
             for seed in seeds:
                 if row["role"] == "out":
                     out = tmp / f"{key}_{seed}.png".replace(" ", "_").replace('"', "")
-                    s.gen(GenRequest(model="toy", out=str(out), seed=seed, device="cpu", overwrite=True, **row["req"], **extra))
+                    s.gen(GenRequest(model=args.model, out=str(out), seed=seed, device="cpu", overwrite=True, **row["req"], **extra))
                     paths[(key, seed)] = {"out": out}
                 else:
                     d = tmp / f"{key}_{seed}"
-                    s.gen(GenRequest(model="toy", out_dir=str(d), seed=seed, device="cpu", overwrite=True, **row["req"], **extra))
+                    s.gen(GenRequest(model=args.model, out_dir=str(d), seed=seed, device="cpu", overwrite=True, **row["req"], **extra))
                     paths[(key, seed)] = {r: d / f"{r}.png" for r in ("fg", "bg", "blended")}
     width = LABEL_W + len(seeds) * (TILE + PAD) + PAD
     height = 30 + len(spec) * (TILE + PAD) + PAD

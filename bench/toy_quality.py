@@ -16,7 +16,10 @@ weights unless --layer-weights / --decoder name other files), model loaded once.
      by design only) and the share with a stray speck (a second blob apart from the object);
    - glass: the body alpha (the object without its 2-px rim; target 0.2-0.8), the rim alpha,
      and the share of images whose rim is more opaque than their body;
-   - the older measure of issue 9 (solid body alpha without the rim) for continuity.
+   - the older measure of issue 9 (solid body alpha without the rim) for continuity;
+   - solid objects' colour: mean |RGB - the prompt colour's value| over the opaque pixels
+     (a "red ball" drawn orange scores high), and the share of images whose nearest toy-world
+     colour is the prompt's.
    The same measures on the training scenes' own alphas ("ground truth") show what each
    measure gives on perfect pictures.
 2. layer modes, 10 held-out scenes (SceneSource(777), 7 solid + 3 glass objects) x layer seeds:
@@ -48,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from layerctl.training.toy_metrics import (  # noqa: E402
-    CLASSIFY_SHAPES, HOLED_SHAPES, THIN_SHAPES, body_alpha_mean, classify, has_hole, has_speck,
-    layer_agreement, object_alpha_mean, rim_and_body, templates,
+    CLASSIFY_SHAPES, HOLED_SHAPES, THIN_SHAPES, body_alpha_mean, classify, colour_error, has_hole, has_speck,
+    layer_agreement, nearest_colour, object_alpha_mean, rim_and_body, templates,
 )
 from layerctl.training.scenes import SHAPES, SceneSource  # noqa: E402
 
@@ -88,14 +91,20 @@ def layer_scenes(count: int = len(LAYER_SCENES)) -> list:
 # ---------------------------------------------------------------- per-image measures
 
 
-def rgba_measures(alpha: np.ndarray, prompt: str, temps) -> dict:
+def rgba_measures(rgba: np.ndarray, prompt: str, temps) -> dict:
+    """rgba: [H,W,4] straight RGBA in [0,1]; prompt: "<colour> <shape>" or "glass <shape>"."""
+    alpha = rgba[..., 3]
     want = shape_of(prompt)
     got, score = classify(alpha, temps)
     rim, body_rimless = rim_and_body(alpha)
+    glass = prompt.startswith("glass")
+    colour = None if glass else nearest_colour(rgba)
     return {"shape": got, "correct": got == want, "iou": round(score, 3),
             "object_alpha": round(object_alpha_mean(alpha), 4), "body_alpha": round(body_alpha_mean(alpha), 4),
             "rim_alpha": round(rim, 4), "body_alpha_rimless": round(body_rimless, 4),
-            "hole": bool(has_hole(alpha)), "speck": bool(has_speck(alpha))}
+            "hole": bool(has_hole(alpha)), "speck": bool(has_speck(alpha)),
+            "colour_error": None if glass else colour_error(rgba, prompt.split()[0]),
+            "colour": colour, "colour_right": None if colour is None else colour == prompt.split()[0]}
 
 
 def summarise_rgba(rows: dict, solid: list[str], glass: list[str]) -> dict:
@@ -105,7 +114,11 @@ def summarise_rgba(rows: dict, solid: list[str], glass: list[str]) -> dict:
     sol = [r for p in solid for r in rows[p]]
     holeless = [r for p in solid if shape_of(p) not in HOLED_SHAPES for r in rows[p]]
     gla = [r for p in glass for r in rows[p]]
-    m = lambda rs, k: float(np.mean([r[k] for r in rs])) if rs else None  # noqa: E731
+
+    def m(rs, k):  # mean of a measure, images without it (None) left out
+        vals = [r[k] for r in rs if r[k] is not None]
+        return float(np.mean(vals)) if vals else None
+
     share = lambda rs, f: float(np.mean([bool(f(r)) for r in rs])) if rs else None  # noqa: E731
     return {
         "images": len(allr),
@@ -119,6 +132,8 @@ def summarise_rgba(rows: dict, solid: list[str], glass: list[str]) -> dict:
         "solid_hole_images": len(holeless),
         "speck_share": share(allr, lambda r: r["speck"]),
         "solid_body_alpha_rimless": m(sol, "body_alpha"),
+        "solid_colour_error": m(sol, "colour_error"),
+        "solid_colour_accuracy": share([r for r in sol if r["colour_right"] is not None], lambda r: r["colour_right"]),
         "glass_body_alpha": m(gla, "body_alpha"),
         "glass_share_body_in_0.2_0.8": share(gla, lambda r: 0.2 <= r["body_alpha"] <= 0.8),
         "glass_rim_alpha": m(gla, "rim_alpha"),
@@ -138,8 +153,8 @@ def ground_truth(n: int = 400, seed: int = 12345) -> dict:
             continue
         if s.obj.material == "glass" and s.obj.shape == "glass":
             continue
-        prompt = f"{'glass' if s.obj.material == 'glass' else 'red'} {SHAPES[s.obj.shape]}"
-        rows.setdefault(prompt, []).append(rgba_measures(s.fg[..., 3], prompt, temps))
+        prompt = f"{'glass' if s.obj.material == 'glass' else s.obj.colour} {SHAPES[s.obj.shape]}"
+        rows.setdefault(prompt, []).append(rgba_measures(s.fg, prompt, temps))
     solid = sorted(p for p in rows if not p.startswith("glass"))
     glass = sorted(p for p in rows if p.startswith("glass"))
     return summarise_rgba(rows, solid, glass)
@@ -170,7 +185,7 @@ def load_png(path) -> np.ndarray:
 def generate_rgba(session, prompts, seeds, steps, cfg, out_dir: Path, model: str, wargs: dict):
     from layerctl.requests import GenRequest
 
-    alphas, times = {}, []
+    images, times = {}, []
     for p in prompts:
         for seed in seeds:
             path = out_dir / f"{p.replace(' ', '_')}_{seed}.png"
@@ -178,8 +193,8 @@ def generate_rgba(session, prompts, seeds, steps, cfg, out_dir: Path, model: str
             session.gen(GenRequest(prompt=p, model=model, out=str(path), seed=seed, steps=steps, cfg=cfg, device="cpu",
                                    overwrite=True, **wargs))
             times.append(time.perf_counter() - t)
-            alphas[(p, seed)] = load_png(path)[..., 3]
-    return alphas, times
+            images[(p, seed)] = load_png(path)
+    return images, times
 
 
 def generate_layers(session, mode: str, scenes, seeds, steps, cfg, out_dir: Path, model: str, wargs: dict):
@@ -310,6 +325,8 @@ def print_summary(report: dict) -> None:
         ("solid: share with a hole", fmt(r["solid_hole_share"], True), fmt(g["solid_hole_share"], True), "0"),
         ("share with a stray speck", fmt(r["speck_share"], True), fmt(g["speck_share"], True), "0"),
         ("solid: body alpha without the rim (issue 9)", fmt(r["solid_body_alpha_rimless"]), fmt(g["solid_body_alpha_rimless"]), ""),
+        ("solid: colour error (mean abs. RGB difference from the prompt colour)", fmt(r["solid_colour_error"]), fmt(g["solid_colour_error"]), "low"),
+        ("solid: nearest toy colour is the prompt's", fmt(r["solid_colour_accuracy"], True), fmt(g["solid_colour_accuracy"], True), ""),
         ("glass: body alpha", fmt(r["glass_body_alpha"]), fmt(g["glass_body_alpha"]), "0.2-0.8"),
         ("glass: share of bodies in 0.2-0.8", fmt(r["glass_share_body_in_0.2_0.8"], True), fmt(g["glass_share_body_in_0.2_0.8"], True), ""),
         ("glass: rim alpha", fmt(r["glass_rim_alpha"]), fmt(g["glass_rim_alpha"]), "> body"),
@@ -375,9 +392,9 @@ def main(argv=None):
               "weights": {"layer_weights": args.layer_weights, "decoder": args.decoder}}
     t0 = time.perf_counter()
     with Session(quiet=True) as s:
-        alphas, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
+        images, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
                                       _request_args(args.layer_weights, args.decoder, "rgba", args.cfg_rescale, args.negative))
-        rows = {p: [rgba_measures(alphas[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
+        rows = {p: [rgba_measures(images[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
         report["rgba"] = summarise_rgba(rows, solid, glass)
         layer_rows, layer_times = {}, {}
         for mode in modes:
@@ -398,7 +415,8 @@ def main(argv=None):
             "object_alpha": float(np.mean([r["object_alpha"] for r in rows[p]])),
             "body_alpha": float(np.mean([r["body_alpha"] for r in rows[p]])),
             "rim_alpha": float(np.mean([r["rim_alpha"] for r in rows[p]])),
-            "holes": sum(r["hole"] for r in rows[p]), "specks": sum(r["speck"] for r in rows[p])}
+            "holes": sum(r["hole"] for r in rows[p]), "specks": sum(r["speck"] for r in rows[p]),
+            "colour_error": summarise_rgba({p: rows[p]}, [p], [])["solid_colour_error"] if not p.startswith("glass") else None}
         for p in solid + glass}
     report["per_scene_layers"] = {
         m: {s.caption: {"mae": float(np.mean([r["mae"] for r in rs if r["scene"] == k])),

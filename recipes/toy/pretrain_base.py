@@ -151,7 +151,9 @@ def train_decoder(args):
     the transparency VAE and the LoRAs were trained on) stays as it is, only the pictures decoded
     from those latents get sharper. Sampled latents, L1 + MSE, EMA of the decoder saved. With
     --transparent-encoder the foreground rows get the latent-transparency offset instead of the
-    sampling noise (the latents the transparent LoRA draws), still decoded to the fg over grey."""
+    sampling noise (the latents the transparent LoRA draws), still decoded to the fg over grey.
+    With --latent-noise the decoder also learns from latents perturbed as a sampler leaves them
+    (off the encoder's manifold), decoded to the clean picture."""
     from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import EMA
 
@@ -182,9 +184,12 @@ def train_decoder(args):
         save_fp16(vae, out / toy.FILES["vae"], {**keep, "step": meta.get("step", ""), "decoder_steps": step,
                                                 "heldout_psnr": f"{psnr:.2f}"})
         dec.load_state_dict(live)
-        _log_stage(out, "vae_decoder", step, time.time() - t0, args, extra={"heldout_psnr": round(psnr, 2), "ema": args.ema})
+        extra = {"heldout_psnr": round(psnr, 2), "ema": args.ema, "latent_noise": args.latent_noise,
+                 "transparent_latents": bool(args.transparent_encoder)}
+        _log_stage(out, "vae_decoder", step, time.time() - t0, args, extra=extra)
         print(f"saved vae decoder (step {step}, held-out PSNR {psnr:.2f} dB)", file=sys.stderr, flush=True)
 
+    scaling = float(meta["scaling_factor"])
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     for step in range(1, args.steps + 1):
         x, _, roles, fgs = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng)
@@ -192,6 +197,9 @@ def train_decoder(args):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
             offset_fg_rows(enc, roles, fgs, post.mean, post.std, z)
+            if args.latent_noise > 0:  # per row a strength in U(0, latent_noise), in the UNet's (scaled) units
+                strength = torch.rand(z.shape[0], 1, 1, 1, generator=gen) * args.latent_noise
+                z = z + strength / scaling * torch.randn(z.shape, generator=gen)
         rec = vae.decode(z).sample
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x)
         opt.zero_grad(set_to_none=True)
@@ -275,6 +283,7 @@ def train_unet(args):
     if args.resume:
         toy._load_into(text, out / toy.FILES["text_encoder"])
         toy._load_into(unet, out / toy.FILES["unet"])
+    scaling = float(meta["scaling_factor"])
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(unet.parameters()) + list(text.parameters())
@@ -360,6 +369,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--transparent-encoder", default=None,
                     help="unet: train fg rows on transparent latents; decoder: decode them to the fg over grey")
+    ap.add_argument("--latent-noise", type=float, default=0.0,
+                    help="decoder: add Gaussian noise of strength U(0, this) per row to the latents, in the UNet's scaled units")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="unet: stop (and save) after this step; the schedule still spans --steps")
     ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out (the decoder stage always does)")
