@@ -164,8 +164,8 @@ def test_main_job_falls_back_to_toy_and_shows_real_transparency(tmp_path, monkey
     # the rim of the glass is denser than its body on every seed (1.7% of images before issue 14's retraining)
     assert all(rim > body + 0.1 for _shape, body, rim in cups), cups
     assert all(shape == "ball" and a > 0.9 for shape, a, _whole, _speck in balls), balls
-    # rim included, the ball stays opaque: no faint haze around it, no speck beside it (issue 14's fifth
-    # round gives 0.89 / 0.89 / 0.84; the second round's weights at CFG 4 gave 0.78 / 0.70 / 0.48, with specks)
+    # rim included, the ball stays opaque: no faint haze around it, no speck beside it (issue 14's sixth
+    # round gives 0.90 / 0.90 / 0.86; the second round's weights at CFG 4 gave 0.78 / 0.70 / 0.48, with specks)
     assert all(whole > 0.8 and not speck for _shape, _a, whole, speck in balls), balls
     # and it is red: of the toy world's twelve colours, red is the nearest (the fourth round's candidate
     # base decoder drew it orange)
