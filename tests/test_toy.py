@@ -416,6 +416,40 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     assert json.loads((tmp_path / "training.json").read_text())["vae_decoder"]["steps"] == 2
 
 
+def test_pretrain_unet_stage_resumes(tmp_path):
+    """recipes/toy/pretrain_base.py unet --resume: two steps from the shipped weights change the UNet,
+    keep the VAE, and log the stage (a smoke test of the script's third stage)."""
+    import importlib.util
+    import json
+    import shutil
+    import signal
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    d = _weights()
+    for f in d.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
+    spec = importlib.util.spec_from_file_location("toy_pretrain_base_unet", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        mod.main(["unet", "--resume", "--steps", "2", "--batch", "4", "--lr", "1e-2", "--seed", "3", "--threads", "1",
+                  "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    before, after = load_file(str(d / "unet.safetensors")), load_file(str(tmp_path / "unet.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "vae.safetensors").read_bytes() == (d / "vae.safetensors").read_bytes()
+    assert json.loads((tmp_path / "training.json").read_text())["unet"]["steps"] == 2
+
+
 def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):
     """`--model toy:DIR` with a relative DIR (a candidate set of toy weights) finds its own
     transparent decoder and layer files, not a released file of that name on the hub."""

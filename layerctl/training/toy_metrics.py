@@ -69,7 +69,7 @@ def object_alpha_mean(alpha: np.ndarray) -> float:
 def colour_error(rgba: np.ndarray, colour: str) -> float | None:
     """Mean |RGB - the colour's value| over the object's opaque pixels (alpha > 0.5), channels
     averaged: how far a "red ball" is from the toy world's red. None without an opaque pixel.
-    The scenes' own objects score about 0.05 (their shading and a small colour jitter)."""
+    The scenes' own objects score about 0.04 (their shading and a small colour jitter)."""
     m = rgba[..., 3] > 0.5
     if not m.any():
         return None

@@ -283,7 +283,6 @@ def train_unet(args):
     if args.resume:
         toy._load_into(text, out / toy.FILES["text_encoder"])
         toy._load_into(unet, out / toy.FILES["unet"])
-    scaling = float(meta["scaling_factor"])
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(unet.parameters()) + list(text.parameters())
