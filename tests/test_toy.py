@@ -164,9 +164,10 @@ def test_main_job_falls_back_to_toy_and_shows_real_transparency(tmp_path, monkey
     # the rim of the glass is denser than its body on every seed (1.7% of images before issue 14's retraining)
     assert all(rim > body + 0.1 for _shape, body, rim in cups), cups
     assert all(shape == "ball" and a > 0.9 for shape, a, _whole, _speck in balls), balls
-    # rim included, the ball stays opaque: no faint haze around it, no speck beside it (issue 14's sixth
-    # round gives 0.90 / 0.90 / 0.86; the second round's weights at CFG 4 gave 0.78 / 0.70 / 0.48, with specks)
-    assert all(whole > 0.8 and not speck for _shape, _a, whole, speck in balls), balls
+    # rim included, the ball stays opaque (issue 14's target, > 0.85): no faint haze around it, no speck
+    # beside it (the seventh round gives 0.91 / 0.91 / 0.87, the sixth 0.90 / 0.90 / 0.86; the second
+    # round's weights at CFG 4 gave 0.78 / 0.70 / 0.48, with specks)
+    assert all(whole > 0.85 and not speck for _shape, _a, whole, speck in balls), balls
     # and it is red: of the toy world's twelve colours, red is the nearest (the fourth round's candidate
     # base decoder drew it orange)
     assert colours == ["red"] * 3, colours
@@ -306,17 +307,24 @@ def test_issue14_measures_on_the_toy_world():
     assert bad["mae"] > 0.1 and bad["iou"] < 0.5
 
 
-def test_toy_quality_bench_quick(tmp_path, capsys):
-    """bench/toy_quality.py --quick runs every measure through Session.gen and writes its report."""
+def _toy_quality_bench():
+    """bench/toy_quality.py as a module (the bench folder is not a package)."""
     import importlib.util
-    import json
     from pathlib import Path
 
-    _weights()
     bench = Path(__file__).resolve().parents[1] / "bench" / "toy_quality.py"
     spec = importlib.util.spec_from_file_location("bench_toy_quality", bench)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_toy_quality_bench_quick(tmp_path, capsys):
+    """bench/toy_quality.py --quick runs every measure through Session.gen and writes its report."""
+    import json
+
+    _weights()
+    mod = _toy_quality_bench()
     out = tmp_path / "q.json"
     assert mod.main(["--quick", "--modes", "joint", "--json", str(out)]) == 0
     text = capsys.readouterr().out
@@ -464,3 +472,22 @@ def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):
     code, _out, err = run_cli("gen", "red ball", "--model", "toy:cand", "--steps", "2", "--seed", "1", "--out", "ball.png")
     assert code == 0, err
     assert (tmp_path / "ball.png").is_file()
+
+
+def test_layer_modes_agree_on_toy(tmp_path):
+    """Issue 14: with the shipped layer models and the defaults (20 steps, CFG 3), the object of `gen --fg`
+    and of `gen --joint` is where the blended picture shows it: mean IoU of the foreground's alpha region
+    with the object in the blended picture, over the bench's ten held-out scenes, seed 0. Measured: the
+    files shipped before issue 14's seventh round 0.46 (--fg) and 0.60 (--joint), the seventh round's
+    0.61 and 0.65 (the bench's figures over 5 seeds are in bench/RESULTS.md)."""
+    from layerctl.api import Session
+
+    _weights()
+    tq = _toy_quality_bench()
+    scenes = tq.layer_scenes()
+    ious = {}
+    with Session(quiet=True) as s:
+        for mode in ("fg2bg", "joint"):
+            rows, _times = tq.generate_layers(s, mode, scenes, [0], 20, None, tmp_path, "toy", {})
+            ious[mode] = float(np.mean([r["iou"] for r in rows]))
+    assert ious["fg2bg"] > 0.55 and ious["joint"] > 0.62, ious
