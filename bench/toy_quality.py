@@ -350,6 +350,10 @@ def print_summary(report: dict) -> None:
     print("|---|---|---|---|")
     for row in lines:
         print("| " + " | ".join(row) + " |")
+    for p, d in report.get("per_prompt", {}).items():
+        drawn = ", ".join(f"{k} {v}" for k, v in d["predicted"].items())
+        print(f"{p}: {d['correct']}/{d['of']} right (drawn: {drawn}); alpha with rim {d['object_alpha']:.2f}, "
+              f"holes {d['holes']}, specks {d['specks']}")
 
 
 def main(argv=None):
@@ -368,6 +372,8 @@ def main(argv=None):
     ap.add_argument("--decoder", default=None, help="candidate transparent decoder (default: the shipped one)")
     ap.add_argument("--no-vae", action="store_true", help="skip the transparency-VAE figures")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 4 steps, 3 layer scenes, no VAE figures")
+    ap.add_argument("--prompts", default=None,
+                    help="comma-separated subset of the text -> RGBA prompts (default: all ten), for a quick look at a few")
     ap.add_argument("--keep", default=None, help="folder to keep the generated PNGs in")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -380,6 +386,12 @@ def main(argv=None):
     seeds = list(range(1, args.seeds + 1))
     layer_seeds = list(range(1, (args.seeds if args.layer_seeds is None else args.layer_seeds) + 1))
     solid, glass = rgba_prompts()
+    if args.prompts:
+        wanted = [p.strip() for p in args.prompts.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in solid + glass]
+        if unknown:
+            ap.error(f"unknown prompt(s) {unknown}; the bench's prompts: {', '.join(solid + glass)}")
+        solid, glass = [p for p in solid if p in wanted], [p for p in glass if p in wanted]
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="toyq-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]

@@ -44,6 +44,25 @@ def test_unknown_shape_rejected():
         SceneSource(shapes=["dragon"])
 
 
+def test_export_rgba_folder_adds_chosen_shapes(tmp_path):
+    """A second export with `shapes` and `first` adds to a folder (a training set weighted towards some
+    shapes) and leaves the files already there as they were."""
+    from PIL import Image
+
+    from layerctl.training.scenes import export_rgba_folder
+
+    export_rgba_folder(tmp_path, 3, seed=4)
+    before = (tmp_path / "000002.png").read_bytes()
+    export_rgba_folder(tmp_path, 4, seed=5, shapes=["cup", "ring"], first=3)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"{i:06d}.png" for i in range(7)]
+    assert (tmp_path / "000002.png").read_bytes() == before
+    added = [(tmp_path / f"{i:06d}.txt").read_text().split() for i in range(3, 7)]
+    assert all(words[-1] in ("cup", "ring") for words in added), added
+    assert Image.open(tmp_path / "000005.png").mode == "RGBA"
+    with pytest.raises(ValueError):
+        export_rgba_folder(tmp_path, 1, shapes=["dragon"], first=7)
+
+
 def test_tokenizer_word_level():
     from layerctl.backends.toy import MAX_TOKENS, toy_tokenizer, toy_vocab, unknown_words
 
@@ -346,6 +365,23 @@ def test_toy_quality_bench_quick(tmp_path, capsys):
     for k in ("bg_decoded", "bg_given"):
         assert ceil[k]["images"] == 3 and gt["layers"]["mae"] < ceil[k]["mae"] < 0.5 and 0.0 < ceil[k]["iou"] < gt["layers"]["iou"]
     assert "joint: IoU, scenes through the base VAE (ceiling)" in text
+
+
+def test_toy_quality_bench_prompt_subset(tmp_path, capsys):
+    """--prompts measures only the prompts named, prints a line per prompt, and refuses one it does not know."""
+    import json
+
+    _weights()
+    mod = _toy_quality_bench()
+    out = tmp_path / "q.json"
+    assert mod.main(["--quick", "--modes", "", "--prompts", "red cup,glass cup", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert sorted(r["per_prompt"]) == ["glass cup", "red cup"] and r["rgba"]["images"] == 2
+    text = capsys.readouterr().out
+    assert "red cup: " in text and "right (drawn: " in text and "red ball: " not in text
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--quick", "--modes", "", "--prompts", "red zebra"])
+    assert e.value.code == 2
 
 
 def test_toy_upscale_bench_measure():

@@ -304,20 +304,24 @@ class SceneSource:
         return Scene(fg=fg, bg=draw_background(bg, size, size, rng), obj=obj, background=bg)
 
 
-def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64) -> int:
-    """Write `count` foreground RGBA PNGs (+ .txt captions) for train-vae / train-lora folder sources."""
+def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shapes=None, first: int = 0) -> int:
+    """Write `count` foreground RGBA PNGs (+ .txt captions) for train-vae / train-lora folder sources.
+
+    `shapes` limits the scenes to those objects (e.g. to weight a training set towards the thin ones);
+    `first` numbers the files from there, so a second call can add to a folder without overwriting it."""
     from pathlib import Path
 
     from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = SceneSource(seed)
+    src = SceneSource(seed, shapes=shapes)
     for i in range(count):
         s = src(i, size)
         arr = np.clip(np.rint(s.fg * 255), 0, 255).astype(np.uint8)
-        Image.fromarray(arr, "RGBA").save(out / f"{i:06d}.png")
-        (out / f"{i:06d}.txt").write_text(s.fg_caption + "\n")
+        name = f"{first + i:06d}"
+        Image.fromarray(arr, "RGBA").save(out / f"{name}.png")
+        (out / f"{name}.txt").write_text(s.fg_caption + "\n")
     return count
 
 
