@@ -128,3 +128,21 @@ def test_sampler_overhead_quick(capsys):
     # same components and scheduler: the plain pipeline reproduces layerctl's latents exactly
     assert re.search(r"^value dpmpp_2m: max \|latent\(layerctl\) - latent\(plain\)\|: [\d.e-]+ .*MET$", out, re.M), out
     assert re.search(r"^value dpmpp_sde: layerctl ms per UNet evaluation \(3 evaluations\)", out, re.M)
+
+
+def test_toy_base_shapes_quick(capsys, tmp_path):
+    """bench/toy_base_shapes.py: the base model's own pictures, classified through the grey mask; the same
+    measure on the toy world's scenes (its ceiling) gets balls and cups right; a prompt with no shape the
+    classifier knows is refused."""
+    mod = load("toy_base_shapes")
+    out = tmp_path / "base.json"
+    assert mod.main(["--quick", "--prompts", "red cup,green ball", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "red cup: base model right " in text and "green ball: base model right " in text
+    r = json.loads(out.read_text())["prompts"]
+    assert r["red cup"]["of"] == 2 and sum(r["red cup"]["drawn"].values()) == 2
+    assert r["green ball"]["ceiling"] > 0.9 and r["red cup"]["ceiling"] > 0.7
+    assert r["red cup"]["seed_spread"] > 0.0
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--quick", "--prompts", "red zebra"])
+    assert e.value.code == 2

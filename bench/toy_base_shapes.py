@@ -1,0 +1,124 @@
+"""Which shapes does the toy model's base UNet draw, before any LoRA? (issue 14)
+
+    python bench/toy_base_shapes.py                                   # the four prompts below, 30 seeds
+    python bench/toy_base_shapes.py --prompts "red cup,purple star" --seeds 50 --json out.json
+
+The base model (the shipped `toy` UNet, no transparent LoRA) learnt foreground rows as the object over
+plain grey (0.5), captioned like "red cup". So its own picture of "red cup" can be measured without the
+transparency VAE: the object's mask is where the picture leaves the grey (max over RGB of |x − 0.5| >
+0.12), classified by the same template IoU as `bench/toy_quality.py`. The same mask on the toy world's own
+foregrounds over grey gives the measure's ceiling, printed beside it. A shape the base model cannot draw
+is one a LoRA on it has to learn by itself: this tells the transparent LoRA's limits from the base's.
+
+Also printed: how much the pictures of one prompt differ between seeds (mean |difference| of each
+picture from the prompt's mean picture); a base model that draws nearly the same picture for every seed
+draws a mean shape, where thin parts such as a cup's handle blur away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PROMPTS = ("red cup", "glass cup", "purple star", "blue ring")
+GREY, THRESHOLD = 0.5, 0.12
+
+
+def grey_mask(rgb: np.ndarray) -> np.ndarray:
+    """Where an (H, W, 3) picture in [0, 1] leaves the plain grey its foreground rows were drawn on."""
+    return (np.abs(rgb - GREY).max(-1) > THRESHOLD).astype(np.float32)
+
+
+def scene_ceiling(prompt: str, n: int, temps, seed: int = 99) -> float:
+    """Share of the toy world's own scenes for `prompt`, over grey, that the mask + classifier get right."""
+    from layerctl.training.scenes import COLOURS, MATERIALS, SceneSource
+    from layerctl.training.toy_metrics import classify
+
+    words = prompt.split()
+    shape = words[-1]
+    material = next((w for w in words[:-1] if w in MATERIALS), "solid")
+    colour = [w for w in words[:-1] if w in COLOURS]
+    src = SceneSource(seed, shapes=[shape], materials=[material], colours=colour or None)
+    right = 0
+    for i in range(n):
+        fg = src(i).fg
+        a = fg[..., 3:]
+        right += classify(grey_mask(fg[..., :3] * a + GREY * (1 - a)), temps)[0] == shape
+    return right / n
+
+
+def measure(prompts, seeds: int, steps: int, cfg: float, model_dir=None) -> dict:
+    import torch
+
+    from layerctl.backends.toy import load_toy
+    from layerctl.training.toy_metrics import classify, templates
+
+    temps = templates()
+    pipe = load_toy("cpu", torch.float32, folder=Path(model_dir) if model_dir else None)
+    pipe.set_progress_bar_config(disable=True)
+    report = {}
+    for prompt in prompts:
+        shape = prompt.split()[-1]
+        pictures, drawn = [], {}
+        for seed in range(1, seeds + 1):
+            g = torch.Generator().manual_seed(seed)
+            rgb = pipe(prompt, num_inference_steps=steps, guidance_scale=cfg, generator=g, height=64, width=64,
+                       output_type="np").images[0]
+            pictures.append(rgb)
+            got = classify(grey_mask(rgb), temps)[0]
+            drawn[got] = drawn.get(got, 0) + 1
+        stack = np.stack(pictures)
+        report[prompt] = {
+            "right": drawn.get(shape, 0), "of": seeds,
+            "drawn": dict(sorted(drawn.items(), key=lambda kv: -kv[1])),
+            "seed_spread": float(np.abs(stack - stack.mean(0)).mean()),
+            "ceiling": scene_ceiling(prompt, 30, temps),
+        }
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", default=",".join(PROMPTS), help="comma-separated toy prompts ('<colour|glass> <shape>')")
+    ap.add_argument("--seeds", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--model-dir", default=None, help="a folder of candidate toy weights (default: the shipped ones)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 seeds, 4 steps")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps = 2, 4
+    from common import machine_info, set_threads
+
+    from layerctl.training.toy_metrics import CLASSIFY_SHAPES
+
+    prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
+    bad = [p for p in prompts if p.split()[-1] not in CLASSIFY_SHAPES]
+    if bad:
+        ap.error(f"prompt(s) {bad} do not end with a shape the classifier knows ({', '.join(CLASSIFY_SHAPES)})")
+    set_threads(args.threads)
+    report = {"bench": "toy_base_shapes", "machine": machine_info(), "seeds": args.seeds, "steps": args.steps,
+              "cfg": args.cfg, "prompts": measure(prompts, args.seeds, args.steps, args.cfg, args.model_dir)}
+    for p, r in report["prompts"].items():
+        drawn = ", ".join(f"{k} {v}" for k, v in r["drawn"].items())
+        print(f"{p}: base model right {r['right']}/{r['of']} (drawn: {drawn}); same measure on the scenes "
+              f"{r['ceiling']:.0%}; seed spread {r['seed_spread']:.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
