@@ -273,12 +273,17 @@ class Report:
     def dump(self, path: Optional[str]) -> None:
         if not path:
             return
-        data = {"bench": self.name, "machine": self.info, "ratios": self.ratios, "values": self.values,
-                "notes": self.notes}
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, p)
+        write_json(path, {"bench": self.name, "machine": self.info, "ratios": self.ratios, "values": self.values,
+                          "notes": self.notes})
+
+
+def write_json(path, data, indent: int = 2) -> None:
+    """A benchmark's report as JSON at `path` (its folder made if need be), written whole or not at all."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
+    os.replace(tmp, p)
 
 
 # ---------------------------------------------------------------- memory

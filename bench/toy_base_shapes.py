@@ -18,7 +18,6 @@ draws a mean shape, where thin parts such as a cup's handle blur away.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 2, 4
-    from common import machine_info, set_threads
+    from common import machine_info, set_threads, write_json
 
     from layerctl.training.toy_metrics import CLASSIFY_SHAPES
 
@@ -114,8 +113,7 @@ def main(argv=None) -> int:
         print(f"{p}: base model right {r['right']}/{r['of']} (drawn: {drawn}); same measure on the scenes "
               f"{r['ceiling']:.0%}; seed spread {r['seed_spread']:.3f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        write_json(args.json, report, indent=1)
         print(f"wrote {args.json}")
     return 0
 

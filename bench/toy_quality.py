@@ -38,7 +38,6 @@ weights unless --layer-weights / --decoder name other files), model loaded once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -379,7 +378,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.layer_seeds, args.steps, args.no_vae = 1, 1, 4, True
-    from common import machine_info, set_threads
+    from common import machine_info, set_threads, write_json
 
     set_threads(args.threads)
     temps = templates()
@@ -446,8 +445,7 @@ def main(argv=None):
     report["per_image_layers"] = layer_rows
     print_summary(report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        write_json(args.json, report, indent=1)
         print(f"wrote {args.json}")
     return 0
 

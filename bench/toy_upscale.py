@@ -17,7 +17,6 @@ only a hole the source did not have counts).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -51,7 +50,7 @@ def measure(a0: np.ndarray, small: np.ndarray) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from common import machine_info
+    from common import machine_info, write_json
     from layerctl.api import Session
     from layerctl.requests import GenRequest, UpscaleRequest
 
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
         print(f"strength {s}: mask IoU with the source {summary['iou']:.3f} (min {summary['iou_min']:.2f}), new holes "
               f"{summary['new_holes']:.0%}, specks {summary['specks']:.0%}, mean |alpha difference| {summary['alpha_mae']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(args.json, report, indent=1)
     return 0
 
 
