@@ -7,15 +7,11 @@ and prints it. The GPU benchmark must skip cleanly without CUDA.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from benchhelp import BENCH, load_bench
 
 RATIO = re.compile(r"^ratio (.+?): (\d+\.\d+)x ", re.M)
 
@@ -23,12 +19,7 @@ RATIO = re.compile(r"^ratio (.+?): (\d+\.\d+)x ", re.M)
 def load(name: str):
     if not (BENCH / f"{name}.py").exists():
         pytest.skip(f"bench/{name}.py not present")
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench(name)
 
 
 def ratios(text: str) -> dict[str, float]:

@@ -327,15 +327,10 @@ def test_issue14_measures_on_the_toy_world():
 
 
 def _toy_quality_bench():
-    """bench/toy_quality.py as a module (the bench folder is not a package)."""
-    import importlib.util
-    from pathlib import Path
+    """bench/toy_quality.py as a module."""
+    from benchhelp import load_bench
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "toy_quality.py"
-    spec = importlib.util.spec_from_file_location("bench_toy_quality", bench)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("toy_quality")
 
 
 def test_toy_quality_bench_quick(tmp_path, capsys):
@@ -387,13 +382,9 @@ def test_toy_quality_bench_prompt_subset(tmp_path, capsys):
 def test_toy_upscale_bench_measure():
     """bench/toy_upscale.py's per-result measure: the same shape scores IoU 1 and nothing new; a
     shape with a hole torn into it scores lower and counts the new hole."""
-    import importlib.util
-    from pathlib import Path
+    from benchhelp import load_bench
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "toy_upscale.py"
-    spec = importlib.util.spec_from_file_location("bench_toy_upscale", bench)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("toy_upscale")
     yy, xx = np.mgrid[:64, :64]
     disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 18**2).astype(np.float32)
     same = mod.measure(disc, disc)
