@@ -1266,6 +1266,28 @@ class _Run:
     def __init__(self, **parts):
         self.__dict__.update(parts)
 
+    def micro_step(self, batch: dict, step: int, last_ckpt):
+        """One micro-batch: the diffusion loss, backward, and (at the accumulation boundary) the optimizer step.
+
+        Returns the loss reduced over processes (one value).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        frames, num_t = len(frames_of(cfg)), int(self.sched.config.num_train_timesteps)
+        with acc.accumulate(self.denoiser):
+            mean, std, ctrl = self.stats_of(batch)
+            rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
+            with acc.autocast():
+                loss, _per = diffusion_loss(cfg, self.sched, self.denoiser, mean, std, self.embeds_of(batch), batch["clean"], rand,
+                                            frames, acc.device, self.model.latent_scale, ctrl)
+            v = acc.reduce(loss.detach().float().reshape(1), "mean")
+            H.check_finite(v, step, last_ckpt)  # before backward: nothing of this step is applied
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                acc.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return v
+
     def stats_of(self, batch):
         """(mean, std, control images or None) of a batch: from the latent cache, or encoded now."""
         import torch
@@ -1387,7 +1409,6 @@ def train(
     denoiser, optimizer = accelerator.prepare(parts.pop("denoiser"), parts.pop("optimizer"))
     run = _Run(cfg=cfg, plan=plan, accelerator=accelerator, console=console, out_dir=out_dir, denoiser=denoiser, optimizer=optimizer,
                **parts, **_caches(cfg, plan, parts, accelerator, console))
-    frames, num_t = len(frames_of(cfg)), int(run.sched.config.num_train_timesteps)
     batches = iter(H.make_loader(plan.train, cfg.batch_size, start_step * cfg.grad_accum, rank, world, cfg.data.workers, cfg.seed, collate))
     run.log = log = H.RunLog(out_dir, main, cfg.tensorboard, start_step if ckpt_path is not None else None)
     if main:
@@ -1410,19 +1431,7 @@ def train(
                     batch = H.next_batch(batches, stop)
                     if batch is None:
                         break
-                    with accelerator.accumulate(denoiser):
-                        mean, std, ctrl = run.stats_of(batch)
-                        rand = draw_noise(cfg.seed, batch["pos"], frames, tuple(mean.shape[1:]), num_t)
-                        with accelerator.autocast():
-                            loss, _per = diffusion_loss(cfg, run.sched, denoiser, mean, std, run.embeds_of(batch), batch["clean"], rand,
-                                                        frames, device, run.model.latent_scale, ctrl)
-                        v = accelerator.reduce(loss.detach().float().reshape(1), "mean")
-                        H.check_finite(v, step, last_ckpt)  # before backward: nothing of this step is applied
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                            accelerator.clip_grad_norm_(run.params, cfg.optim.grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                    v = run.micro_step(batch, step, last_ckpt)
                     total += float(v) / cfg.grad_accum
                 else:  # all micro-batches done: one optimizer step was taken
                     step += 1

@@ -523,6 +523,45 @@ class _Run:
         acc.wait_for_everyone()
         return res
 
+    def micro_step(self, batch: dict, micro: int, step: int, use_adv: bool, last_ckpt):
+        """One micro-batch: losses, backward, and (at the accumulation boundary) the optimizer steps.
+
+        Returns the reduced generator losses [loss, identity, recon, adv] and the discriminator loss.
+        """
+        import torch
+
+        from layerctl.training import losses as L
+
+        cfg, acc, pair, disc = self.cfg, self.accelerator, self.pair, self.disc
+        world, rank = acc.num_processes, acc.process_index
+        rgba, padded = batch["rgba"].to(acc.device), batch["padded"].to(acc.device)
+        first = (micro * world + rank) * cfg.batch_size  # its data position, as data.PositionBatches
+        views = decoder_views(cfg.seed, range(first, first + rgba.shape[0])) if cfg.loss.decoder_views else None
+        with acc.accumulate(pair, disc):
+            with acc.autocast():
+                loss, l_id, l_rec, l_adv, pred, target = _losses(cfg, self.model, pair, self.raw_disc, rgba, padded, views, use_adv)
+            g_vals = acc.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
+            H.check_finite(g_vals[0], step, last_ckpt)  # before backward: nothing of this step is applied
+            acc.backward(loss)
+            d_val = torch.zeros((), device=acc.device)
+            if use_adv:
+                with acc.autocast():
+                    logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
+                    l_d = L.d_loss(logits[: target.shape[0]], logits[target.shape[0] :], cfg.loss.disc_loss)
+                d_val = acc.reduce(l_d.detach().float(), "mean")
+                H.check_finite(d_val, step, last_ckpt, "discriminator loss")
+                acc.backward(l_d)
+            if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                acc.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
+                if use_adv:
+                    acc.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+            if use_adv:
+                self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
+        return g_vals, d_val
+
     @contextlib.contextmanager
     def ema_weights(self):
         """Inside: the pair holds the EMA weights (when EMA is on); the raw ones come back after."""
@@ -660,10 +699,7 @@ def train(
 
     `stop_after`: behave as if Ctrl-C came right after that step (tests, smoke runs).
     """
-    import torch
     from rich.console import Console
-
-    from layerctl.training import losses as L
 
     out_dir = Path(cfg.out_dir).expanduser()
     console = Console(stderr=True, highlight=False, quiet=quiet)
@@ -675,7 +711,7 @@ def train(
         console.print(f"data: {note}")
     # -- models, optimizers, data
     accelerator, _mp = H.start_accelerator(cfg, cfg.model.device, console)
-    main, device, world, rank = accelerator.is_main_process, accelerator.device, accelerator.num_processes, accelerator.process_index
+    main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     parts, start_step, bad_files = _setup(cfg, accelerator, console, ckpt_path)
     pair, disc, opt_g, opt_d = accelerator.prepare(parts.pop("pair"), parts.pop("disc"), parts.pop("opt_g"), parts.pop("opt_d"))
     batches = iter(H.make_loader(plan.train, cfg.batch_size, start_step * cfg.grad_accum, rank, world, cfg.data.workers, cfg.seed))
@@ -683,7 +719,7 @@ def train(
     if main:
         H.write_config(out_dir, cfg)
     run = _Run(cfg=cfg, plan=plan, accelerator=accelerator, console=console, log=log, out_dir=out_dir, opt_g=opt_g, opt_d=opt_d,
-               raw_pair=accelerator.unwrap_model(pair), raw_disc=accelerator.unwrap_model(disc), **parts)
+               pair=pair, disc=disc, raw_pair=accelerator.unwrap_model(pair), raw_disc=accelerator.unwrap_model(disc), **parts)
     summary: dict[str, Any] = {"out_dir": str(out_dir), "start_step": start_step, "baseline": None, "last_val": None}
     step, status, t_start = start_step, "completed", time.time()
     last_ckpt, last_ckpt_step = ckpt_path, (start_step if ckpt_path is not None else None)
@@ -701,32 +737,7 @@ def train(
                     if batch is None:
                         break
                     bad_files.update(batch["bad"])
-                    rgba, padded = batch["rgba"].to(device), batch["padded"].to(device)
-                    first = (micro * world + rank) * cfg.batch_size  # its data position, as data.PositionBatches
-                    views = decoder_views(cfg.seed, range(first, first + rgba.shape[0])) if cfg.loss.decoder_views else None
-                    with accelerator.accumulate(pair, disc):
-                        with accelerator.autocast():
-                            loss, l_id, l_rec, l_adv, pred, target = _losses(cfg, run.model, pair, run.raw_disc, rgba, padded, views, use_adv)
-                        g_vals = accelerator.reduce(torch.stack([loss.detach(), l_id.detach(), l_rec.detach(), l_adv.detach()]).float(), "mean")
-                        H.check_finite(g_vals[0], step, last_ckpt)  # before backward: nothing of this step is applied
-                        accelerator.backward(loss)
-                        d_val = torch.zeros((), device=device)
-                        if use_adv:
-                            with accelerator.autocast():
-                                logits = disc(L.to_disc_input(torch.cat([target, pred.detach().float()], 0)))
-                                l_d = L.d_loss(logits[: target.shape[0]], logits[target.shape[0] :], cfg.loss.disc_loss)
-                            d_val = accelerator.reduce(l_d.detach().float(), "mean")
-                            H.check_finite(d_val, step, last_ckpt, "discriminator loss")
-                            accelerator.backward(l_d)
-                        if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                            accelerator.clip_grad_norm_(pair.parameters(), cfg.optim.grad_clip)
-                            if use_adv:
-                                accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
-                        opt_g.step()
-                        opt_g.zero_grad(set_to_none=True)
-                        if use_adv:
-                            opt_d.step()
-                            opt_d.zero_grad(set_to_none=True)
+                    g_vals, d_val = run.micro_step(batch, micro, step, use_adv, last_ckpt)
                     for k, v in zip(sums, g_vals.tolist() + [float(d_val)]):
                         sums[k] += v / cfg.grad_accum
                 else:  # all micro-batches done: one optimizer step was taken
