@@ -265,19 +265,24 @@ def _check_unet(model) -> None:
         )
 
 
+def _check_hires(req) -> None:
+    """--hires and --hires-strength ranges (also for requests built without validation)."""
+    if req.hires_strength is not None and not (0.0 < req.hires_strength <= 1.0):
+        raise LayerctlError(f"hires_strength must be in (0, 1] (got {req.hires_strength})")
+    if req.hires is not None and not (req.hires > 1.0):
+        raise LayerctlError(f"hires factor must be > 1 (got {req.hires})")
+
+
 def plan_gen_edit(models, req) -> EditJob:
     """Validate a gen request with --init/--mask/--hires/--controlnet, read its inputs, load the model."""
     if not req.out:
         raise LayerctlError("--out is required (the PNG to write; {i} and {seed} fill in for batches)")
     if req.mask and not req.init:
         raise LayerctlError("--mask needs --init (the image to inpaint)")
-    if req.hires_strength is not None and not (0.0 < req.hires_strength <= 1.0):
-        raise LayerctlError(f"hires_strength must be in (0, 1] (got {req.hires_strength})")
     n = req.batch
     seeds = batch_seeds(req.seed, n)
     paths, psds = plan_outputs(req, n, seeds, req.prompt)  # every output path, before reading inputs
-    if req.hires is not None and not (req.hires > 1.0):
-        raise LayerctlError(f"hires factor must be > 1 (got {req.hires})")
+    _check_hires(req)
     options = _check_common(req)
     # inputs first (cheap, before any model loads)
     init = read_image(req.init, "init image") if req.init else None
@@ -307,9 +312,7 @@ def plan_gen_edit(models, req) -> EditJob:
         width = height = None
         if req.width and req.height:
             width, height = req.width, req.height
-    if width is not None and req.hires is not None:
-        hires_size(width, height, req.hires)  # fail before any model loads
-    if width is not None:
+    if width is not None:  # a hires size over the limit fails here, before any model loads
         hw = hires_size(width, height, req.hires) if req.hires is not None else (width, height)
         check_memory(req, frames=1, width=hw[0], height=hw[1])
     else:
