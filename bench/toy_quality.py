@@ -162,17 +162,22 @@ def ground_truth(n: int = 400, seed: int = 12345) -> dict:
 # ---------------------------------------------------------------- generation
 
 
-def _request_args(weights_dir: str | None, decoder: str | None, role: str, cfg_rescale: float | None = None,
-                  negative: str | None = None) -> dict:
-    """The GenRequest fields the bench's options set beyond prompt, seed, steps and cfg."""
-    out = {} if cfg_rescale is None else {"cfg_rescale": cfg_rescale}
-    if negative is not None:
-        out["negative"] = negative
+def _request_args(weights_dir: str | None, decoder: str | None, role: str, **fields) -> dict:
+    """The GenRequest fields the bench's options set beyond prompt, seed, steps and cfg.
+
+    `fields` (cfg_rescale, negative, sampler, schedule): those given (not None) are passed on as they are.
+    """
+    out = {k: v for k, v in fields.items() if v is not None}
     if decoder:
         out["transparent_decoder"] = decoder
     if weights_dir and (Path(weights_dir) / f"{role}.safetensors").is_file():
         out["layer_weights"] = str(Path(weights_dir) / f"{role}.safetensors")
     return out
+
+
+def _options(args) -> dict:
+    """The sampling options given on the command line (None: gen's default)."""
+    return {"cfg_rescale": args.cfg_rescale, "negative": args.negative, "sampler": args.sampler, "schedule": args.schedule}
 
 
 def load_png(path) -> np.ndarray:
@@ -365,6 +370,8 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=None)
     ap.add_argument("--cfg-rescale", type=float, default=None, help="CFG rescale phi (default: the model's)")
     ap.add_argument("--negative", default=None, help="negative prompt (default: gen's)")
+    ap.add_argument("--sampler", default=None, help="sampler, as gen --sampler (default: gen's)")
+    ap.add_argument("--schedule", default=None, help="noise schedule, as gen --schedule (default: gen's)")
     ap.add_argument("--model", default="toy")
     ap.add_argument("--layer-weights", default=None,
                     help="folder with candidate rgba/joint/fg2bg/bg2fg.safetensors (default: the shipped ones)")
@@ -399,19 +406,19 @@ def main(argv=None):
     from layerctl.api import Session
 
     report = {"bench": "toy_quality", "machine": machine_info(), "steps": args.steps, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale, "negative": args.negative,
-              "seeds": len(seeds), "layer_seeds": len(layer_seeds),
+              "sampler": args.sampler, "schedule": args.schedule, "seeds": len(seeds), "layer_seeds": len(layer_seeds),
               "weights": {"layer_weights": args.layer_weights, "decoder": args.decoder}}
     t0 = time.perf_counter()
     with Session(quiet=True) as s:
         images, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
-                                      _request_args(args.layer_weights, args.decoder, "rgba", args.cfg_rescale, args.negative))
+                                      _request_args(args.layer_weights, args.decoder, "rgba", **_options(args)))
         rows = {p: [rgba_measures(images[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
         report["rgba"] = summarise_rgba(rows, solid, glass)
         layer_rows, layer_times = {}, {}
         for mode in modes:
             layer_rows[mode], layer_times[mode] = generate_layers(
                 s, mode, scenes, layer_seeds, args.steps, args.cfg, out_dir, args.model,
-                _request_args(args.layer_weights, args.decoder, mode, args.cfg_rescale, args.negative))
+                _request_args(args.layer_weights, args.decoder, mode, **_options(args)))
     report["layers"] = {m: summarise_layers(r) for m, r in layer_rows.items()}
     report["seconds_per_image_median"] = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
     report["seconds_per_layer_job_median"] = {m: float(np.median(t)) for m, t in layer_times.items()}

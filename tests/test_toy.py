@@ -379,6 +379,23 @@ def test_toy_quality_bench_prompt_subset(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_toy_quality_bench_sampler_reaches_the_images(tmp_path):
+    """--sampler / --schedule are passed to every gen: the kept PNGs record them, and the report says them."""
+    import json
+
+    from layerctl.io.imageio import read_metadata
+
+    _weights()
+    mod = _toy_quality_bench()
+    out, keep = tmp_path / "q.json", tmp_path / "png"
+    assert mod.main(["--quick", "--modes", "", "--prompts", "green ball", "--sampler", "euler_a", "--schedule", "normal",
+                     "--keep", str(keep), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["sampler"], r["schedule"]) == ("euler_a", "normal")
+    pngs = sorted(keep.rglob("*.png"))
+    assert pngs and all((read_metadata(p)["sampler"], read_metadata(p)["schedule"]) == ("euler_a", "normal") for p in pngs)
+
+
 def test_toy_upscale_bench_measure():
     """bench/toy_upscale.py's per-result measure: the same shape scores IoU 1 and nothing new; a
     shape with a hole torn into it scores lower and counts the new hole."""
