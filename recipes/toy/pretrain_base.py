@@ -14,6 +14,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    alone, longer, with an EMA: the encoder and so every latent stays as it is, the decoded pictures
     #    get sharper (held-out PSNR 19.65 -> 21.39 dB). Starts from the weights in --out:
     python recipes/toy/pretrain_base.py decoder --out runs/toy/cand --steps 4000 --batch 16 --lr 1e-3 --ema 0.999 --seed 11 --threads 2
+    # 4. (issue 14, ninth round; tried, not shipped) the UNet's third stage: 8000 x 64 more on other pre-encoded
+    #    rows, from the shipped weights copied into --out first (67 min at 2 threads). The base alone drew the
+    #    same shapes after it as before (bench/toy_base_shapes.py; bench/RESULTS.md, ninth round):
+    python recipes/toy/pretrain_base.py unet --out runs/toy/base3 --resume --steps 8000 --batch 64 --lr 5e-4 --seed 6 --cache 60000 --ema 0.999 --threads 2
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
 --save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
