@@ -20,7 +20,8 @@ def small_vae_config(scaling_factor: float) -> dict:
     )
 
 
-def small_sd15_unet_config(cross_attention_dim: int, layers_per_block: int) -> dict:
+def small_sd15_unet_config(cross_attention_dim: int, layers_per_block: int,
+                           block_out_channels: tuple[int, ...] = (32, 64, 64)) -> dict:
     """An SD1.5-shaped UNet (cross-attention in the two outer levels) on 8x8 latents."""
     return dict(
         sample_size=8,
@@ -28,7 +29,7 @@ def small_sd15_unet_config(cross_attention_dim: int, layers_per_block: int) -> d
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         attention_head_dim=8,
         cross_attention_dim=cross_attention_dim,

@@ -109,11 +109,29 @@ def toy_text_config() -> dict:
     )
 
 
-def toy_unet_config() -> dict:
-    return small_sd15_unet_config(cross_attention_dim=64, layers_per_block=1)
+UNET_CHANNELS = (32, 64, 64)  # the first shipped UNet's width; a file names its own in its metadata
 
 
-def build_components(seed: int = 0):
+def toy_unet_config(channels: tuple[int, ...] = UNET_CHANNELS) -> dict:
+    return small_sd15_unet_config(cross_attention_dim=64, layers_per_block=1, block_out_channels=channels)
+
+
+def unet_channels(path: Path) -> tuple[int, ...]:
+    """The UNet width a toy weight file was trained at: its `block_out_channels` metadata ("64,128,128"),
+    or the first shipped width for files written before the width was recorded."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return UNET_CHANNELS
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("block_out_channels", "")
+    try:
+        return tuple(int(c) for c in text.split(",")) if text else UNET_CHANNELS
+    except ValueError:
+        raise LayerctlError(f"toy weights {path.name}: block_out_channels {text!r} in its metadata is not a list of integers") from None
+
+
+def build_components(seed: int = 0, unet_width: tuple[int, ...] = UNET_CHANNELS):
     """Fresh (random) toy VAE, text encoder, UNet: what the pre-training script starts from."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -122,7 +140,7 @@ def build_components(seed: int = 0):
     torch.manual_seed(seed)
     vae = AutoencoderKL(**toy_vae_config())
     text = CLIPTextModel(CLIPTextConfig(**toy_text_config()))
-    unet = UNet2DConditionModel(**toy_unet_config())
+    unet = UNet2DConditionModel(**toy_unet_config(unet_width))
     return vae, text, unet
 
 
@@ -169,8 +187,8 @@ class ToyModel(SD15Model):
 
 
 def load_toy(device, dtype, folder: Path | None = None, with_unet: bool = True):
-    """The toy pipeline from the shipped weights (or `folder`)."""
-    vae, text, unet = build_components()
+    """The toy pipeline from the shipped weights (or `folder`), the UNet as wide as its file says."""
+    vae, text, unet = build_components(unet_width=unet_channels(weight_path("unet", folder)))
     meta = _load_into(vae, weight_path("vae", folder))
     vae.register_to_config(scaling_factor=float(meta.get("scaling_factor", 1.0)))
     _load_into(text, weight_path("text_encoder", folder))

@@ -84,6 +84,28 @@ def _weights():
     return WEIGHTS_DIR
 
 
+def _pretrain(*args) -> None:
+    """Run recipes/toy/pretrain_base.py in this process, then put back the thread count and Ctrl-C
+    handlers its main() sets for a training process."""
+    import importlib.util
+    import signal
+    from pathlib import Path
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
+    spec = importlib.util.spec_from_file_location("toy_pretrain_base", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        mod.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 def test_shipped_weights_small_and_fp16():
     from safetensors import safe_open
 
@@ -417,11 +439,8 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     it every latent the UNet and LoRAs learned) is saved bit for bit, the scaling factor kept,
     the decoder changed, the stage logged in training.json. --transparent-encoder and
     --latent-noise each change what the decoder learns from."""
-    import importlib.util
     import json
     import shutil
-    import signal
-    from pathlib import Path
 
     import torch
     from safetensors import safe_open
@@ -431,27 +450,16 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     for f in d.iterdir():
         if f.is_file():
             shutil.copy(f, tmp_path / f.name)
-    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
-    spec = importlib.util.spec_from_file_location("toy_pretrain_base", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    # main() sets the thread count and Ctrl-C handlers for a training process: put this one's back
-    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     args = ["decoder", "--steps", "2", "--batch", "4", "--lr", "1e-2", "--ema", "0.5", "--seed", "3", "--threads", "1"]
     for sub in ("transparent", "noisy"):
         (tmp_path / sub).mkdir()
         for f in ("vae.safetensors", "training.json"):
             shutil.copy(d / f, tmp_path / sub / f)
-    try:
-        mod.main(args + ["--out", str(tmp_path)])
-        # the same run with the fg rows on transparent latents (the offset in place of the sampling noise)
-        mod.main(args + ["--out", str(tmp_path / "transparent"), "--transparent-encoder", str(d / "transparent_encoder.safetensors")])
-        # the same run from latents perturbed as a sampler leaves them
-        mod.main(args + ["--out", str(tmp_path / "noisy"), "--latent-noise", "0.5"])
-    finally:
-        torch.set_num_threads(threads)
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+    _pretrain(*args, "--out", tmp_path)
+    # the same run with the fg rows on transparent latents (the offset in place of the sampling noise)
+    _pretrain(*args, "--out", tmp_path / "transparent", "--transparent-encoder", d / "transparent_encoder.safetensors")
+    # the same run from latents perturbed as a sampler leaves them
+    _pretrain(*args, "--out", tmp_path / "noisy", "--latent-noise", "0.5")
     before, after = load_file(str(d / "vae.safetensors")), load_file(str(tmp_path / "vae.safetensors"))
     for sub in ("transparent", "noisy"):
         other = load_file(str(tmp_path / sub / "vae.safetensors"))
@@ -471,11 +479,8 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
 def test_pretrain_unet_stage_resumes(tmp_path):
     """recipes/toy/pretrain_base.py unet --resume: two steps from the shipped weights change the UNet,
     keep the VAE, and log the stage (a smoke test of the script's third stage)."""
-    import importlib.util
     import json
     import shutil
-    import signal
-    from pathlib import Path
 
     import torch
     from safetensors.torch import load_file
@@ -484,22 +489,45 @@ def test_pretrain_unet_stage_resumes(tmp_path):
     for f in d.iterdir():
         if f.is_file():
             shutil.copy(f, tmp_path / f.name)
-    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
-    spec = importlib.util.spec_from_file_location("toy_pretrain_base_unet", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        mod.main(["unet", "--resume", "--steps", "2", "--batch", "4", "--lr", "1e-2", "--seed", "3", "--threads", "1",
-                  "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+    _pretrain("unet", "--resume", "--steps", 2, "--batch", 4, "--lr", "1e-2", "--seed", 3, "--threads", 1, "--out", tmp_path)
     before, after = load_file(str(d / "unet.safetensors")), load_file(str(tmp_path / "unet.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "vae.safetensors").read_bytes() == (d / "vae.safetensors").read_bytes()
     assert json.loads((tmp_path / "training.json").read_text())["unet"]["steps"] == 2
+
+
+def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tmp_path):
+    """A UNet trained from scratch at --unet-channels records its width (the toy backend then builds
+    it that wide), and a run stopped after 2 of 4 steps and resumed ends bit for bit where an
+    unbroken 4-step run ends: optimizer, EMA and random generators are saved beside the weights."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from layerctl.backends import toy
+
+    d = _weights()
+    for run in ("straight", "stopped"):
+        (tmp_path / run).mkdir()
+        for f in ("vae.safetensors", "text_encoder.safetensors", "training.json"):
+            shutil.copy(d / f, tmp_path / run / f)
+    args = ["unet", "--unet-channels", "16,32,32", "--steps", 4, "--batch", 2, "--lr", "1e-2", "--ema", "0.5",
+            "--seed", 3, "--threads", 1, "--save-minutes", 0]
+    _pretrain(*args, "--out", tmp_path / "straight")
+    _pretrain(*args, "--out", tmp_path / "stopped", "--stop-after", 2)
+    half = load_file(str(tmp_path / "stopped" / "unet.safetensors"))
+    _pretrain(*args, "--out", tmp_path / "stopped", "--resume")
+    for name in ("unet", "text_encoder"):
+        a, b = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("straight", "stopped"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    end = load_file(str(tmp_path / "stopped" / "unet.safetensors"))
+    assert any(not torch.equal(half[k], end[k]) for k in half)  # the resumed run did train
+    assert toy.unet_channels(tmp_path / "stopped" / "unet.safetensors") == (16, 32, 32)
+    assert end["conv_in.weight"].shape[0] == 16
+    pipe = toy.load_toy("cpu", torch.float32, tmp_path / "stopped")
+    assert pipe.unet.config.block_out_channels == (16, 32, 32)
+    assert toy.unet_channels(d / "unet.safetensors") == toy.UNET_CHANNELS  # files from before the width was recorded
 
 
 def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):

@@ -18,6 +18,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    rows, from the shipped weights copied into --out first (67 min at 2 threads). The base alone drew the
     #    same shapes after it as before (bench/toy_base_shapes.py; bench/RESULTS.md, ninth round):
     python recipes/toy/pretrain_base.py unet --out runs/toy/base3 --resume --steps 8000 --batch 64 --lr 5e-4 --seed 6 --cache 60000 --ema 0.999 --threads 2
+    # 5. (issue 14, tenth round) a UNet twice as wide (channels 64/128/128, 5.8 M parameters) from scratch, with
+    #    the shipped VAE and text-encoder files copied into --out first. Every save also writes the whole training
+    #    state (unet_train_state.pt), so the same command with --resume goes on where a run stopped:
+    python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 14000 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
 --save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
@@ -273,20 +277,47 @@ def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk:
     return {"mean": torch.cat(means), "std": torch.cat(stds), "caps": caps, "roles": roles}
 
 
+STATE = "unet_train_state.pt"  # the full training state beside the weights: what `unet --resume` continues from
+
+
+def _unet_start(args, out: Path):
+    """Fresh text encoder + UNet (at --unet-channels), or with --resume those in --out. Returns them
+    and the training state saved beside them (None without one, or for a run of another --steps)."""
+    width = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else toy.UNET_CHANNELS
+    if args.resume:
+        width = toy.unet_channels(out / toy.FILES["unet"])
+    _, text, unet = toy.build_components(args.seed, unet_width=width)
+    state = None
+    if args.resume:
+        toy._load_into(text, out / toy.FILES["text_encoder"])
+        toy._load_into(unet, out / toy.FILES["unet"])
+        if (out / STATE).is_file():
+            state = torch.load(out / STATE, weights_only=False)
+            if state["span"] != args.steps:
+                print(f"{STATE} is of a {state['span']}-step run, not {args.steps}: starting a new schedule from the weights",
+                      file=sys.stderr, flush=True)
+                state = None
+            else:  # the live (not averaged) weights, in full precision
+                text.load_state_dict(state["text"])
+                unet.load_state_dict(state["unet"])
+    return text, unet, width, state
+
+
 def train_unet(args):
+    """Text encoder + UNet, epsilon prediction. Every save writes the (EMA) weights as fp16 and, beside
+    them, the whole state (live weights, optimizer, EMA, random generators, step), so that `--resume`
+    with the same --steps goes on where the last run stopped, across sessions."""
     global STOP
     from diffusers import DDPMScheduler
 
     from layerctl.models import transparent_vae as tv
+    from layerctl.training.vae import EMA
 
     out = Path(args.out)
     pipe = toy.load_toy("cpu", torch.float32, out, with_unet=False)
     vae, tok = pipe.vae, pipe.tokenizer
     scale = float(vae.config.scaling_factor)
-    _, text, unet = toy.build_components(args.seed)
-    if args.resume:
-        toy._load_into(text, out / toy.FILES["text_encoder"])
-        toy._load_into(unet, out / toy.FILES["unet"])
+    text, unet, width, state = _unet_start(args, out)
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(unet.parameters()) + list(text.parameters())
@@ -295,13 +326,40 @@ def train_unet(args):
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     cache = encode_cache(vae, src, args.cache, rng) if args.cache and enc is None else None
-    from layerctl.training.vae import EMA
-
     avg = {"text": EMA(text, args.ema), "unet": EMA(unet, args.ema)} if args.ema else None
-    t0, last_save = time.time(), time.time()
-    ema = None
+    first, ema, seconds = 1, None, 0.0
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        if avg is not None and state.get("avg"):
+            for k in avg:
+                avg[k].shadow = state["avg"][k]
+        first, ema, seconds = state["step"] + 1, state["loss_ema"], state["seconds"]
+        print(f"resuming at step {first} of {args.steps}", file=sys.stderr, flush=True)
+    t0, last_save = time.time() - seconds, time.time()
+
+    def save(step):
+        out.mkdir(parents=True, exist_ok=True)
+        # with --ema the averaged weights are what ships
+        save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed},
+                  state=avg["text"].shadow if avg else None)
+        save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}",
+                                                  "block_out_channels": ",".join(map(str, width))},
+                  state=avg["unet"].shadow if avg else None)
+        full = {"span": args.steps, "step": step, "seconds": time.time() - t0, "loss_ema": ema,
+                "text": text.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
+                "avg": {k: a.shadow for k, a in avg.items()} if avg else None,
+                "rng": rng.bit_generator.state, "gen": gen.get_state()}
+        torch.save(full, out / (STATE + ".tmp"))
+        os.replace(out / (STATE + ".tmp"), out / STATE)
+        _log_stage(out, "unet", step, time.time() - t0, args,
+                   extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
+                          "cache": args.cache, "ema": args.ema, "block_out_channels": list(width)})
+        print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
+
     unet.train(), text.train()
-    for step in range(1, args.steps + 1):
+    for step in range(first, args.steps + 1):
         if cache is not None:  # rows drawn from the pre-encoded scenes (the VAE is frozen)
             idx = torch.randint(0, cache["mean"].shape[0], (args.batch,), generator=gen)
             mean, std = cache["mean"][idx], cache["std"][idx]
@@ -336,25 +394,14 @@ def train_unet(args):
         if avg is not None:
             avg["text"].update(text)
             avg["unet"].update(unet)
-        if ema is None:
-            ema = loss.item()
-        ema = 0.98 * ema + 0.02 * loss.item()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 20 == 0:
             print(f"unet step {step}/{args.steps} loss {loss.item():.4f} ema {ema:.4f} lr {lr:.2e} {time.time() - t0:.0f}s",
                   file=sys.stderr, flush=True)
         if args.stop_after and step >= args.stop_after:
             STOP = True
         if STOP or step == args.steps or time.time() - last_save > args.save_minutes * 60:
-            out.mkdir(parents=True, exist_ok=True)
-            # with --ema the averaged weights are what ships
-            save_fp16(text, out / toy.FILES["text_encoder"], {"step": step, "seed": args.seed},
-                      state=avg["text"].shadow if avg else None)
-            save_fp16(unet, out / toy.FILES["unet"], {"step": step, "seed": args.seed, "loss_ema": f"{ema:.4f}"},
-                      state=avg["unet"].shadow if avg else None)
-            _log_stage(out, "unet", step, time.time() - t0, args,
-                       extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
-                              "cache": args.cache, "ema": args.ema})
-            print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
+            save(step)
             last_save = time.time()
             if STOP:
                 break
@@ -376,7 +423,11 @@ def main(argv=None):
                     help="decoder: add Gaussian noise of strength U(0, this) per row to the latents, in the UNet's scaled units")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="unet: stop (and save) after this step; the schedule still spans --steps")
-    ap.add_argument("--resume", action="store_true", help="unet: start from the weights in --out (the decoder stage always does)")
+    ap.add_argument("--resume", action="store_true",
+                    help="unet: start from the weights in --out, or go on from the state saved there by a run of the same --steps "
+                         "(the decoder stage always starts from --out)")
+    ap.add_argument("--unet-channels", default=None,
+                    help="unet, from scratch: the UNet's block_out_channels, e.g. 64,128,128 (default 32,64,64; recorded in the file)")
     ap.add_argument("--cache", type=int, default=0,
                     help="unet: encode this many scene rows once and train on them (much faster per step)")
     ap.add_argument("--ema", type=float, default=0.0, help="unet, decoder: save an exponential moving average (e.g. 0.999)")
