@@ -499,7 +499,8 @@ def test_pretrain_unet_stage_resumes(tmp_path):
 def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tmp_path):
     """A UNet trained from scratch at --unet-channels records its width (the toy backend then builds
     it that wide), and a run stopped after 2 of 4 steps and resumed ends bit for bit where an
-    unbroken 4-step run ends: optimizer, EMA and random generators are saved beside the weights."""
+    unbroken 4-step run ends: optimizer, EMA and random generators are saved beside the weights,
+    and the resumed run reads the encoded rows back instead of encoding them again."""
     import shutil
 
     import torch
@@ -513,11 +514,14 @@ def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tm
         for f in ("vae.safetensors", "text_encoder.safetensors", "training.json"):
             shutil.copy(d / f, tmp_path / run / f)
     args = ["unet", "--unet-channels", "16,32,32", "--steps", 4, "--batch", 2, "--lr", "1e-2", "--ema", "0.5",
-            "--seed", 3, "--threads", 1, "--save-minutes", 0]
+            "--seed", 3, "--threads", 1, "--save-minutes", 0, "--cache", 32]
     _pretrain(*args, "--out", tmp_path / "straight")
     _pretrain(*args, "--out", tmp_path / "stopped", "--stop-after", 2)
     half = load_file(str(tmp_path / "stopped" / "unet.safetensors"))
+    cached = tmp_path / "stopped" / "latent_cache-3.pt"
+    stamp = cached.stat().st_mtime_ns
     _pretrain(*args, "--out", tmp_path / "stopped", "--resume")
+    assert cached.stat().st_mtime_ns == stamp  # read, not written again
     for name in ("unet", "text_encoder"):
         a, b = (load_file(str(tmp_path / run / f"{name}.safetensors")) for run in ("straight", "stopped"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

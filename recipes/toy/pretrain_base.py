@@ -20,8 +20,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     python recipes/toy/pretrain_base.py unet --out runs/toy/base3 --resume --steps 8000 --batch 64 --lr 5e-4 --seed 6 --cache 60000 --ema 0.999 --threads 2
     # 5. (issue 14, tenth round) a UNet twice as wide (channels 64/128/128, 5.8 M parameters) from scratch, with
     #    the shipped VAE and text-encoder files copied into --out first. Every save also writes the whole training
-    #    state (unet_train_state.pt), so the same command with --resume goes on where a run stopped:
-    python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 14000 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
+    #    state (unet_train_state.pt; the encoded rows in latent_cache-SEED.pt), so the same command with --resume
+    #    goes on where a run stopped, bit for bit, also on another machine (--device cuda: the weights come back
+    #    the same way). About 1.07 s a step at 2 threads, 2.4 h in all:
+    python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 8000 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
 --save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
@@ -61,7 +63,7 @@ def save_fp16(module, path: Path, metadata: dict | None = None, state: dict | No
     """The module's weights (or `state`, e.g. an EMA's shadow copy of them) as fp16, atomically."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in (state or module.state_dict()).items()}
+    state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in (state or module.state_dict()).items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     os.replace(tmp, path)
@@ -261,20 +263,40 @@ def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=Non
 
 
 @torch.no_grad()
-def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64) -> dict:
-    """Encode n scene rows once (latent mean/std, caption, role): the frozen VAE then costs nothing per step."""
+def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64, file: Path | None = None) -> dict:
+    """Encode n scene rows once (latent mean/std, caption, role): the frozen VAE then costs nothing per step.
+    With `file`: read from there when it holds the same rows (seed, n, VAE file), else encoded and saved there;
+    `rng` ends in the same state either way."""
+    key = {"n": n, "rng": dict(rng.bit_generator.state), "vae": _file_digest(file.parent / toy.FILES["vae"]) if file else ""}
+    if file is not None and file.is_file():
+        got = torch.load(file, weights_only=False)
+        if got["key"] == key:
+            print(f"cache: {n} rows read from {file}", file=sys.stderr, flush=True)
+            rng.bit_generator.state = got["rng_after"]
+            return got["rows"]
     means, stds, caps, roles = [], [], [], []
     t0 = time.time()
+    device = next(vae.parameters()).device
     for start in range(0, n, chunk):
         x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng)
-        post = vae.encode(x).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+        post = vae.encode(x.to(device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
         caps += c
         roles += r
         if (start // chunk) % 50 == 0:
             print(f"cache {start + len(c)}/{n} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "caps": caps, "roles": roles}
+    rows = {"mean": torch.cat(means), "std": torch.cat(stds), "caps": caps, "roles": roles}
+    if file is not None:
+        torch.save({"key": key, "rng_after": rng.bit_generator.state, "rows": rows}, file.with_name(file.name + ".tmp"))
+        os.replace(file.with_name(file.name + ".tmp"), file)
+    return rows
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 STATE = "unet_train_state.pt"  # the full training state beside the weights: what `unet --resume` continues from
@@ -292,7 +314,7 @@ def _unet_start(args, out: Path):
         toy._load_into(text, out / toy.FILES["text_encoder"])
         toy._load_into(unet, out / toy.FILES["unet"])
         if (out / STATE).is_file():
-            state = torch.load(out / STATE, weights_only=False)
+            state = torch.load(out / STATE, weights_only=False, map_location="cpu")
             if state["span"] != args.steps:
                 print(f"{STATE} is of a {state['span']}-step run, not {args.steps}: starting a new schedule from the weights",
                       file=sys.stderr, flush=True)
@@ -314,10 +336,12 @@ def train_unet(args):
     from layerctl.training.vae import EMA
 
     out = Path(args.out)
-    pipe = toy.load_toy("cpu", torch.float32, out, with_unet=False)
+    dev = torch.device(args.device)
+    pipe = toy.load_toy(dev, torch.float32, out, with_unet=False)
     vae, tok = pipe.vae, pipe.tokenizer
     scale = float(vae.config.scaling_factor)
     text, unet, width, state = _unet_start(args, out)
+    text, unet = text.to(dev), unet.to(dev)
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     params = list(unet.parameters()) + list(text.parameters())
@@ -325,7 +349,7 @@ def train_unet(args):
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cache = encode_cache(vae, src, args.cache, rng) if args.cache and enc is None else None
+    cache = encode_cache(vae, src, args.cache, rng, file=out / f"latent_cache-{args.seed}.pt") if args.cache and enc is None else None
     avg = {"text": EMA(text, args.ema), "unet": EMA(unet, args.ema)} if args.ema else None
     first, ema, seconds = 1, None, 0.0
     if state is not None:
@@ -334,7 +358,7 @@ def train_unet(args):
         gen.set_state(state["gen"])
         if avg is not None and state.get("avg"):
             for k in avg:
-                avg[k].shadow = state["avg"][k]
+                avg[k].shadow = {n: v.to(dev) for n, v in state["avg"][k].items()}
         first, ema, seconds = state["step"] + 1, state["loss_ema"], state["seconds"]
         print(f"resuming at step {first} of {args.steps}", file=sys.stderr, flush=True)
     t0, last_save = time.time() - seconds, time.time()
@@ -368,19 +392,19 @@ def train_unet(args):
         else:
             x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng)
             with torch.no_grad():
-                post = vae.encode(x).latent_dist
-                mean, std = post.mean, post.std
+                post = vae.encode(x.to(dev)).latent_dist
+                mean, std = post.mean.cpu(), post.std.cpu()
                 lat = mean + std * torch.randn(mean.shape, generator=gen)
         with torch.no_grad():
             if enc is not None:  # (no cache then, so this batch's fg pictures exist)
                 offset_fg_rows(enc, roles, fgs, mean, std, lat)
-            lat = lat * scale
+            lat = (lat * scale).to(dev)
         drop = rng.random(len(caps))
         caps = [("" if rng.random() < 0.5 else "bad, ugly") if d < 0.1 else c for c, d in zip(caps, drop)]
         ids = tok(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-        hidden = text(ids)[0]
-        noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen)
+        hidden = text(ids.to(dev))[0]
+        noise = torch.randn(lat.shape, generator=gen).to(dev)  # drawn on the CPU: the same numbers on any device
+        t = torch.randint(0, 1000, (lat.shape[0],), generator=gen).to(dev)
         noisy = sched.add_noise(lat, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=hidden).sample
         loss = F.mse_loss(pred, noise)
@@ -417,6 +441,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "layerctl" / "toy_weights"))
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="unet: where to train (e.g. cuda); the saved state resumes on any device")
     ap.add_argument("--transparent-encoder", default=None,
                     help="unet: train fg rows on transparent latents; decoder: decode them to the fg over grey")
     ap.add_argument("--latent-noise", type=float, default=0.0,
