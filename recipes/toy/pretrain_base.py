@@ -22,8 +22,8 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    the shipped VAE and text-encoder files copied into --out first. Every save also writes the whole training
     #    state (unet_train_state.pt; the encoded rows in latent_cache-SEED.pt), so the same command with --resume
     #    goes on where a run stopped, bit for bit, also on another machine (--device cuda: the weights come back
-    #    the same way). About 1.07 s a step at 2 threads, 2.4 h in all:
-    python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 8000 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
+    #    the same way). About 1.06 s a step at 2 threads, 1.9 h in all:
+    python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
 --save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
