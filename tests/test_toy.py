@@ -534,6 +534,34 @@ def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tm
     assert toy.unet_channels(d / "unet.safetensors") == toy.UNET_CHANNELS  # files from before the width was recorded
 
 
+def test_pretrain_unet_loss_tells_a_trained_unet_from_a_random_one(tmp_path):
+    """pretrain_base.py unet-loss: the held-out denoising loss at fixed timesteps and noise is the
+    same number twice for one model, and the shipped UNet scores below an untrained one of its shape."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from layerctl.backends import toy
+
+    d = _weights()
+    for run in ("shipped", "random"):
+        (tmp_path / run).mkdir()
+        for f in ("vae.safetensors", "text_encoder.safetensors", "unet.safetensors"):
+            shutil.copy(d / f, tmp_path / run / f)
+    unet = toy.build_components(5)[2]
+    save_file({k: v.to(torch.float16).contiguous() for k, v in unet.state_dict().items()}, str(tmp_path / "random" / "unet.safetensors"))
+    got = {}
+    for run in ("shipped", "random", "shipped"):
+        _pretrain("unet-loss", "--out", tmp_path / run, "--batch", 16, "--threads", 1, "--json", tmp_path / "loss.json")
+        got.setdefault(run, []).append(json.loads((tmp_path / "loss.json").read_text()))
+    a, b = got["shipped"]
+    assert a == b
+    assert a["rows"] == 16 and set(a["per_t"]) == {"50", "200", "400", "600", "800", "950"}
+    assert a["mean"] < 0.5 * got["random"][0]["mean"]
+
+
 def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):
     """`--model toy:DIR` with a relative DIR (a candidate set of toy weights) finds its own
     transparent decoder and layer files, not a released file of that name on the hub."""

@@ -24,6 +24,9 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    goes on where a run stopped, bit for bit, also on another machine (--device cuda: the weights come back
     #    the same way). About 1.06 s a step at 2 threads, 1.9 h in all:
     python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
+    # the denoising loss of a folder's text encoder + UNet on held-out rows at fixed timesteps and noise
+    # (compares two base models on the same numbers; the training loss draws its timesteps at random):
+    python recipes/toy/pretrain_base.py unet-loss --out runs/toy/wide --batch 512
 
 Writes fp16 safetensors into --out (default layerctl/toy_weights/) every
 --save-minutes and at the end (atomically). The loop is deterministic by --seed on one thread.
@@ -431,9 +434,45 @@ def train_unet(args):
                 break
 
 
+HELDOUT_T = (50, 200, 400, 600, 800, 950)
+
+
+@torch.no_grad()
+def unet_loss(args):
+    """The denoising loss of the text encoder + UNet in --out on rows no stage trains on (seed 424242),
+    at fixed timesteps and fixed noise: two base models compared on the same numbers, unlike the training
+    loss, whose timesteps are drawn at random. Prints one line per timestep and the mean; --json writes them."""
+    from diffusers import DDPMScheduler
+
+    out = Path(args.out)
+    pipe = toy.load_toy("cpu", torch.float32, out)
+    scale = float(pipe.vae.config.scaling_factor)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    n = args.batch
+    x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242))
+    gen = torch.Generator().manual_seed(424242)
+    post = pipe.vae.encode(x).latent_dist
+    lat = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+    ids = pipe.tokenizer(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    hidden = pipe.text_encoder(ids)[0]
+    losses = {}
+    for t in HELDOUT_T:
+        noise = torch.randn(lat.shape, generator=gen)
+        tt = torch.full((n,), t, dtype=torch.long)
+        pred = pipe.unet(sched.add_noise(lat, noise, tt), tt, encoder_hidden_states=hidden).sample
+        per_row = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        losses[t] = {"all": per_row.mean().item(),
+                     **{r: per_row[[i for i, q in enumerate(roles) if q == r]].mean().item() for r in sorted(set(roles))}}
+        print(f"t {t:4d}: loss {losses[t]['all']:.4f}  " + "  ".join(f"{r} {losses[t][r]:.4f}" for r in sorted(set(roles))))
+    mean = sum(v["all"] for v in losses.values()) / len(losses)
+    print(f"mean over t {HELDOUT_T}: {mean:.4f}  ({n} held-out rows, UNet {','.join(map(str, toy.unet_channels(out / toy.FILES['unet'])))})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"out": str(out), "rows": n, "mean": mean, "per_t": losses}, indent=1) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["vae", "decoder", "unet"])
+    ap.add_argument("stage", choices=["vae", "decoder", "unet", "unet-loss"])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=None)
@@ -455,13 +494,14 @@ def main(argv=None):
                     help="unet, from scratch: the UNet's block_out_channels, e.g. 64,128,128 (default 32,64,64; recorded in the file)")
     ap.add_argument("--cache", type=int, default=0,
                     help="unet: encode this many scene rows once and train on them (much faster per step)")
+    ap.add_argument("--json", default=None, help="unet-loss: write the figures here")
     ap.add_argument("--ema", type=float, default=0.0, help="unet, decoder: save an exponential moving average (e.g. 0.999)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGINT, _sigint)
     signal.signal(signal.SIGTERM, _sigint)
-    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet}[args.stage](args)
+    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "unet-loss": unet_loss}[args.stage](args)
 
 
 if __name__ == "__main__":
