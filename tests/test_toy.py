@@ -84,19 +84,26 @@ def _weights():
     return WEIGHTS_DIR
 
 
-def _pretrain(*args) -> None:
-    """Run recipes/toy/pretrain_base.py in this process, then put back the thread count and Ctrl-C
-    handlers its main() sets for a training process."""
+def _pretrain_module():
+    """recipes/toy/pretrain_base.py, imported."""
     import importlib.util
-    import signal
     from pathlib import Path
-
-    import torch
 
     script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
     spec = importlib.util.spec_from_file_location("toy_pretrain_base", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _pretrain(*args) -> None:
+    """Run recipes/toy/pretrain_base.py in this process, then put back the thread count and Ctrl-C
+    handlers its main() sets for a training process."""
+    import signal
+
+    import torch
+
+    mod = _pretrain_module()
     threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         mod.main([str(a) for a in args])
@@ -532,6 +539,24 @@ def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tm
     pipe = toy.load_toy("cpu", torch.float32, tmp_path / "stopped")
     assert pipe.unet.config.block_out_channels == (16, 32, 32)
     assert toy.unet_channels(d / "unet.safetensors") == toy.UNET_CHANNELS  # files from before the width was recorded
+
+
+def test_pretrain_rows_without_mirroring_are_the_same_rows_unmirrored():
+    """pretrain_base.py's rows with flip=False: the same captions and roles as with mirroring, each
+    picture the world's own (a cup keeps its handle on the right); with mirroring some rows are the
+    exact mirror image of it."""
+    mod = _pretrain_module()
+    from layerctl.training.scenes import SceneSource
+
+    src = SceneSource(5)
+    x1, c1, r1, fg1 = mod.scene_batch(src, 0, 24, np.random.default_rng(5))
+    x0, c0, r0, fg0 = mod.scene_batch(src, 0, 24, np.random.default_rng(5), flip=False)
+    assert (c0, r0) == (c1, r1)
+    mirrored = [i for i in range(24) if not np.array_equal(fg0[i], fg1[i])]
+    assert 0 < len(mirrored) < 24
+    for i in range(24):
+        assert np.array_equal(fg0[i], src(i).fg)
+        assert np.array_equal(fg1[i], fg0[i][:, ::-1] if i in mirrored else fg0[i])
 
 
 def test_pretrain_unet_loss_tells_a_trained_unet_from_a_random_one(tmp_path):

@@ -72,11 +72,13 @@ def save_fp16(module, path: Path, metadata: dict | None = None, state: dict | No
     os.replace(tmp, path)
 
 
-def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator):
+def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator, flip: bool = True):
     """Scenes start..start+n as (pixels [n,3,64,64] in [-1,1], captions, roles, fg RGBA [n,64,64,4]).
 
     Each row is the blended scene (45%), the background alone (15%) or the foreground over mid grey
-    (40%: the premultiplied picture, what the frozen VAE sees of an RGBA image); half are mirrored.
+    (40%: the premultiplied picture, what the frozen VAE sees of an RGBA image); half are mirrored
+    unless `flip` is False (the same rows and roles then, only none mirrored: the toy world draws every
+    cup with its handle on the right, and a mirrored half makes "cup" two pictures whose mean has no handle).
     """
     imgs, caps, roles, fgs = [], [], [], []
     for i in range(start, start + n):
@@ -90,7 +92,7 @@ def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator):
         else:
             a = fg[..., 3:4]
             img, cap, role = fg[..., :3] * a + 0.5 * (1 - a), s.fg_caption, "fg"
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and flip:
             img, fg = img[:, ::-1], fg[:, ::-1]
         imgs.append(np.ascontiguousarray(img))
         fgs.append(np.ascontiguousarray(fg))
@@ -266,11 +268,12 @@ def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=Non
 
 
 @torch.no_grad()
-def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64, file: Path | None = None) -> dict:
+def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64, file: Path | None = None,
+                 flip: bool = True) -> dict:
     """Encode n scene rows once (latent mean/std, caption, role): the frozen VAE then costs nothing per step.
     With `file`: read from there when it holds the same rows (seed, n, VAE file), else encoded and saved there;
     `rng` ends in the same state either way."""
-    key = {"n": n, "rng": dict(rng.bit_generator.state), "vae": _file_digest(file.parent / toy.FILES["vae"]) if file else ""}
+    key = {"n": n, "flip": flip, "rng": dict(rng.bit_generator.state), "vae": _file_digest(file.parent / toy.FILES["vae"]) if file else ""}
     if file is not None and file.is_file():
         got = torch.load(file, weights_only=False)
         if got["key"] == key:
@@ -281,7 +284,7 @@ def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk:
     t0 = time.time()
     device = next(vae.parameters()).device
     for start in range(0, n, chunk):
-        x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng)
+        x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng, flip)
         post = vae.encode(x.to(device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
@@ -352,7 +355,8 @@ def train_unet(args):
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cache = encode_cache(vae, src, args.cache, rng, file=out / f"latent_cache-{args.seed}.pt") if args.cache and enc is None else None
+    cache = (encode_cache(vae, src, args.cache, rng, file=out / f"latent_cache-{args.seed}.pt", flip=not args.no_flip)
+             if args.cache and enc is None else None)
     avg = {"text": EMA(text, args.ema), "unet": EMA(unet, args.ema)} if args.ema else None
     first, ema, seconds = 1, None, 0.0
     if state is not None:
@@ -382,7 +386,7 @@ def train_unet(args):
         os.replace(out / (STATE + ".tmp"), out / STATE)
         _log_stage(out, "unet", step, time.time() - t0, args,
                    extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
-                          "cache": args.cache, "ema": args.ema, "block_out_channels": list(width)})
+                          "cache": args.cache, "ema": args.ema, "block_out_channels": list(width), "flip": not args.no_flip})
         print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
 
     unet.train(), text.train()
@@ -393,7 +397,7 @@ def train_unet(args):
             caps, roles = [cache["caps"][i] for i in idx], [cache["roles"][i] for i in idx]
             lat = mean + std * torch.randn(mean.shape, generator=gen)
         else:
-            x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng)
+            x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng, not args.no_flip)
             with torch.no_grad():
                 post = vae.encode(x.to(dev)).latent_dist
                 mean, std = post.mean.cpu(), post.std.cpu()
@@ -449,7 +453,7 @@ def unet_loss(args):
     scale = float(pipe.vae.config.scaling_factor)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     n = args.batch
-    x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242))
+    x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242), not args.no_flip)
     gen = torch.Generator().manual_seed(424242)
     post = pipe.vae.encode(x).latent_dist
     lat = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
@@ -494,6 +498,8 @@ def main(argv=None):
                     help="unet, from scratch: the UNet's block_out_channels, e.g. 64,128,128 (default 32,64,64; recorded in the file)")
     ap.add_argument("--cache", type=int, default=0,
                     help="unet: encode this many scene rows once and train on them (much faster per step)")
+    ap.add_argument("--no-flip", action="store_true",
+                    help="unet, unet-loss: no mirrored rows (the toy world's cups all have the handle on the right)")
     ap.add_argument("--json", default=None, help="unet-loss: write the figures here")
     ap.add_argument("--ema", type=float, default=0.0, help="unet, decoder: save an exponential moving average (e.g. 0.999)")
     args = ap.parse_args(argv)
