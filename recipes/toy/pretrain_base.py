@@ -22,8 +22,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    the shipped VAE and text-encoder files copied into --out first. Every save also writes the whole training
     #    state (unet_train_state.pt; the encoded rows in latent_cache-SEED.pt), so the same command with --resume
     #    goes on where a run stopped, bit for bit, also on another machine (--device cuda: the weights come back
-    #    the same way). About 1.06 s a step at 2 threads, 1.9 h in all:
+    #    the same way). 1.05-1.16 s a step at 2 threads: 2.0 h of training plus 10 min encoding the rows:
     python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
+    # 6. (tenth round, next) the same without the mirrored rows (every cup in the toy world has its handle on the right):
+    python recipes/toy/pretrain_base.py unet --out runs/toy/wide-noflip --no-flip --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
     # the denoising loss of a folder's text encoder + UNet on held-out rows at fixed timesteps and noise
     # (compares two base models on the same numbers; the training loss draws its timesteps at random):
     python recipes/toy/pretrain_base.py unet-loss --out runs/toy/wide --batch 512
