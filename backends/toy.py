@@ -125,10 +125,15 @@ def unet_channels(path: Path) -> tuple[int, ...]:
         return UNET_CHANNELS
     with safe_open(str(path), "pt") as f:
         text = (f.metadata() or {}).get("block_out_channels", "")
+    return parse_channels(text, f"toy weights {path.name}: block_out_channels in its metadata") if text else UNET_CHANNELS
+
+
+def parse_channels(text: str, what: str) -> tuple[int, ...]:
+    """"64,128,128" -> (64, 128, 128); anything else is a one-line error naming `what`."""
     try:
-        return tuple(int(c) for c in text.split(",")) if text else UNET_CHANNELS
+        return tuple(int(c) for c in text.split(","))
     except ValueError:
-        raise LayerctlError(f"toy weights {path.name}: block_out_channels {text!r} in its metadata is not a list of integers") from None
+        raise LayerctlError(f"{what}: {text!r} is not a comma-separated list of integers") from None
 
 
 def build_components(seed: int = 0, unet_width: tuple[int, ...] = UNET_CHANNELS):

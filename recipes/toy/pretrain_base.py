@@ -307,13 +307,25 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
+def noise_schedule():
+    """The SD1.5 training noise schedule the toy base is trained (and measured) with."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def caption_ids(tok, caps):
+    """Token ids of captions, padded to the toy text encoder's length."""
+    return tok(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+
+
 STATE = "unet_train_state.pt"  # the full training state beside the weights: what `unet --resume` continues from
 
 
 def _unet_start(args, out: Path):
     """Fresh text encoder + UNet (at --unet-channels), or with --resume those in --out. Returns them
     and the training state saved beside them (None without one, or for a run of another --steps)."""
-    width = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else toy.UNET_CHANNELS
+    width = toy.parse_channels(args.unet_channels, "--unet-channels") if args.unet_channels else toy.UNET_CHANNELS
     if args.resume:
         width = toy.unet_channels(out / toy.FILES["unet"])
     _, text, unet = toy.build_components(args.seed, unet_width=width)
@@ -338,8 +350,6 @@ def train_unet(args):
     them, the whole state (live weights, optimizer, EMA, random generators, step), so that `--resume`
     with the same --steps goes on where the last run stopped, across sessions."""
     global STOP
-    from diffusers import DDPMScheduler
-
     from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import EMA
 
@@ -351,7 +361,7 @@ def train_unet(args):
     text, unet, width, state = _unet_start(args, out)
     text, unet = text.to(dev), unet.to(dev)
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched = noise_schedule()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr or 5e-4, weight_decay=0.01)
     src = SceneSource(args.seed)
@@ -410,7 +420,7 @@ def train_unet(args):
             lat = (lat * scale).to(dev)
         drop = rng.random(len(caps))
         caps = [("" if rng.random() < 0.5 else "bad, ugly") if d < 0.1 else c for c, d in zip(caps, drop)]
-        ids = tok(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = caption_ids(tok, caps)
         hidden = text(ids.to(dev))[0]
         noise = torch.randn(lat.shape, generator=gen).to(dev)  # drawn on the CPU: the same numbers on any device
         t = torch.randint(0, 1000, (lat.shape[0],), generator=gen).to(dev)
@@ -448,18 +458,16 @@ def unet_loss(args):
     """The denoising loss of the text encoder + UNet in --out on rows no stage trains on (seed 424242),
     at fixed timesteps and fixed noise: two base models compared on the same numbers, unlike the training
     loss, whose timesteps are drawn at random. Prints one line per timestep and the mean; --json writes them."""
-    from diffusers import DDPMScheduler
-
     out = Path(args.out)
     pipe = toy.load_toy("cpu", torch.float32, out)
     scale = float(pipe.vae.config.scaling_factor)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched = noise_schedule()
     n = args.batch
     x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242), not args.no_flip)
     gen = torch.Generator().manual_seed(424242)
     post = pipe.vae.encode(x).latent_dist
     lat = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
-    ids = pipe.tokenizer(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = caption_ids(pipe.tokenizer, caps)
     hidden = pipe.text_encoder(ids)[0]
     losses = {}
     for t in HELDOUT_T:
