@@ -11,7 +11,7 @@ foregrounds over grey gives the measure's ceiling, printed beside it. A shape th
 is one a LoRA on it has to learn by itself: this tells the transparent LoRA's limits from the base's.
 
 Also printed: how much the pictures of one prompt differ between seeds (mean |difference| of each
-picture from the prompt's mean picture); a base model that draws nearly the same picture for every seed
+picture from the prompt's mean picture), beside the same figure for 30 of the world's own scenes; a base model that draws nearly the same picture for every seed
 draws a mean shape, where thin parts such as a cup's handle blur away.
 """
 
@@ -36,8 +36,10 @@ def grey_mask(rgb: np.ndarray) -> np.ndarray:
     return (np.abs(rgb - GREY).max(-1) > THRESHOLD).astype(np.float32)
 
 
-def scene_ceiling(prompt: str, n: int, temps, seed: int = 99) -> float:
-    """Share of the toy world's own scenes for `prompt`, over grey, that the mask + classifier get right."""
+def scene_reference(prompt: str, n: int, temps, seed: int = 99) -> tuple[float, float]:
+    """The toy world's own scenes for `prompt`, over grey: the share the mask + classifier get right (the
+    measure's ceiling) and how much they differ from their mean picture (the seed spread a model that draws
+    the world's variety would have)."""
     from layerctl.training.scenes import COLOURS, MATERIALS, SceneSource
     from layerctl.training.toy_metrics import classify
 
@@ -46,12 +48,19 @@ def scene_ceiling(prompt: str, n: int, temps, seed: int = 99) -> float:
     material = next((w for w in words[:-1] if w in MATERIALS), "solid")
     colour = [w for w in words[:-1] if w in COLOURS]
     src = SceneSource(seed, shapes=[shape], materials=[material], colours=colour or None)
-    right = 0
+    right, pictures = 0, []
     for i in range(n):
         fg = src(i).fg
         a = fg[..., 3:]
-        right += classify(grey_mask(fg[..., :3] * a + GREY * (1 - a)), temps)[0] == shape
-    return right / n
+        pictures.append(fg[..., :3] * a + GREY * (1 - a))
+        right += classify(grey_mask(pictures[-1]), temps)[0] == shape
+    return right / n, spread(pictures)
+
+
+def spread(pictures) -> float:
+    """Mean |difference| of each picture from the pictures' mean."""
+    stack = np.stack(pictures)
+    return float(np.abs(stack - stack.mean(0)).mean())
 
 
 def measure(prompts, seeds: int, steps: int, cfg: float, model_dir=None) -> dict:
@@ -74,12 +83,12 @@ def measure(prompts, seeds: int, steps: int, cfg: float, model_dir=None) -> dict
             pictures.append(rgb)
             got = classify(grey_mask(rgb), temps)[0]
             drawn[got] = drawn.get(got, 0) + 1
-        stack = np.stack(pictures)
+        ceiling, world_spread = scene_reference(prompt, 30, temps)
         report[prompt] = {
             "right": drawn.get(shape, 0), "of": seeds,
             "drawn": dict(sorted(drawn.items(), key=lambda kv: -kv[1])),
-            "seed_spread": float(np.abs(stack - stack.mean(0)).mean()),
-            "ceiling": scene_ceiling(prompt, 30, temps),
+            "seed_spread": spread(pictures),
+            "ceiling": ceiling, "world_spread": world_spread,
         }
     return report
 
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
     for p, r in report["prompts"].items():
         drawn = ", ".join(f"{k} {v}" for k, v in r["drawn"].items())
         print(f"{p}: base model right {r['right']}/{r['of']} (drawn: {drawn}); same measure on the scenes "
-              f"{r['ceiling']:.0%}; seed spread {r['seed_spread']:.3f}")
+              f"{r['ceiling']:.0%}; seed spread {r['seed_spread']:.3f} (the scenes' own {r['world_spread']:.3f})")
     if args.json:
         write_json(args.json, report, indent=1)
         print(f"wrote {args.json}")

@@ -134,6 +134,9 @@ def test_toy_base_shapes_quick(capsys, tmp_path):
     assert r["red cup"]["of"] == 2 and sum(r["red cup"]["drawn"].values()) == 2
     assert r["green ball"]["ceiling"] > 0.9 and r["red cup"]["ceiling"] > 0.7
     assert r["red cup"]["seed_spread"] > 0.0
+    # the world's own cups differ from each other (position, size, colour shade): the spread a model should reach
+    assert 0.01 < r["red cup"]["world_spread"] < 0.2
+    assert "(the scenes' own " in text
     with pytest.raises(SystemExit) as e:
         mod.main(["--quick", "--prompts", "red zebra"])
     assert e.value.code == 2

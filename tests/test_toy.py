@@ -559,6 +559,20 @@ def test_pretrain_rows_without_mirroring_are_the_same_rows_unmirrored():
         assert np.array_equal(fg1[i], fg0[i][:, ::-1] if i in mirrored else fg0[i])
 
 
+def test_pretrain_latents_are_posterior_draws_or_its_mean():
+    """pretrain_base.py --latents: 'sample' draws from the VAE posterior (mean + std * noise), 'mean' is the
+    posterior's mean itself; both consume the same random numbers, so the rest of a run sees the same ones."""
+    import torch
+
+    mod = _pretrain_module()
+    mean, std = torch.randn(3, 4, 8, 8), torch.rand(3, 4, 8, 8) + 0.1
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    drawn = mod.posterior_latents(mean, std, g1, "sample")
+    assert torch.equal(mod.posterior_latents(mean, std, g2, "mean"), mean)
+    assert not torch.allclose(drawn, mean) and torch.allclose(((drawn - mean) / std).std(), torch.tensor(1.0), atol=0.15)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_pretrain_unet_loss_tells_a_trained_unet_from_a_random_one(tmp_path):
     """pretrain_base.py unet-loss: the held-out denoising loss at fixed timesteps and noise is the
     same number twice for one model, and the shipped UNet scores below an untrained one of its shape."""
@@ -585,6 +599,9 @@ def test_pretrain_unet_loss_tells_a_trained_unet_from_a_random_one(tmp_path):
     assert a == b
     assert a["rows"] == 16 and set(a["per_t"]) == {"50", "200", "400", "600", "800", "950"}
     assert a["mean"] < 0.5 * got["random"][0]["mean"]
+    _pretrain("unet-loss", "--out", tmp_path / "shipped", "--batch", 16, "--threads", 1, "--latents", "mean",
+              "--json", tmp_path / "loss.json")
+    assert json.loads((tmp_path / "loss.json").read_text())["mean"] != a["mean"]  # other latents, other figures
 
 
 def test_toy_model_from_a_relative_folder(tmp_path, monkeypatch):

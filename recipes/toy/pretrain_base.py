@@ -319,6 +319,14 @@ def caption_ids(tok, caps):
     return tok(caps, padding="max_length", max_length=toy.MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
 
 
+def posterior_latents(mean, std, gen, kind: str = "sample"):
+    """The latents a base UNet learns: a draw from the toy VAE's posterior, or its mean. The toy VAE's posterior
+    is wide (std about a fifth of the latents' spread; SD's is far narrower), and the decoder was trained to
+    ignore that noise, so a UNet trained on draws spends its capacity drawing noise nobody sees."""
+    noise = torch.randn(mean.shape, generator=gen)  # drawn either way: the generator's state does not depend on kind
+    return mean if kind == "mean" else mean + std * noise
+
+
 STATE = "unet_train_state.pt"  # the full training state beside the weights: what `unet --resume` continues from
 
 
@@ -398,7 +406,8 @@ def train_unet(args):
         os.replace(out / (STATE + ".tmp"), out / STATE)
         _log_stage(out, "unet", step, time.time() - t0, args,
                    extra={"loss_ema": round(ema, 4), "transparent_encoder": bool(enc), "resumed": bool(args.resume),
-                          "cache": args.cache, "ema": args.ema, "block_out_channels": list(width), "flip": not args.no_flip})
+                          "cache": args.cache, "ema": args.ema, "block_out_channels": list(width), "flip": not args.no_flip,
+                          "latents": args.latents})
         print(f"saved text encoder + unet (step {step})", file=sys.stderr, flush=True)
 
     unet.train(), text.train()
@@ -407,13 +416,13 @@ def train_unet(args):
             idx = torch.randint(0, cache["mean"].shape[0], (args.batch,), generator=gen)
             mean, std = cache["mean"][idx], cache["std"][idx]
             caps, roles = [cache["caps"][i] for i in idx], [cache["roles"][i] for i in idx]
-            lat = mean + std * torch.randn(mean.shape, generator=gen)
+            lat = posterior_latents(mean, std, gen, args.latents)
         else:
             x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng, not args.no_flip)
             with torch.no_grad():
                 post = vae.encode(x.to(dev)).latent_dist
                 mean, std = post.mean.cpu(), post.std.cpu()
-                lat = mean + std * torch.randn(mean.shape, generator=gen)
+                lat = posterior_latents(mean, std, gen, args.latents)
         with torch.no_grad():
             if enc is not None:  # (no cache then, so this batch's fg pictures exist)
                 offset_fg_rows(enc, roles, fgs, mean, std, lat)
@@ -466,7 +475,7 @@ def unet_loss(args):
     x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242), not args.no_flip)
     gen = torch.Generator().manual_seed(424242)
     post = pipe.vae.encode(x).latent_dist
-    lat = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * scale
+    lat = posterior_latents(post.mean, post.std, gen, args.latents) * scale
     ids = caption_ids(pipe.tokenizer, caps)
     hidden = pipe.text_encoder(ids)[0]
     losses = {}
@@ -510,6 +519,8 @@ def main(argv=None):
                     help="unet: encode this many scene rows once and train on them (much faster per step)")
     ap.add_argument("--no-flip", action="store_true",
                     help="unet, unet-loss: no mirrored rows (the toy world's cups all have the handle on the right)")
+    ap.add_argument("--latents", choices=["sample", "mean"], default="sample",
+                    help="unet, unet-loss: learn draws from the VAE posterior (the shipped base) or its mean")
     ap.add_argument("--json", default=None, help="unet-loss: write the figures here")
     ap.add_argument("--ema", type=float, default=0.0, help="unet, decoder: save an exponential moving average (e.g. 0.999)")
     args = ap.parse_args(argv)
