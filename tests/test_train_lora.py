@@ -350,6 +350,33 @@ def test_clean_layer_has_its_noise_zeroed_and_no_loss():
     assert torch.equal(alone["noise"], rand["noise"][3:]) and int(alone["t"]) == int(rand["t"][1])
 
 
+def test_rgb_frames_are_posterior_draws_unless_the_recipe_asks_for_the_mean():
+    """loss.latents: 'sample' (default) noises mean + std * eps, 'mean' the posterior mean itself."""
+    from diffusers import DDPMScheduler
+
+    from layerctl.backends.base import PromptEmbeds
+    from layerctl.training import lora as T
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    seen = []
+
+    def denoiser(x, t, hidden, extra):
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    mean, std = torch.randn(3, 4, 8, 8), torch.full((3, 4, 8, 8), 0.5)
+    rand = T.draw_noise(0, [4], 3, (4, 8, 8), 1000)
+    emb = PromptEmbeds(hidden=torch.zeros(3, 2, 4))
+    for kind in ("sample", "mean"):
+        cfg = T.LoraTrainConfig(mode="layers", loss={"latents": kind})
+        T.diffusion_loss(cfg, sched, denoiser, mean, std, emb, torch.tensor([-1]), rand, 3, "cpu", 0.5)
+    a, b = sched.alphas_cumprod[int(rand["t"][0])].sqrt(), (1 - sched.alphas_cumprod[int(rand["t"][0])]).sqrt()
+    torch.testing.assert_close(seen[0], a * (mean + std * rand["eps"]) * 0.5 + b * rand["noise"])
+    torch.testing.assert_close(seen[1], a * mean * 0.5 + b * rand["noise"])
+    with pytest.raises(Exception):
+        T.LoraTrainConfig(mode="layers", loss={"latents": "median"})
+
+
 # ---------------------------------------------------------------- the loop
 
 

@@ -140,6 +140,8 @@ class DataOptions(ImageDataOptions):
 class LossOptions(Section):
     snr_gamma: Optional[float] = Field(None, gt=0, description="min-SNR weighting (e.g. 5.0); null: plain MSE")
     noise_offset: float = Field(0.0, ge=0, description="add offset * N(0,1) per channel to the noise")
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="RGB frames: a draw from the VAE posterior (the usual), or its mean (for a base UNet trained on means)")
 
 
 class OptimOptions(Section):
@@ -951,7 +953,7 @@ def diffusion_loss(cfg, sched, denoiser, mean, std, embeds, clean, rand: dict, f
 
     n = mean.shape[0]
     groups = n // frames
-    lat = mean if std is None else mean + std * rand["eps"].to(device)
+    lat = mean if std is None or cfg.loss.latents == "mean" else mean + std * rand["eps"].to(device)
     x0 = lat * latent_scale
     noise = rand["noise"].to(device)
     if cfg.loss.noise_offset > 0:
