@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -652,3 +654,18 @@ def test_thin_shapes_on_toy(tmp_path):
     r = json.loads(out.read_text())
     right = {p: d["correct"] for p, d in r["per_prompt"].items()}
     assert sum(right.values()) >= 31, right
+
+
+def test_every_toy_recipe_parses():
+    """recipes/toy/ records how each toy weight file was (or is to be) trained: each recipe still reads
+    as a valid config of its trainer, so a schema change cannot silently orphan one."""
+    from layerctl.training import lora, vae
+
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "toy"
+    recipes = sorted(folder.glob("train-*.yaml"))
+    assert len(recipes) > 20
+    for path in recipes:
+        cfg = (vae if path.name.startswith("train-vae") else lora).load_config(path)
+        assert cfg.steps > 0, path.name
+    means = lora.load_config(folder / "train-lora-layers-noflip.yaml")
+    assert means.loss.latents == "mean" and means.model.model == "toy:runs/toy/noflip1"
