@@ -11,8 +11,9 @@ foregrounds over grey gives the measure's ceiling, printed beside it. A shape th
 is one a LoRA on it has to learn by itself: this tells the transparent LoRA's limits from the base's.
 
 Also printed: how much the pictures of one prompt differ between seeds (mean |difference| of each
-picture from the prompt's mean picture), beside the same figure for 30 of the world's own scenes; a base model that draws nearly the same picture for every seed
-draws a mean shape, where thin parts such as a cup's handle blur away.
+picture from the prompt's mean picture), beside the same figure for 30 of the world's own scenes. A
+spread far below the world's means the model draws one picture whatever the seed (for the toy base: a
+faint dot for colour + shape captions such as "purple star", while "glass star" varies as the world does).
 """
 
 from __future__ import annotations

@@ -373,7 +373,9 @@ def test_rgb_frames_are_posterior_draws_unless_the_recipe_asks_for_the_mean():
     a, b = sched.alphas_cumprod[int(rand["t"][0])].sqrt(), (1 - sched.alphas_cumprod[int(rand["t"][0])]).sqrt()
     torch.testing.assert_close(seen[0], a * (mean + std * rand["eps"]) * 0.5 + b * rand["noise"])
     torch.testing.assert_close(seen[1], a * mean * 0.5 + b * rand["noise"])
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="latents"):
         T.LoraTrainConfig(mode="layers", loss={"latents": "median"})
 
 

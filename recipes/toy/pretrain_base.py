@@ -325,11 +325,11 @@ def caption_ids(tok, caps):
 
 
 def posterior_latents(mean, std, gen, kind: str = "sample"):
-    """The latents a base UNet learns: a draw from the toy VAE's posterior, or its mean. The toy VAE's posterior
-    is wide (std about a fifth of the latents' spread; SD's is far narrower), and the decoder was trained to
-    ignore that noise, so a UNet trained on draws spends its capacity drawing noise nobody sees."""
+    """The latents a base UNet learns: a draw from the toy VAE's posterior, or its mean (a new tensor either
+    way). The toy VAE's posterior is wide (std about a fifth of the latents' spread; SD's is far narrower):
+    on draws most of the UNet's loss is that noise (the shipped UNet fine-tuned on means: 0.105 -> 0.028)."""
     noise = torch.randn(mean.shape, generator=gen)  # drawn either way: the generator's state does not depend on kind
-    return mean if kind == "mean" else mean + std * noise
+    return mean.clone() if kind == "mean" else mean + std * noise
 
 
 STATE = "unet_train_state.pt"  # the full training state beside the weights: what `unet --resume` continues from
