@@ -26,9 +26,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     python recipes/toy/pretrain_base.py unet --out runs/toy/wide --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
     # 6. (tenth round; not run) the same without the mirrored rows (every cup in the toy world has its handle on the right):
     python recipes/toy/pretrain_base.py unet --out runs/toy/wide-noflip --no-flip --unet-channels 64,128,128 --cache 100000 --ema 0.999 --steps 6500 --batch 64 --lr 1e-3 --seed 7 --threads 2 --save-minutes 10
-    # 7. (eleventh round) the shipped UNet fine-tuned on the VAE posterior's mean instead of draws from it (the toy
-    #    VAE's posterior std is a fifth of its latents' spread: training loss 0.105 -> 0.028), shipped weights
-    #    copied into --out first; 21 min at 2 threads plus 7 min encoding. Then 8.: the same rows unmirrored, from 7.
+    # 7. (eleventh round; what ships since the twelfth) the stage-2 UNet fine-tuned on the VAE posterior's mean
+    #    instead of draws from it (the toy VAE's posterior std is a fifth of its latents' spread: training loss
+    #    0.105 -> 0.028), the stage-2 weights copied into --out first; 21 min at 2 threads plus 7 min encoding.
+    #    Then 8.: the same rows unmirrored, from 7. (copy 7.'s files into that --out first).
     python recipes/toy/pretrain_base.py unet --out runs/toy/mean1 --resume --latents mean --cache 100000 --ema 0.999 --steps 3000 --batch 64 --lr 5e-4 --seed 7 --threads 2 --save-minutes 10
     python recipes/toy/pretrain_base.py unet --out runs/toy/noflip1 --resume --no-flip --latents mean --cache 100000 --ema 0.999 --steps 4000 --batch 64 --lr 5e-4 --seed 7 --threads 2 --save-minutes 10
     # the denoising loss of a folder's text encoder + UNet on held-out rows at fixed timesteps and noise
