@@ -65,6 +65,20 @@ def test_export_rgba_folder_adds_chosen_shapes(tmp_path):
         export_rgba_folder(tmp_path, 1, shapes=["dragon"], first=7)
 
 
+def test_export_rgba_folder_solid_only(tmp_path):
+    """materials=['solid'] (issue 14, thirteenth round): no glass or smoke caption, except the shapes whose material
+    is fixed (the wine glass is always glass, the smoke puff always smoke)."""
+    from layerctl.training.scenes import export_rgba_folder
+
+    export_rgba_folder(tmp_path, 40, seed=41, shapes=["ball", "heart", "glass", "puff"], materials=["solid"])
+    caps = [(tmp_path / f"{i:06d}.txt").read_text().split() for i in range(40)]
+    balls = [c for c in caps if c[-1] in ("ball", "heart")]
+    assert balls and all(len(c) == 2 and c[0] not in ("glass", "smoke") for c in balls), balls
+    assert any(c[-1] == "glass" for c in caps) and any(c[-1] == "puff" for c in caps)
+    with pytest.raises(ValueError):
+        export_rgba_folder(tmp_path, 1, materials=["wood"], first=40)
+
+
 def test_tokenizer_word_level():
     from layerctl.backends.toy import MAX_TOKENS, toy_tokenizer, toy_vocab, unknown_words
 

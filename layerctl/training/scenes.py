@@ -304,10 +304,12 @@ class SceneSource:
         return Scene(fg=fg, bg=draw_background(bg, size, size, rng), obj=obj, background=bg)
 
 
-def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shapes=None, first: int = 0) -> int:
+def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shapes=None, first: int = 0,
+                       materials=None) -> int:
     """Write `count` foreground RGBA PNGs (+ .txt captions) for train-vae / train-lora folder sources.
 
-    `shapes` limits the scenes to those objects (e.g. to weight a training set towards the thin ones);
+    `shapes` / `materials` limit the scenes to those objects / materials (e.g. to weight a training set
+    towards the thin shapes, or towards solid objects; a shape with a fixed material keeps it);
     `first` numbers the files from there, so a second call can add to a folder without overwriting it."""
     from pathlib import Path
 
@@ -315,7 +317,7 @@ def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shape
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = SceneSource(seed, shapes=shapes)
+    src = SceneSource(seed, shapes=shapes, materials=materials)
     for i in range(count):
         s = src(i, size)
         arr = np.clip(np.rint(s.fg * 255), 0, 255).astype(np.uint8)
