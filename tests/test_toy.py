@@ -658,8 +658,10 @@ def test_layer_modes_agree_on_toy(tmp_path):
 def test_thin_shapes_on_toy(tmp_path):
     """Issue 14: the shipped toy model draws the thin shapes it is asked for. Seeds 1-20, the defaults
     (20 steps, CFG 3), classified as the bench does. "purple star" and "blue ring": the LoRA shipped before
-    issue 14's eighth round drew 27 of the 40 right, the eighth round's 34, the twelfth round's 35. "red cup"
-    (a body with the handle's hole): the eighth round's set 1 of 20, the twelfth round's unmirrored base 6."""
+    issue 14's eighth round drew 27 of the 40 right, the eighth round's 34, the twelfth round's 35, the thirteenth
+    round's 39. "red cup" (a body with the handle's hole): the eighth round's set 1 of 20, the twelfth round's
+    unmirrored base 6, the thirteenth round's LoRA 4 (107 of 300 seeds against the twelfth round's 84; the
+    threshold keeps one seed of margin for float differences between machines)."""
     import json
 
     _weights()
@@ -669,8 +671,22 @@ def test_thin_shapes_on_toy(tmp_path):
                                       "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     right = {p: d["correct"] for p, d in r["per_prompt"].items()}
-    assert right["purple star"] + right["blue ring"] >= 31, right
-    assert right["red cup"] >= 4, right
+    assert right["purple star"] + right["blue ring"] >= 36, right
+    assert right["red cup"] >= 3, right
+
+
+def test_solid_ball_without_holes_on_toy(tmp_path):
+    """Issue 14: a solid object is solid inside. "green ball", seeds 1-40, the defaults, holes counted as the
+    bench does (alpha <= 0.5 enclosed by alpha > 0.5, at least 2 px): the twelfth round's transparent LoRA drew
+    a pale fleck read as a hole in 5 of the 40 (seeds 2, 6, 19, 30, 34), the thirteenth round's in 1."""
+    import json
+
+    _weights()
+    out = tmp_path / "q.json"
+    assert _toy_quality_bench().main(["--seeds", "40", "--modes", "", "--no-vae", "--prompts", "green ball",
+                                      "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["per_prompt"]["green ball"]
+    assert r["correct"] >= 38 and r["holes"] <= 2, r
 
 
 def test_every_toy_recipe_parses():
