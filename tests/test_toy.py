@@ -79,6 +79,26 @@ def test_export_rgba_folder_solid_only(tmp_path):
         export_rgba_folder(tmp_path, 1, materials=["wood"], first=40)
 
 
+def test_export_rgba_folder_solid_word(tmp_path):
+    """solid_word_every=2: files with an even number caption a plain solid object "solid <colour> <shape>";
+    odd ones, glass and smoke objects, the wine glass and the hair tuft keep their captions."""
+    from layerctl.training.scenes import COLOURS, export_rgba_folder
+
+    export_rgba_folder(tmp_path / "plain", 60, seed=8)
+    export_rgba_folder(tmp_path / "marked", 60, seed=8, solid_word_every=2)
+    marked = 0
+    for i in range(60):
+        plain = (tmp_path / "plain" / f"{i:06d}.txt").read_text().split()
+        got = (tmp_path / "marked" / f"{i:06d}.txt").read_text().split()
+        solid_plain = len(plain) == 2 and plain[0] in COLOURS and plain[1] != "glass"
+        if i % 2 == 0 and solid_plain:
+            assert got == ["solid"] + plain, (i, got)
+            marked += 1
+        else:
+            assert got == plain, (i, got)
+    assert marked >= 5
+
+
 def test_tokenizer_word_level():
     from layerctl.backends.toy import MAX_TOKENS, toy_tokenizer, toy_vocab, unknown_words
 
@@ -659,9 +679,8 @@ def test_thin_shapes_on_toy(tmp_path):
     """Issue 14: the shipped toy model draws the thin shapes it is asked for. Seeds 1-20, the defaults
     (20 steps, CFG 3), classified as the bench does. "purple star" and "blue ring": the LoRA shipped before
     issue 14's eighth round drew 27 of the 40 right, the eighth round's 34, the twelfth round's 35, the thirteenth
-    round's 39. "red cup" (a body with the handle's hole): the eighth round's set 1 of 20, the twelfth round's
-    unmirrored base 6, the thirteenth round's LoRA 4 (107 of 300 seeds against the twelfth round's 84; the
-    threshold keeps one seed of margin for float differences between machines)."""
+    round's 38. "red cup" (a body with the handle's hole): the eighth round's set 1 of 20, the twelfth round's
+    unmirrored base 6, the thirteenth round's LoRA 9 (139 of 300 seeds against the twelfth round's 84)."""
     import json
 
     _weights()
@@ -672,13 +691,13 @@ def test_thin_shapes_on_toy(tmp_path):
     r = json.loads(out.read_text())
     right = {p: d["correct"] for p, d in r["per_prompt"].items()}
     assert right["purple star"] + right["blue ring"] >= 36, right
-    assert right["red cup"] >= 3, right
+    assert right["red cup"] >= 7, right
 
 
 def test_solid_ball_without_holes_on_toy(tmp_path):
     """Issue 14: a solid object is solid inside. "green ball", seeds 1-40, the defaults, holes counted as the
     bench does (alpha <= 0.5 enclosed by alpha > 0.5, at least 2 px): the twelfth round's transparent LoRA drew
-    a pale fleck read as a hole in 5 of the 40 (seeds 2, 6, 19, 30, 34), the thirteenth round's in 1."""
+    a pale fleck read as a hole in 5 of the 40 (seeds 2, 6, 19, 30, 34), the thirteenth round's in none."""
     import json
 
     _weights()

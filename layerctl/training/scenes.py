@@ -304,13 +304,20 @@ class SceneSource:
         return Scene(fg=fg, bg=draw_background(bg, size, size, rng), obj=obj, background=bg)
 
 
+def _plain_solid(obj: SceneObject) -> bool:
+    """A solid object captioned "<colour> <shape>" (not the wine glass, not the hair tuft)."""
+    return obj.material == "solid" and obj.shape not in ("glass", "tuft")
+
+
 def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shapes=None, first: int = 0,
-                       materials=None) -> int:
+                       materials=None, solid_word_every: int = 0) -> int:
     """Write `count` foreground RGBA PNGs (+ .txt captions) for train-vae / train-lora folder sources.
 
     `shapes` / `materials` limit the scenes to those objects / materials (e.g. to weight a training set
     towards the thin shapes, or towards solid objects; a shape with a fixed material keeps it);
-    `first` numbers the files from there, so a second call can add to a folder without overwriting it."""
+    `first` numbers the files from there, so a second call can add to a folder without overwriting it.
+    `solid_word_every` = N > 0: the files whose number is a multiple of N caption a plain solid object
+    "solid <colour> <shape>" (the others keep "<colour> <shape>"), so "solid" stands against "glass"."""
     from pathlib import Path
 
     from PIL import Image
@@ -323,7 +330,10 @@ def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shape
         arr = np.clip(np.rint(s.fg * 255), 0, 255).astype(np.uint8)
         name = f"{first + i:06d}"
         Image.fromarray(arr, "RGBA").save(out / f"{name}.png")
-        (out / f"{name}.txt").write_text(s.fg_caption + "\n")
+        caption = s.fg_caption
+        if solid_word_every > 0 and (first + i) % solid_word_every == 0 and _plain_solid(s.obj):
+            caption = f"solid {caption}"
+        (out / f"{name}.txt").write_text(caption + "\n")
     return count
 
 
