@@ -305,8 +305,9 @@ class SceneSource:
 
 
 def _plain_solid(obj: SceneObject) -> bool:
-    """A solid object captioned "<colour> <shape>" (not the wine glass, not the hair tuft)."""
-    return obj.material == "solid" and obj.shape not in ("glass", "tuft")
+    """A solid object captioned "<colour> <shape>" with a one-word shape (the wine glass is never solid; the
+    hair tuft's two-word noun is left alone)."""
+    return obj.material == "solid" and " " not in SHAPES[obj.shape]
 
 
 def export_rgba_folder(out_dir, count: int, seed: int = 0, size: int = 64, shapes=None, first: int = 0,
