@@ -53,3 +53,15 @@ def test_shipped_model_configs_and_clip_merges_are_in_the_wheel(wheel):
             "layerctl/configs/clip/LICENSE.txt"} <= on_disk
     missing = sorted(on_disk - names)
     assert not missing, f"not in the wheel: {missing}"
+
+
+def test_every_folder_of_the_package_is_listed_for_setuptools():
+    """A folder under layerctl/ missing from `packages` still ships through package-data, but setuptools warns
+    at every install ("Package would be ignored") and will drop it in a later release."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"layerctl"} | {
+        ".".join(p.relative_to(ROOT).parts) for p in (ROOT / "layerctl").rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(f.is_file() and f.suffix != ".pyc" for f in p.iterdir())
+    }
+    assert not sorted(folders - listed), f"folders not in [tool.setuptools] packages: {sorted(folders - listed)}"
