@@ -33,7 +33,7 @@ try:  # installed wheel: backends/ is layerctl.backends, the weights sit next to
 except Exception:  # noqa: BLE001  # pragma: no cover
     pass
 
-NOTE = "toy model: a 64x64 toy world trained by layerctl (objects, colours, glass/smoke, 5 backgrounds)"
+NOTE = "toy model: a {size}x{size} toy world trained by layerctl (objects, colours, glass/smoke, 5 backgrounds)"
 MAX_TOKENS = 16
 SPECIAL = ["<|startoftext|>", "<|endoftext|>", "<unk>"]
 FILES = {
@@ -116,16 +116,35 @@ def toy_unet_config(channels: tuple[int, ...] = UNET_CHANNELS) -> dict:
     return small_sd15_unet_config(cross_attention_dim=64, layers_per_block=1, block_out_channels=channels)
 
 
-def unet_channels(path: Path) -> tuple[int, ...]:
-    """The UNet width a toy weight file was trained at: its `block_out_channels` metadata ("64,128,128"),
-    or the first shipped width for files written before the width was recorded."""
+IMAGE_SIZE = 64  # the toy world's picture size the shipped files are trained at; a VAE file names its own
+
+
+def _file_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
     if not path.is_file():
-        return UNET_CHANNELS
+        return {}
     with safe_open(str(path), "pt") as f:
-        text = (f.metadata() or {}).get("block_out_channels", "")
+        return dict(f.metadata() or {})
+
+
+def unet_channels(path: Path) -> tuple[int, ...]:
+    """The UNet width a toy weight file was trained at: its `block_out_channels` metadata ("64,128,128"),
+    or the first shipped width for files written before the width was recorded."""
+    text = _file_metadata(path).get("block_out_channels", "")
     return parse_channels(text, f"toy weights {path.name}: block_out_channels in its metadata") if text else UNET_CHANNELS
+
+
+def image_size(path: Path) -> int:
+    """The toy world's picture size a VAE file was trained at (its `image_size` metadata, e.g. 128 for
+    16x16 latents), or 64 for files written before the size was recorded: every stage trained on top of
+    that VAE (UNet, transparency VAE, LoRAs) and `gen`'s default size follow it."""
+    text = _file_metadata(path).get("image_size", "")
+    if not text:
+        return IMAGE_SIZE
+    if not text.isdigit() or int(text) < 64 or int(text) % 64:
+        raise LayerctlError(f"toy weights {path.name}: image_size {text!r} in its metadata is not a multiple of 64")
+    return int(text)
 
 
 def parse_channels(text: str, what: str) -> tuple[int, ...]:
@@ -136,7 +155,7 @@ def parse_channels(text: str, what: str) -> tuple[int, ...]:
         raise LayerctlError(f"{what}: {text!r} is not a comma-separated list of integers") from None
 
 
-def build_components(seed: int = 0, unet_width: tuple[int, ...] = UNET_CHANNELS):
+def build_components(seed: int = 0, unet_width: tuple[int, ...] = UNET_CHANNELS, size: int = IMAGE_SIZE):
     """Fresh (random) toy VAE, text encoder, UNet: what the pre-training script starts from."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -145,7 +164,7 @@ def build_components(seed: int = 0, unet_width: tuple[int, ...] = UNET_CHANNELS)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**toy_vae_config())
     text = CLIPTextModel(CLIPTextConfig(**toy_text_config()))
-    unet = UNet2DConditionModel(**toy_unet_config(unet_width))
+    unet = UNet2DConditionModel(**{**toy_unet_config(unet_width), "sample_size": size // 8})
     return vae, text, unet
 
 
@@ -193,7 +212,8 @@ class ToyModel(SD15Model):
 
 def load_toy(device, dtype, folder: Path | None = None, with_unet: bool = True):
     """The toy pipeline from the shipped weights (or `folder`), the UNet as wide as its file says."""
-    vae, text, unet = build_components(unet_width=unet_channels(weight_path("unet", folder)))
+    vae, text, unet = build_components(unet_width=unet_channels(weight_path("unet", folder)),
+                                       size=image_size(weight_path("vae", folder)))
     meta = _load_into(vae, weight_path("vae", folder))
     vae.register_to_config(scaling_factor=float(meta.get("scaling_factor", 1.0)))
     _load_into(text, weight_path("text_encoder", folder))
@@ -214,6 +234,7 @@ class ToyBackend(Backend):
     def load(self, ref, device, dtype, attention="auto"):
         folder = None if ref in ("toy", "", None) else Path(ref)
         pipe = load_toy(device, dtype, folder)
+        size = int(pipe.unet.config.sample_size) * 8  # the VAE file's image_size
         base = Path(folder or WEIGHTS_DIR).resolve()  # absolute: the official-file lookup reads relative names as released names
         official = {role: str(base / name) for role, name in {**{k: FILES[k] for k in ("encoder", "decoder")}, **LAYER_FILES}.items()
                     if (base / name).is_file()}
@@ -227,13 +248,13 @@ class ToyBackend(Backend):
             dtype=dtype,
             vae_dtype=dtype,
             latent_scale=float(pipe.vae.config.scaling_factor),
-            native_size=64,
+            native_size=size,
             default_steps=20,
             default_cfg=3.0,
-            refine_strength=0.2,  # trained at 64x64 only: at 128x128 a stronger refine redraws the shape
+            refine_strength=0.2,  # trained at one size only: at twice that a stronger refine redraws the shape
             official=official,
             modes=modes,
-            notes=NOTE,
+            notes=NOTE.format(size=size),
             tiny=False,
         )
 

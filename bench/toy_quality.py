@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from layerctl.training.toy_metrics import (  # noqa: E402
     CLASSIFY_SHAPES, HOLED_SHAPES, THIN_SHAPES, body_alpha_mean, classify, colour_error, has_hole, has_speck,
-    layer_agreement, nearest_colour, object_alpha_mean, rim_and_body, templates,
+    layer_agreement, nearest_colour, object_alpha_mean, rim_and_body,
 )
 from layerctl.training.scenes import SHAPES, SceneSource  # noqa: E402
 
@@ -90,11 +90,11 @@ def layer_scenes(count: int = len(LAYER_SCENES)) -> list:
 # ---------------------------------------------------------------- per-image measures
 
 
-def rgba_measures(rgba: np.ndarray, prompt: str, temps) -> dict:
+def rgba_measures(rgba: np.ndarray, prompt: str) -> dict:
     """rgba: [H,W,4] straight RGBA in [0,1]; prompt: "<colour> <shape>" or "glass <shape>"."""
     alpha = rgba[..., 3]
     want = shape_of(prompt)
-    got, score = classify(alpha, temps)
+    got, score = classify(alpha)  # templates at the picture's own size (64, or 128 for a 128 toy world)
     rim, body_rimless = rim_and_body(alpha)
     glass = prompt.startswith("glass")
     colour = None if glass else nearest_colour(rgba)
@@ -143,7 +143,6 @@ def summarise_rgba(rows: dict, solid: list[str], glass: list[str]) -> dict:
 
 def ground_truth(n: int = 400, seed: int = 12345) -> dict:
     """The measures on the training scenes' own alphas (solid and glass objects with a crisp outline)."""
-    temps = templates()
     src = SceneSource(seed=seed)
     rows = {}
     for i in range(n):
@@ -153,7 +152,7 @@ def ground_truth(n: int = 400, seed: int = 12345) -> dict:
         if s.obj.material == "glass" and s.obj.shape == "glass":
             continue
         prompt = f"{'glass' if s.obj.material == 'glass' else s.obj.colour} {SHAPES[s.obj.shape]}"
-        rows.setdefault(prompt, []).append(rgba_measures(s.fg, prompt, temps))
+        rows.setdefault(prompt, []).append(rgba_measures(s.fg, prompt))
     solid = sorted(p for p in rows if not p.startswith("glass"))
     glass = sorted(p for p in rows if p.startswith("glass"))
     return summarise_rgba(rows, solid, glass)
@@ -388,7 +387,6 @@ def main(argv=None):
     from common import machine_info, set_threads, write_json
 
     set_threads(args.threads)
-    temps = templates()
     seeds = list(range(1, args.seeds + 1))
     layer_seeds = list(range(1, (args.seeds if args.layer_seeds is None else args.layer_seeds) + 1))
     solid, glass = rgba_prompts()
@@ -412,7 +410,7 @@ def main(argv=None):
     with Session(quiet=True) as s:
         images, times = generate_rgba(s, solid + glass, seeds, args.steps, args.cfg, out_dir, args.model,
                                       _request_args(args.layer_weights, args.decoder, "rgba", **_options(args)))
-        rows = {p: [rgba_measures(images[(p, sd)], p, temps) for sd in seeds] for p in solid + glass}
+        rows = {p: [rgba_measures(images[(p, sd)], p) for sd in seeds] for p in solid + glass}
         report["rgba"] = summarise_rgba(rows, solid, glass)
         layer_rows, layer_times = {}, {}
         for mode in modes:

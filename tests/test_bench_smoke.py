@@ -140,3 +140,35 @@ def test_toy_base_shapes_quick(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         mod.main(["--quick", "--prompts", "red zebra"])
     assert e.value.code == 2
+
+
+def test_toy_base_shapes_vae_ceiling(capsys, tmp_path):
+    """--vae-only: the scenes' own shapes before and after the folder's base VAE (no UNet drawn). A yellow
+    bottle survives the shipped VAE's round trip, not an untrained VAE's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from layerctl.backends import toy
+
+    mod = load("toy_base_shapes")
+    runs = {}
+    for name in ("shipped", "untrained"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for key in ("vae", "text_encoder", "unet"):
+            shutil.copy(toy.weight_path(key), folder / toy.FILES[key])
+        if name == "untrained":
+            vae = toy.build_components(seed=0)[0]
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"),
+                      metadata={"scaling_factor": "1.0"})
+        out = tmp_path / f"{name}.json"
+        args = ["--vae-only", "--reference", "12", "--prompts", "yellow bottle", "--model-dir", str(folder), "--json", str(out)]
+        assert mod.main(args) == 0
+        runs[name] = json.loads(out.read_text())["prompts"]["yellow bottle"]
+    text = capsys.readouterr().out
+    assert "yellow bottle: same measure on the scenes" in text and "base model right" not in text
+    assert runs["shipped"]["of"] == 0 and runs["shipped"]["size"] == 64
+    assert runs["shipped"]["ceiling"] == runs["untrained"]["ceiling"] > 0.9
+    assert runs["shipped"]["vae_ceiling"] > 0.9 > runs["untrained"]["vae_ceiling"]

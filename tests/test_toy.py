@@ -577,6 +577,50 @@ def test_pretrain_unet_from_scratch_at_another_width_goes_on_where_it_stopped(tm
     assert toy.unet_channels(d / "unet.safetensors") == toy.UNET_CHANNELS  # files from before the width was recorded
 
 
+def test_pretrain_at_another_size_gives_a_toy_model_of_that_size(tmp_path):
+    """pretrain_base.py vae --size records the toy world's picture size in the VAE file; the UNet stage reads
+    it from there (its rows and latents at that size) and refuses another --size; the toy backend's native
+    size follows the VAE file, so `gen` on such a folder draws pictures of that size by default."""
+    import shutil
+
+    import torch
+    from PIL import Image
+
+    from clihelp import run_cli
+    from layerctl.backends import toy
+
+    d = tmp_path / "w128"
+    _pretrain("vae", "--size", 128, "--steps", 2, "--batch", 2, "--seed", 3, "--threads", 1, "--out", d)
+    assert toy.image_size(d / "vae.safetensors") == 128
+    _pretrain("unet", "--steps", 2, "--batch", 2, "--seed", 3, "--threads", 1, "--save-minutes", 0, "--cache", 8, "--out", d)
+    rows = torch.load(d / "latent_cache-3.pt", weights_only=False)["rows"]
+    assert tuple(rows["mean"].shape[1:]) == (4, 16, 16)  # 128x128 rows, 8x down
+    assert toy.load_toy("cpu", torch.float32, d).unet.config.sample_size == 16
+    with pytest.raises(SystemExit, match="trained at 128x128"):
+        _pretrain("unet", "--size", 64, "--steps", 2, "--batch", 2, "--threads", 1, "--out", d)
+    with pytest.raises(SystemExit, match="not a multiple of 64"):
+        _pretrain("vae", "--size", 96, "--steps", 1, "--out", tmp_path / "bad")
+    for key in ("encoder", "decoder", "rgba"):  # the transparency nets are convolutional, the LoRA per layer: any size
+        shutil.copy(toy.weight_path(key), toy.weight_path(key, d))
+    code, _out, err = run_cli("gen", "red ball", "--model", f"toy:{d}", "--steps", 2, "--seed", 1, "--out", tmp_path / "b.png")
+    assert code == 0, err
+    assert "a 128x128 toy world" in err
+    assert Image.open(tmp_path / "b.png").size == (128, 128)
+    assert toy.image_size(toy.weight_path("vae")) == toy.IMAGE_SIZE == 64  # the shipped files predate the record
+
+
+def test_toy_image_size_metadata_that_is_not_a_size_is_one_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from layerctl.backends import toy
+    from layerctl.errors import LayerctlError
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "vae.safetensors"), metadata={"image_size": "big"})
+    with pytest.raises(LayerctlError, match="image_size 'big'"):
+        toy.image_size(tmp_path / "vae.safetensors")
+
+
 def test_pretrain_rows_without_mirroring_are_the_same_rows_unmirrored():
     """pretrain_base.py's rows with flip=False: the same captions and roles as with mirroring, each
     picture the world's own (a cup keeps its handle on the right); with mirroring some rows are the

@@ -36,6 +36,10 @@ No layerctl command trains a base model, so this is one visible loop per stage
     #    from runs/toy/wide's weights copied into --out (and 8.'s latent_cache-7.pt: the same rows); 46 min at 2
     #    threads. Held-out loss 0.0270 against 0.0258 for 8.; alone it draws fewer cups than before (9 and 5 of 30):
     python recipes/toy/pretrain_base.py unet --out runs/toy/wide-mean --resume --no-flip --latents mean --cache 100000 --ema 0.999 --steps 2500 --batch 64 --lr 5e-4 --seed 7 --threads 2 --save-minutes 10
+    # 10. (fourteenth round) the 128x128 toy world (16x16 latents; thin shapes get four times the latent cells):
+    #    --size on the VAE stage is recorded in vae.safetensors (image_size), every later stage and the toy
+    #    backend (`--model toy:FOLDER`, gen's default size) read it from there:
+    python recipes/toy/pretrain_base.py vae --out runs/toy/w128 --size 128 --steps 450 --batch 16 --lr 2e-3 --seed 1 --threads 2
     # the denoising loss of a folder's text encoder + UNet on held-out rows at fixed timesteps and noise
     # (compares two base models on the same numbers; the training loss draws its timesteps at random):
     python recipes/toy/pretrain_base.py unet-loss --out runs/toy/wide --batch 512
@@ -84,8 +88,8 @@ def save_fp16(module, path: Path, metadata: dict | None = None, state: dict | No
     os.replace(tmp, path)
 
 
-def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator, flip: bool = True):
-    """Scenes start..start+n as (pixels [n,3,64,64] in [-1,1], captions, roles, fg RGBA [n,64,64,4]).
+def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator, flip: bool = True, size: int = 64):
+    """Scenes start..start+n as (pixels [n,3,S,S] in [-1,1], captions, roles, fg RGBA [n,S,S,4]), S = `size`.
 
     Each row is the blended scene (45%), the background alone (15%) or the foreground over mid grey
     (40%: the premultiplied picture, what the frozen VAE sees of an RGBA image); half are mirrored
@@ -94,7 +98,7 @@ def scene_batch(src: SceneSource, start: int, n: int, rng: np.random.Generator, 
     """
     imgs, caps, roles, fgs = [], [], [], []
     for i in range(start, start + n):
-        s = src(i)
+        s = src(i, size)
         u = rng.random()
         fg = s.fg
         if u < 0.45:
@@ -132,18 +136,18 @@ def offset_fg_rows(enc, roles, fgs, mean, std, lat) -> None:
 
 
 def train_vae(args):
-    vae, text, unet = toy.build_components(args.seed)
+    vae, text, unet = toy.build_components(args.seed, size=args.size)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     t0, last_save = time.time(), time.time()
     for step in range(1, args.steps + 1):
-        x = scene_batch(src, (step - 1) * args.batch, args.batch, rng)[0]
+        x = scene_batch(src, (step - 1) * args.batch, args.batch, rng, size=args.size)[0]
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
-        kl = post.kl().mean() / (4 * 8 * 8)
+        kl = post.kl().mean() / z[0].numel()
         loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,11 +167,11 @@ def train_vae(args):
 
 
 @torch.no_grad()
-def heldout_psnr(vae, n: int = 96, seed: int = 424242) -> float:
-    """Round-trip PSNR (dB, latent means) of n scene rows of a seed no stage trains on."""
+def heldout_psnr(vae, size: int, n: int = 96, seed: int = 424242) -> float:
+    """Round-trip PSNR (dB, latent means) of n scene rows (size x size) of a seed no stage trains on."""
     was = vae.training
     vae.eval()
-    x = scene_batch(SceneSource(seed), 0, n, np.random.default_rng(seed))[0]
+    x = scene_batch(SceneSource(seed), 0, n, np.random.default_rng(seed), size=size)[0]
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample
     vae.train(was)
     return psnr_db(rec, x)
@@ -199,15 +203,15 @@ def train_decoder(args):
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    print(f"decoder: held-out PSNR at start {heldout_psnr(vae):.2f} dB", file=sys.stderr, flush=True)
+    print(f"decoder: held-out PSNR at start {heldout_psnr(vae, args.size):.2f} dB", file=sys.stderr, flush=True)
     t0, last_save = time.time(), time.time()
 
     def save(step):
         live = {k: v.clone() for k, v in dec.state_dict().items()}
         if avg is not None:
             dec.load_state_dict(avg.shadow)
-        psnr = heldout_psnr(vae)
-        keep = {k: v for k, v in meta.items() if k in ("scaling_factor", "seed")}
+        psnr = heldout_psnr(vae, args.size)
+        keep = {k: v for k, v in meta.items() if k in ("scaling_factor", "seed", "image_size")}
         save_fp16(vae, out / toy.FILES["vae"], {**keep, "step": meta.get("step", ""), "decoder_steps": step,
                                                 "heldout_psnr": f"{psnr:.2f}"})
         dec.load_state_dict(live)
@@ -219,7 +223,7 @@ def train_decoder(args):
     scaling = float(meta["scaling_factor"])
     enc = tv.load_encoder(args.transparent_encoder, device="cpu", dtype=torch.float32).eval() if args.transparent_encoder else None
     for step in range(1, args.steps + 1):
-        x, _, roles, fgs = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng)
+        x, _, roles, fgs = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng, size=args.size)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
@@ -250,8 +254,8 @@ def train_decoder(args):
 
 
 @torch.no_grad()
-def latent_std(vae, src, seed) -> float:
-    x = scene_batch(src, 10_000_000, 64, np.random.default_rng(seed))[0]
+def latent_std(vae, src, seed, size: int) -> float:
+    x = scene_batch(src, 10_000_000, 64, np.random.default_rng(seed), size=size)[0]
     return float(vae.encode(x).latent_dist.mean.std())
 
 
@@ -259,14 +263,15 @@ def export_vae(vae, text, unet, args, step, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vae.eval()
-    scale = 1.0 / latent_std(vae, SceneSource(args.seed), args.seed)
+    scale = 1.0 / latent_std(vae, SceneSource(args.seed), args.seed, args.size)
     vae.train()
-    save_fp16(vae, out / toy.FILES["vae"], {"scaling_factor": f"{scale:.5f}", "step": step, "seed": args.seed})
+    save_fp16(vae, out / toy.FILES["vae"], {"scaling_factor": f"{scale:.5f}", "step": step, "seed": args.seed,
+                                            "image_size": args.size})
     # placeholders so the backend loads for train-vae before the UNet stage has run
     for key, mod in (("text_encoder", text), ("unet", unet)):
         if not (out / toy.FILES[key]).is_file():
             save_fp16(mod, out / toy.FILES[key], {"placeholder": "untrained"})
-    _log_stage(out, "vae", step, seconds, args, extra={"scaling_factor": scale})
+    _log_stage(out, "vae", step, seconds, args, extra={"scaling_factor": scale, "image_size": args.size})
     print(f"saved vae (step {step}, scaling_factor {scale:.4f})", file=sys.stderr, flush=True)
 
 
@@ -281,11 +286,11 @@ def _log_stage(out: Path, stage: str, step: int, seconds: float, args, extra=Non
 
 @torch.no_grad()
 def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk: int = 64, file: Path | None = None,
-                 flip: bool = True) -> dict:
+                 flip: bool = True, size: int = 64) -> dict:
     """Encode n scene rows once (latent mean/std, caption, role): the frozen VAE then costs nothing per step.
     With `file`: read from there when it holds the same rows (seed, n, VAE file), else encoded and saved there;
     `rng` ends in the same state either way."""
-    key = {"n": n, "flip": flip, "rng": dict(rng.bit_generator.state), "vae": _file_digest(file.parent / toy.FILES["vae"]) if file else ""}
+    key = {"n": n, "flip": flip, "size": size, "rng": dict(rng.bit_generator.state), "vae": _file_digest(file.parent / toy.FILES["vae"]) if file else ""}
     if file is not None and file.is_file():
         got = torch.load(file, weights_only=False)
         if got["key"] == key:
@@ -296,7 +301,7 @@ def encode_cache(vae, src: SceneSource, n: int, rng: np.random.Generator, chunk:
     t0 = time.time()
     device = next(vae.parameters()).device
     for start in range(0, n, chunk):
-        x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng, flip)
+        x, c, r, _ = scene_batch(src, 20_000_000 + start, min(chunk, n - start), rng, flip, size)
         post = vae.encode(x.to(device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
@@ -346,7 +351,7 @@ def _unet_start(args, out: Path):
     width = toy.parse_channels(args.unet_channels, "--unet-channels") if args.unet_channels else toy.UNET_CHANNELS
     if args.resume:
         width = toy.unet_channels(out / toy.FILES["unet"])
-    _, text, unet = toy.build_components(args.seed, unet_width=width)
+    _, text, unet = toy.build_components(args.seed, unet_width=width, size=args.size)
     state = None
     if args.resume:
         toy._load_into(text, out / toy.FILES["text_encoder"])
@@ -385,7 +390,8 @@ def train_unet(args):
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cache = (encode_cache(vae, src, args.cache, rng, file=out / f"latent_cache-{args.seed}.pt", flip=not args.no_flip)
+    cache = (encode_cache(vae, src, args.cache, rng, file=out / f"latent_cache-{args.seed}.pt", flip=not args.no_flip,
+                          size=args.size)
              if args.cache and enc is None else None)
     avg = {"text": EMA(text, args.ema), "unet": EMA(unet, args.ema)} if args.ema else None
     first, ema, seconds = 1, None, 0.0
@@ -428,7 +434,7 @@ def train_unet(args):
             caps, roles = [cache["caps"][i] for i in idx], [cache["roles"][i] for i in idx]
             lat = posterior_latents(mean, std, gen, args.latents)
         else:
-            x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng, not args.no_flip)
+            x, caps, roles, fgs = scene_batch(src, (step - 1) * args.batch, args.batch, rng, not args.no_flip, args.size)
             with torch.no_grad():
                 post = vae.encode(x.to(dev)).latent_dist
                 mean, std = post.mean.cpu(), post.std.cpu()
@@ -482,7 +488,7 @@ def unet_loss(args):
     scale = float(pipe.vae.config.scaling_factor)
     sched = noise_schedule()
     n = args.batch
-    x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242), not args.no_flip)
+    x, caps, roles, _ = scene_batch(SceneSource(424242), 0, n, np.random.default_rng(424242), not args.no_flip, args.size)
     gen = torch.Generator().manual_seed(424242)
     post = pipe.vae.encode(x).latent_dist
     lat = posterior_latents(post.mean, post.std, gen, args.latents) * scale
@@ -501,6 +507,20 @@ def unet_loss(args):
     print(f"mean over t {HELDOUT_T}: {mean:.4f}  ({n} held-out rows, UNet {','.join(map(str, toy.unet_channels(out / toy.FILES['unet'])))})")
     if args.json:
         Path(args.json).write_text(json.dumps({"out": str(out), "rows": n, "mean": mean, "per_t": losses}, indent=1) + "\n")
+
+
+def world_size(args) -> int:
+    """The picture size of this run: --size for the VAE stage (default 64), else the size the VAE in --out
+    was trained at (a different --size is an error: a UNet must learn the latents its VAE makes)."""
+    if args.stage == "vae":
+        size = args.size or toy.IMAGE_SIZE
+        if size < 64 or size % 64:  # what the transparent decoder (and `gen --width`) takes
+            sys.exit(f"pretrain_base.py: --size {size} is not a multiple of 64")
+        return size
+    size = toy.image_size(Path(args.out) / toy.FILES["vae"])
+    if args.size and args.size != size:
+        sys.exit(f"pretrain_base.py: --size {args.size}, but the VAE in {args.out} is trained at {size}x{size}")
+    return size
 
 
 def main(argv=None):
@@ -532,8 +552,12 @@ def main(argv=None):
     ap.add_argument("--latents", choices=["sample", "mean"], default="sample",
                     help="unet, unet-loss: learn draws from the VAE posterior (the shipped base) or its mean")
     ap.add_argument("--json", default=None, help="unet-loss: write the figures here")
+    ap.add_argument("--size", type=int, default=None,
+                    help="vae: the toy world's picture size (default 64; 128 gives 16x16 latents), recorded in the VAE file; "
+                         "the other stages read it from the VAE in --out")
     ap.add_argument("--ema", type=float, default=0.0, help="unet, decoder: save an exponential moving average (e.g. 0.999)")
     args = ap.parse_args(argv)
+    args.size = world_size(args)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGINT, _sigint)
