@@ -609,6 +609,55 @@ def test_pretrain_at_another_size_gives_a_toy_model_of_that_size(tmp_path):
     assert toy.image_size(toy.weight_path("vae")) == toy.IMAGE_SIZE == 64  # the shipped files predate the record
 
 
+def _build_world_module():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "build_world.py"
+    spec = importlib.util.spec_from_file_location("toy_build_world", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, capsys):
+    """recipes/toy/build_world.py, every step count scaled to its minimum: the base VAE and UNet, the data,
+    the transparency VAE and the transparent LoRA of a 128x128 world, from scratch, into one folder that
+    `gen` loads as toy:FOLDER and draws 128x128 from; run again it skips what is done; a folder of another
+    size, an unknown stage, a size that is not a multiple of 64 are refused."""
+    import json
+
+    from PIL import Image
+
+    from clihelp import run_cli
+    from layerctl.backends import toy
+
+    mod = _build_world_module()
+    out = tmp_path / "w128"
+    stages = "vae,unet,data,tvae,rgba"
+    assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--threads", "1", "--stages", stages]) == 0
+    log = json.loads((out / "world.json").read_text())
+    assert log["size"] == 128 and all(log["stages"][s]["done"] for s in stages.split(","))
+    assert toy.image_size(out / "vae.safetensors") == 128
+    assert len(list((out / "data" / "rgba").glob("*.png"))) == 32
+    for name in ("unet", "transparent_encoder", "transparent_decoder", "rgba"):
+        assert (out / f"{name}.safetensors").stat().st_size > 1000, name
+    stamp = (out / "rgba.safetensors").stat().st_mtime_ns
+    assert "build_world: stage rgba (128x128, cpu)" in capsys.readouterr().err
+    assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--stages", stages]) == 0  # all done: no-op
+    assert (out / "rgba.safetensors").stat().st_mtime_ns == stamp
+    assert "build_world: stage" not in capsys.readouterr().err
+    code, _o, err = run_cli("gen", "glass cup", "--model", f"toy:{out}", "--steps", 2, "--seed", 1, "--out", tmp_path / "c.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "c.png").size == (128, 128) and Image.open(tmp_path / "c.png").mode == "RGBA"
+    with pytest.raises(SystemExit, match="holds a 128x128 world"):
+        mod.main(["--out", str(out), "--size", "64"])
+    for bad in (["--stages", "vae,paint"], ["--size", "96"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--out", str(tmp_path / "x"), *bad])
+        assert e.value.code == 2
+
+
 def test_toy_image_size_metadata_that_is_not_a_size_is_one_line(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -137,13 +137,14 @@ def offset_fg_rows(enc, roles, fgs, mean, std, lat) -> None:
 
 def train_vae(args):
     vae, text, unet = toy.build_components(args.seed, size=args.size)
-    vae.train()
+    dev = torch.device(args.device)
+    vae.to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr or 1e-3, weight_decay=0.0)
     src = SceneSource(args.seed)
     rng = np.random.default_rng(args.seed)
     t0, last_save = time.time(), time.time()
     for step in range(1, args.steps + 1):
-        x = scene_batch(src, (step - 1) * args.batch, args.batch, rng, size=args.size)[0]
+        x = scene_batch(src, (step - 1) * args.batch, args.batch, rng, size=args.size)[0].to(dev)
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
@@ -255,7 +256,7 @@ def train_decoder(args):
 
 @torch.no_grad()
 def latent_std(vae, src, seed, size: int) -> float:
-    x = scene_batch(src, 10_000_000, 64, np.random.default_rng(seed), size=size)[0]
+    x = scene_batch(src, 10_000_000, 64, np.random.default_rng(seed), size=size)[0].to(next(vae.parameters()).device)
     return float(vae.encode(x).latent_dist.mean.std())
 
 
@@ -533,7 +534,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "layerctl" / "toy_weights"))
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="unet: where to train (e.g. cuda); the saved state resumes on any device")
+    ap.add_argument("--device", default="cpu", help="vae, unet: where to train (e.g. cuda); the saved state resumes on any device")
     ap.add_argument("--transparent-encoder", default=None,
                     help="unet: train fg rows on transparent latents; decoder: decode them to the fg over grey")
     ap.add_argument("--latent-noise", type=float, default=0.0,

@@ -1,0 +1,198 @@
+"""Build a whole toy model from scratch, at any size, on any device, in one resumable command.
+
+The shipped toy model grew over fourteen rounds of issue 14 (see docs/toy-model.md); this script is its
+condensed recipe, the way to retrain every file at once, e.g. the 128x128 toy world (16x16 latents):
+
+    python recipes/toy/build_world.py --out runs/toy/w128 --size 128                  # CPU: days at 128
+    python recipes/toy/build_world.py --out runs/toy/w128 --size 128 --device cuda    # a GPU: resumes the same folder
+    python recipes/toy/build_world.py --out runs/toy/smoke --scale 0.001               # every stage, a few steps each
+
+Stages, in order (each skipped once done, each resumed where it stopped when run again):
+
+    1. vae     recipes/toy/pretrain_base.py vae: the base VAE at --size (image_size recorded in its file)
+    2. unet    pretrain_base.py unet: text encoder + UNet on the VAE's posterior means, unmirrored, EMA
+    3. data    the toy world's scenes as RGBA files ("solid" in every other plain solid caption) and
+               layer triplets, at --size
+    4. tvae    layerctl train-vae: the transparency encoder + decoder, from zero
+    5. rgba    layerctl train-lora (transparent) + export-lora: the transparent LoRA
+    6. joint, fg2bg, bg2fg   layerctl train-lora (layers): the three layer models
+
+The folder then loads as `--model toy:FOLDER` (`gen`, `bench/toy_quality.py --model toy:FOLDER`). Every
+command is printed before it runs; world.json in --out records what each stage did. --scale multiplies
+every step count and data count (smallest: 2 steps, 32 scenes), for a smoke run or a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+STAGES = ("vae", "unet", "data", "tvae", "rgba", "joint", "fg2bg", "bg2fg")
+# steps at --scale 1: about what the shipped 64x64 files had in all (the VAE far more: its 450 steps lose
+# small objects, bench/toy_base_shapes.py --vae-only), with the batch sizes they were trained at
+STEPS = {"vae": 2400, "unet": 20000, "tvae": 3000, "rgba": 16000, "joint": 8000, "fg2bg": 8000, "bg2fg": 8000}
+COUNTS = {"rgba": 25000, "layers": 12000, "unet_cache": 100000}
+LAYER_RECIPES = {"joint": "train-lora-layers-noflip.yaml", "fg2bg": "train-lora-fg2bg-noflip.yaml",
+                 "bg2fg": "train-lora-bg2fg-noflip.yaml"}
+LAYER_FILES = {"joint": "layers_joint.safetensors", "fg2bg": "layers_fg2bg.safetensors", "bg2fg": "layers_bg2fg.safetensors"}
+
+
+class World:
+    """The --out folder: the model files, world.json, data/ and runs/ beside them."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.log_path = self.out / "world.json"
+        self.log = json.loads(self.log_path.read_text()) if self.log_path.is_file() else {}
+        if self.log.get("size", args.size) != args.size:
+            sys.exit(f"build_world.py: {self.out} holds a {self.log['size']}x{self.log['size']} world, not --size {args.size}")
+
+    def steps(self, stage: str) -> int:
+        return max(2, round(STEPS[stage] * self.args.scale))
+
+    def count(self, what: str) -> int:
+        return max(32, round(COUNTS[what] * self.args.scale))
+
+    def done(self, stage: str) -> bool:
+        return bool(self.log.get("stages", {}).get(stage, {}).get("done"))
+
+    def record(self, stage: str, **info) -> None:
+        self.log.setdefault("stages", {})[stage] = {"done": True, **info}
+        self.log.update(size=self.args.size, scale=self.args.scale)
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.log, indent=1) + "\n")
+        os.replace(tmp, self.log_path)
+
+    def run(self, *cmd) -> None:
+        cmd = [str(c) for c in cmd]
+        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        r = subprocess.run(cmd, cwd=ROOT, env=env)
+        if r.returncode != 0:
+            sys.exit(f"build_world.py: the command above failed (exit {r.returncode}); run again to resume")
+
+    def layerctl(self, *args) -> None:
+        self.run(sys.executable, "-m", "layerctl", *args)
+
+    def trainer_overrides(self, stage: str) -> list[str]:
+        """--set options every train-vae / train-lora stage shares: this world's model, size, device, steps."""
+        sets = {"model.model": f"toy:{self.out}", "model.device": self.args.device, "data.resolution": self.args.size,
+                "out_dir": self.out / "runs" / stage, "steps": self.steps(stage), "cpu_threads": self.args.threads}
+        return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+    def resume_flag(self, stage: str) -> list[str]:
+        return ["--resume"] if (self.out / "runs" / stage).is_dir() else []
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def stage_vae(w: World) -> dict:
+    pretrain = [sys.executable, ROOT / "recipes" / "toy" / "pretrain_base.py"]
+    w.run(*pretrain, "vae", "--out", w.out, "--size", w.args.size, "--steps", w.steps("vae"), "--batch", 16,
+          "--lr", "2e-3", "--seed", 1, "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", 1e9)
+    return {"steps": w.steps("vae")}
+
+
+def stage_unet(w: World) -> dict:
+    pretrain = [sys.executable, ROOT / "recipes" / "toy" / "pretrain_base.py"]
+    resume = ["--resume"] if (w.out / "unet_train_state.pt").is_file() else []
+    width = [] if resume else ["--unet-channels", w.args.unet_channels]  # a resumed run reads it from its file
+    w.run(*pretrain, "unet", "--out", w.out, *resume, *width, "--no-flip", "--latents", "mean", "--ema", "0.999",
+          "--cache", w.count("unet_cache"), "--steps", w.steps("unet"), "--batch", 64, "--lr", "1e-3", "--seed", 7,
+          "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", 10)
+    return {"steps": w.steps("unet"), "cache": w.count("unet_cache"), "unet_channels": w.args.unet_channels}
+
+
+def stage_data(w: World) -> dict:
+    from layerctl.training.scenes import export_layers_folder, export_rgba_folder
+
+    rgba, layers = w.out / "data" / "rgba", w.out / "data" / "layers"
+    for folder in (rgba, layers):  # a stopped export is redone whole: its files are cheap
+        shutil.rmtree(folder, ignore_errors=True)
+    export_rgba_folder(rgba, w.count("rgba"), seed=3, size=w.args.size, solid_word_every=2)
+    export_layers_folder(layers, w.count("layers"), seed=7, size=w.args.size)
+    return {"rgba": w.count("rgba"), "layers": w.count("layers")}
+
+
+def stage_tvae(w: World) -> dict:
+    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-5.yaml", *w.trainer_overrides("tvae"),
+               "--set", "model.init_encoder=null", "--set", "model.init_decoder=null",
+               "--set", f"data.source={w.out / 'data' / 'rgba'}", "--set", f"checkpoint_every={max(2, w.steps('tvae') // 10)}",
+               "--set", f"val_every={w.steps('tvae')}", "--set", "val_at_start=false",
+               "--set", f"data.val_count={min(64, w.count('rgba') // 8)}", *w.resume_flag("tvae"))
+    for name in ("transparent_encoder.safetensors", "transparent_decoder.safetensors"):
+        shutil.copy(w.out / "runs" / "tvae" / name, w.out / name)
+    return {"steps": w.steps("tvae")}
+
+
+def transparency_sets(w: World) -> list[str]:
+    return ["--set", f"model.transparent_encoder={w.out / 'transparent_encoder.safetensors'}",
+            "--set", f"model.transparent_decoder={w.out / 'transparent_decoder.safetensors'}"]
+
+
+def stage_rgba(w: World) -> dict:
+    w.layerctl("train-lora", ROOT / "recipes" / "toy" / "train-lora-14.yaml", *w.trainer_overrides("rgba"),
+               *transparency_sets(w), "--set", "lora.init_from=null", "--set", f"data.source={w.out / 'data' / 'rgba'}",
+               "--set", f"checkpoint_every={max(2, w.steps('rgba') // 10)}", "--set", f"validation.every={w.steps('rgba')}",
+               *w.resume_flag("rgba"))
+    w.layerctl("export-lora", w.out / "runs" / "rgba" / "pytorch_lora_weights.safetensors", "--format", "layerdiffuse",
+               "--model", f"toy:{w.out}", "--dtype", "fp16", "--out", w.out / "rgba.safetensors", "--overwrite")
+    return {"steps": w.steps("rgba")}
+
+
+def stage_layers(w: World, kind: str) -> dict:
+    w.layerctl("train-lora", ROOT / "recipes" / "toy" / LAYER_RECIPES[kind], *w.trainer_overrides(kind),
+               *transparency_sets(w), "--set", "layers.init_from=null", "--set", f"data.source={w.out / 'data' / 'layers'}",
+               "--set", f"checkpoint_every={max(2, w.steps(kind) // 10)}", "--set", f"validation.every={w.steps(kind)}",
+               *w.resume_flag(kind))
+    shutil.copy(w.out / "runs" / kind / LAYER_FILES[kind], w.out / f"{kind}.safetensors")
+    return {"steps": w.steps(kind)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="the model folder to build (and resume)")
+    ap.add_argument("--size", type=int, default=64, help="the toy world's picture size, a multiple of 64 (128: 16x16 latents)")
+    ap.add_argument("--device", default="cpu", help="where every stage trains (cpu, cuda)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads per stage")
+    ap.add_argument("--unet-channels", default="32,64,64", help="the base UNet's block_out_channels (the shipped width)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies every step and data count (a smoke run: 0.001)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--redo", action="store_true", help="run the --stages given even if world.json says they are done")
+    args = ap.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
+    if args.size < 64 or args.size % 64:
+        ap.error(f"--size {args.size} is not a multiple of 64")
+    if args.scale <= 0:
+        ap.error("--scale must be positive")
+    w = World(args)
+    w.out.mkdir(parents=True, exist_ok=True)
+    run = {"vae": stage_vae, "unet": stage_unet, "data": stage_data, "tvae": stage_tvae, "rgba": stage_rgba,
+           **{k: (lambda w, k=k: stage_layers(w, k)) for k in LAYER_RECIPES}}
+    for stage in STAGES:
+        if stage not in stages or (w.done(stage) and not args.redo):
+            continue
+        t0 = time.time()
+        print(f"build_world: stage {stage} ({args.size}x{args.size}, {args.device})", file=sys.stderr, flush=True)
+        info = run[stage](w)
+        w.record(stage, seconds=round(time.time() - t0), device=args.device, **info)
+    print(f"build_world: {w.out} is a toy model folder: layerctl gen 'glass cup' --model toy:{w.out} --out cup.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
