@@ -480,8 +480,8 @@ def test_toy_upscale_bench_measure():
 def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     """recipes/toy/pretrain_base.py decoder: trains the VAE's decoder only. The encoder (and with
     it every latent the UNet and LoRAs learned) is saved bit for bit, the scaling factor kept,
-    the decoder changed, the stage logged in training.json. --transparent-encoder and
-    --latent-noise each change what the decoder learns from."""
+    the decoder changed, the stage logged in training.json. --transparent-encoder,
+    --latent-noise and --latents mean each change what the decoder learns from."""
     import json
     import shutil
 
@@ -494,7 +494,7 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
         if f.is_file():
             shutil.copy(f, tmp_path / f.name)
     args = ["decoder", "--steps", "2", "--batch", "4", "--lr", "1e-2", "--ema", "0.5", "--seed", "3", "--threads", "1"]
-    for sub in ("transparent", "noisy"):
+    for sub in ("transparent", "noisy", "means"):
         (tmp_path / sub).mkdir()
         for f in ("vae.safetensors", "training.json"):
             shutil.copy(d / f, tmp_path / sub / f)
@@ -503,8 +503,10 @@ def test_pretrain_decoder_stage_keeps_the_encoder(tmp_path):
     _pretrain(*args, "--out", tmp_path / "transparent", "--transparent-encoder", d / "transparent_encoder.safetensors")
     # the same run from latents perturbed as a sampler leaves them
     _pretrain(*args, "--out", tmp_path / "noisy", "--latent-noise", "0.5")
+    # the same run on the posterior's means (what a UNet trained on means draws)
+    _pretrain(*args, "--out", tmp_path / "means", "--latents", "mean")
     before, after = load_file(str(d / "vae.safetensors")), load_file(str(tmp_path / "vae.safetensors"))
-    for sub in ("transparent", "noisy"):
+    for sub in ("transparent", "noisy", "means"):
         other = load_file(str(tmp_path / sub / "vae.safetensors"))
         assert any(not torch.equal(after[k], other[k]) for k in after if k.startswith("decoder.")), sub
         assert all(torch.equal(before[k], other[k]) for k in before if k.startswith(("encoder.", "quant_conv."))), sub

@@ -216,7 +216,7 @@ def train_decoder(args):
         save_fp16(vae, out / toy.FILES["vae"], {**keep, "step": meta.get("step", ""), "decoder_steps": step,
                                                 "heldout_psnr": f"{psnr:.2f}"})
         dec.load_state_dict(live)
-        extra = {"heldout_psnr": round(psnr, 2), "ema": args.ema, "latent_noise": args.latent_noise,
+        extra = {"heldout_psnr": round(psnr, 2), "ema": args.ema, "latent_noise": args.latent_noise, "latents": args.latents,
                  "transparent_latents": bool(args.transparent_encoder)}
         _log_stage(out, "vae_decoder", step, time.time() - t0, args, extra=extra)
         print(f"saved vae decoder (step {step}, held-out PSNR {psnr:.2f} dB)", file=sys.stderr, flush=True)
@@ -227,7 +227,7 @@ def train_decoder(args):
         x, _, roles, fgs = scene_batch(src, 30_000_000 + (step - 1) * args.batch, args.batch, rng, size=args.size)
         with torch.no_grad():
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+            z = posterior_latents(post.mean, post.std, gen, args.latents)
             offset_fg_rows(enc, roles, fgs, post.mean, post.std, z)
             if args.latent_noise > 0:  # per row a strength in U(0, latent_noise), in the UNet's (scaled) units
                 strength = torch.rand(z.shape[0], 1, 1, 1, generator=gen) * args.latent_noise
@@ -551,7 +551,8 @@ def main(argv=None):
     ap.add_argument("--no-flip", action="store_true",
                     help="unet, unet-loss: no mirrored rows (the toy world's cups all have the handle on the right)")
     ap.add_argument("--latents", choices=["sample", "mean"], default="sample",
-                    help="unet, unet-loss: learn draws from the VAE posterior (the shipped base) or its mean")
+                    help="unet, unet-loss, decoder: learn draws from the VAE posterior (the shipped base) or its mean "
+                         "(what a UNet trained on means draws)")
     ap.add_argument("--json", default=None, help="unet-loss: write the figures here")
     ap.add_argument("--size", type=int, default=None,
                     help="vae: the toy world's picture size (default 64; 128 gives 16x16 latents), recorded in the VAE file; "
