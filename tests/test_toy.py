@@ -120,16 +120,17 @@ def _weights():
     return WEIGHTS_DIR
 
 
-def _pretrain_module():
-    """recipes/toy/pretrain_base.py, imported."""
+def _recipe_module(name: str = "pretrain_base"):
+    """recipes/toy/NAME.py (a script, not a package module), imported."""
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "pretrain_base.py"
-    spec = importlib.util.spec_from_file_location("toy_pretrain_base", script)
+    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"toy_{name}", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
 
 
 def _pretrain(*args) -> None:
@@ -139,7 +140,7 @@ def _pretrain(*args) -> None:
 
     import torch
 
-    mod = _pretrain_module()
+    mod = _recipe_module()
     threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         mod.main([str(a) for a in args])
@@ -611,17 +612,6 @@ def test_pretrain_at_another_size_gives_a_toy_model_of_that_size(tmp_path):
     assert toy.image_size(toy.weight_path("vae")) == toy.IMAGE_SIZE == 64  # the shipped files predate the record
 
 
-def _build_world_module():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "recipes" / "toy" / "build_world.py"
-    spec = importlib.util.spec_from_file_location("toy_build_world", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, capsys):
     """recipes/toy/build_world.py, every step count scaled to its minimum: the base VAE and UNet, the data,
     the transparency VAE and the transparent LoRA of a 128x128 world, from scratch, into one folder that
@@ -634,7 +624,7 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
     from clihelp import run_cli
     from layerctl.backends import toy
 
-    mod = _build_world_module()
+    mod = _recipe_module("build_world")
     out = tmp_path / "w128"
     stages = "vae,unet,data,tvae,rgba"
     assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--threads", "1", "--stages", stages]) == 0
@@ -676,7 +666,7 @@ def test_pretrain_rows_without_mirroring_are_the_same_rows_unmirrored():
     """pretrain_base.py's rows with flip=False: the same captions and roles as with mirroring, each
     picture the world's own (a cup keeps its handle on the right); with mirroring some rows are the
     exact mirror image of it."""
-    mod = _pretrain_module()
+    mod = _recipe_module()
     from layerctl.training.scenes import SceneSource
 
     src = SceneSource(5)
@@ -695,7 +685,7 @@ def test_pretrain_latents_are_posterior_draws_or_its_mean():
     posterior's mean itself; both consume the same random numbers, so the rest of a run sees the same ones."""
     import torch
 
-    mod = _pretrain_module()
+    mod = _recipe_module()
     mean, std = torch.randn(3, 4, 8, 8), torch.rand(3, 4, 8, 8) + 0.1
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     drawn = mod.posterior_latents(mean, std, g1, "sample")
