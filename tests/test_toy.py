@@ -618,6 +618,7 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
     `gen` loads as toy:FOLDER and draws 128x128 from; run again it skips what is done; a folder of another
     size, an unknown stage, a size that is not a multiple of 64 are refused."""
     import json
+    import shutil
 
     from PIL import Image
 
@@ -639,6 +640,11 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
     assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--stages", stages]) == 0  # all done: no-op
     assert (out / "rgba.safetensors").stat().st_mtime_ns == stamp
     assert "build_world: stage" not in capsys.readouterr().err
+    shutil.rmtree(out / "data")  # a folder brought back from elsewhere without its data: only that is made again
+    assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--stages", stages]) == 0
+    err = capsys.readouterr().err
+    assert "build_world: stage data" in err and "build_world: stage rgba" not in err
+    assert len(list((out / "data" / "rgba").glob("*.png"))) == 32
     code, _o, err = run_cli("gen", "glass cup", "--model", f"toy:{out}", "--steps", 2, "--seed", 1, "--out", tmp_path / "c.png")
     assert code == 0, err
     assert Image.open(tmp_path / "c.png").size == (128, 128) and Image.open(tmp_path / "c.png").mode == "RGBA"

@@ -17,6 +17,12 @@ Stages, in order (each skipped once done, each resumed where it stopped when run
     5. rgba    layerctl train-lora (transparent) + export-lora: the transparent LoRA
     6. joint, fg2bg, bg2fg   layerctl train-lora (layers): the three layer models
 
+On a lent GPU (calls of at most 10 minutes) run it with `--device cuda --save-minutes 2` as often as it
+takes: each call goes on where the last one stopped (the UNet from its saved state, train-vae and
+train-lora from their last checkpoint, a tenth of their steps apart). What a folder needs to go on
+elsewhere is everything but data/ and latent_cache-*.pt (both made again when missing; at 128x128 the
+cache of 100 000 rows is 0.8 GB).
+
 The folder then loads as `--model toy:FOLDER` (`gen`, `bench/toy_quality.py --model toy:FOLDER`). Every
 command is printed before it runs; world.json in --out records what each stage did. --scale multiplies
 every step count and data count (smallest: 2 steps, 32 scenes), for a smoke run or a quick look.
@@ -64,6 +70,8 @@ class World:
         return max(32, round(COUNTS[what] * self.args.scale))
 
     def done(self, stage: str) -> bool:
+        if stage == "data" and not all((self.out / "data" / d).is_dir() for d in ("rgba", "layers")):
+            return False  # left behind when the folder moved (a GPU call and back): made again
         return bool(self.log.get("stages", {}).get(stage, {}).get("done"))
 
     def record(self, stage: str, **info) -> None:
@@ -110,7 +118,7 @@ def stage_unet(w: World) -> dict:
     width = [] if resume else ["--unet-channels", w.args.unet_channels]  # a resumed run reads it from its file
     w.run(*pretrain, "unet", "--out", w.out, *resume, *width, "--no-flip", "--latents", "mean", "--ema", "0.999",
           "--cache", w.count("unet_cache"), "--steps", w.steps("unet"), "--batch", 64, "--lr", "1e-3", "--seed", 7,
-          "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", 10)
+          "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", w.args.save_minutes)
     return {"steps": w.steps("unet"), "cache": w.count("unet_cache"), "unet_channels": w.args.unet_channels}
 
 
@@ -166,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64, help="the toy world's picture size, a multiple of 64 (128: 16x16 latents)")
     ap.add_argument("--device", default="cpu", help="where every stage trains (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads per stage")
+    ap.add_argument("--save-minutes", type=float, default=10.0,
+                    help="unet: save the whole training state this often (a GPU call of 10 minutes: 2)")
     ap.add_argument("--unet-channels", default="32,64,64", help="the base UNet's block_out_channels (the shipped width)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies every step and data count (a smoke run: 0.001)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
