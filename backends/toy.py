@@ -135,6 +135,11 @@ def unet_channels(path: Path) -> tuple[int, ...]:
     return parse_channels(text, f"toy weights {path.name}: block_out_channels in its metadata") if text else UNET_CHANNELS
 
 
+def is_image_size(size: int) -> bool:
+    """A toy world size: a multiple of 64 (what the transparent decoder and `gen --width` take)."""
+    return size >= 64 and size % 64 == 0
+
+
 def image_size(path: Path) -> int:
     """The toy world's picture size a VAE file was trained at (its `image_size` metadata, e.g. 128 for
     16x16 latents), or 64 for files written before the size was recorded: every stage trained on top of
@@ -142,7 +147,7 @@ def image_size(path: Path) -> int:
     text = _file_metadata(path).get("image_size", "")
     if not text:
         return IMAGE_SIZE
-    if not text.isdigit() or int(text) < 64 or int(text) % 64:
+    if not text.isdigit() or not is_image_size(int(text)):
         raise LayerctlError(f"toy weights {path.name}: image_size {text!r} in its metadata is not a multiple of 64")
     return int(text)
 

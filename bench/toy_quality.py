@@ -262,16 +262,12 @@ def layers_vae_ceiling(scenes, model: str) -> dict:
     Every generated bg and blended picture goes through that decoder, so the layer modes cannot
     do better than this (for --bg, where the bg is the given file, only the blended one is decoded)."""
     import torch
+    from toy_base_shapes import vae_round_trip
 
     from layerctl.training.vae import load_frozen_vae
 
     vae = load_frozen_vae(model, torch.device("cpu")).pipe.vae
-
-    def round_trip(img):
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() * 2 - 1
-        with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        return ((y[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+    round_trip = lambda img: vae_round_trip(vae, [np.ascontiguousarray(img)])[0]  # noqa: E731
 
     both, given_bg = [], []
     for s in scenes:

@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from layerctl.backends import toy  # noqa: E402
+
 STAGES = ("vae", "unet", "data", "tvae", "rgba", "joint", "fg2bg", "bg2fg")
 # steps at --scale 1: about what the shipped 64x64 files had in all (the VAE far more: its 450 steps lose
 # small objects, bench/toy_base_shapes.py --vae-only), with the batch sizes they were trained at
@@ -92,31 +94,32 @@ class World:
     def layerctl(self, *args) -> None:
         self.run(sys.executable, "-m", "layerctl", *args)
 
-    def trainer_overrides(self, stage: str) -> list[str]:
-        """--set options every train-vae / train-lora stage shares: this world's model, size, device, steps."""
-        sets = {"model.model": f"toy:{self.out}", "model.device": self.args.device, "data.resolution": self.args.size,
-                "out_dir": self.out / "runs" / stage, "steps": self.steps(stage), "cpu_threads": self.args.threads}
-        return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    def pretrain(self, *args) -> None:
+        self.run(sys.executable, ROOT / "recipes" / "toy" / "pretrain_base.py", *args)
 
-    def resume_flag(self, stage: str) -> list[str]:
-        return ["--resume"] if (self.out / "runs" / stage).is_dir() else []
+    def trainer_args(self, stage: str) -> list[str]:
+        """What every train-vae / train-lora stage is given: --set this world's model, size, device, steps and
+        a checkpoint every tenth of them, and --resume once its run folder exists."""
+        sets = {"model.model": f"toy:{self.out}", "model.device": self.args.device, "data.resolution": self.args.size,
+                "out_dir": self.out / "runs" / stage, "steps": self.steps(stage), "cpu_threads": self.args.threads,
+                "checkpoint_every": max(2, self.steps(stage) // 10)}
+        resume = ["--resume"] if (self.out / "runs" / stage).is_dir() else []
+        return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")] + resume
 
 
 # ------------------------------------------------------------------------------------------------- stages
 
 
 def stage_vae(w: World) -> dict:
-    pretrain = [sys.executable, ROOT / "recipes" / "toy" / "pretrain_base.py"]
-    w.run(*pretrain, "vae", "--out", w.out, "--size", w.args.size, "--steps", w.steps("vae"), "--batch", 16,
+    w.pretrain("vae", "--out", w.out, "--size", w.args.size, "--steps", w.steps("vae"), "--batch", 16,
           "--lr", "2e-3", "--seed", 1, "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", 1e9)
     return {"steps": w.steps("vae")}
 
 
 def stage_unet(w: World) -> dict:
-    pretrain = [sys.executable, ROOT / "recipes" / "toy" / "pretrain_base.py"]
     resume = ["--resume"] if (w.out / "unet_train_state.pt").is_file() else []
     width = [] if resume else ["--unet-channels", w.args.unet_channels]  # a resumed run reads it from its file
-    w.run(*pretrain, "unet", "--out", w.out, *resume, *width, "--no-flip", "--latents", "mean", "--ema", "0.999",
+    w.pretrain("unet", "--out", w.out, *resume, *width, "--no-flip", "--latents", "mean", "--ema", "0.999",
           "--cache", w.count("unet_cache"), "--steps", w.steps("unet"), "--batch", 64, "--lr", "1e-3", "--seed", 7,
           "--threads", w.args.threads, "--device", w.args.device, "--save-minutes", w.args.save_minutes)
     return {"steps": w.steps("unet"), "cache": w.count("unet_cache"), "unet_channels": w.args.unet_channels}
@@ -134,11 +137,10 @@ def stage_data(w: World) -> dict:
 
 
 def stage_tvae(w: World) -> dict:
-    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-5.yaml", *w.trainer_overrides("tvae"),
+    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-5.yaml", *w.trainer_args("tvae"),
                "--set", "model.init_encoder=null", "--set", "model.init_decoder=null",
-               "--set", f"data.source={w.out / 'data' / 'rgba'}", "--set", f"checkpoint_every={max(2, w.steps('tvae') // 10)}",
-               "--set", f"val_every={w.steps('tvae')}", "--set", "val_at_start=false",
-               "--set", f"data.val_count={min(64, w.count('rgba') // 8)}", *w.resume_flag("tvae"))
+               "--set", f"data.source={w.out / 'data' / 'rgba'}", "--set", f"val_every={w.steps('tvae')}",
+               "--set", "val_at_start=false", "--set", f"data.val_count={min(64, w.count('rgba') // 8)}")
     for name in ("transparent_encoder.safetensors", "transparent_decoder.safetensors"):
         shutil.copy(w.out / "runs" / "tvae" / name, w.out / name)
     return {"steps": w.steps("tvae")}
@@ -150,20 +152,18 @@ def transparency_sets(w: World) -> list[str]:
 
 
 def stage_rgba(w: World) -> dict:
-    w.layerctl("train-lora", ROOT / "recipes" / "toy" / "train-lora-14.yaml", *w.trainer_overrides("rgba"),
+    w.layerctl("train-lora", ROOT / "recipes" / "toy" / "train-lora-14.yaml", *w.trainer_args("rgba"),
                *transparency_sets(w), "--set", "lora.init_from=null", "--set", f"data.source={w.out / 'data' / 'rgba'}",
-               "--set", f"checkpoint_every={max(2, w.steps('rgba') // 10)}", "--set", f"validation.every={w.steps('rgba')}",
-               *w.resume_flag("rgba"))
+               "--set", f"validation.every={w.steps('rgba')}")
     w.layerctl("export-lora", w.out / "runs" / "rgba" / "pytorch_lora_weights.safetensors", "--format", "layerdiffuse",
                "--model", f"toy:{w.out}", "--dtype", "fp16", "--out", w.out / "rgba.safetensors", "--overwrite")
     return {"steps": w.steps("rgba")}
 
 
 def stage_layers(w: World, kind: str) -> dict:
-    w.layerctl("train-lora", ROOT / "recipes" / "toy" / LAYER_RECIPES[kind], *w.trainer_overrides(kind),
+    w.layerctl("train-lora", ROOT / "recipes" / "toy" / LAYER_RECIPES[kind], *w.trainer_args(kind),
                *transparency_sets(w), "--set", "layers.init_from=null", "--set", f"data.source={w.out / 'data' / 'layers'}",
-               "--set", f"checkpoint_every={max(2, w.steps(kind) // 10)}", "--set", f"validation.every={w.steps(kind)}",
-               *w.resume_flag(kind))
+               "--set", f"validation.every={w.steps(kind)}")
     shutil.copy(w.out / "runs" / kind / LAYER_FILES[kind], w.out / f"{kind}.safetensors")
     return {"steps": w.steps(kind)}
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stage(s) {bad}; the stages are {', '.join(STAGES)}")
-    if args.size < 64 or args.size % 64:
+    if not toy.is_image_size(args.size):
         ap.error(f"--size {args.size} is not a multiple of 64")
     if args.scale <= 0:
         ap.error("--scale must be positive")

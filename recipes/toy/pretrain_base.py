@@ -518,7 +518,7 @@ def world_size(args) -> int:
     was trained at (a different --size is an error: a UNet must learn the latents its VAE makes)."""
     if args.stage == "vae":
         size = args.size or toy.IMAGE_SIZE
-        if size < 64 or size % 64:  # what the transparent decoder (and `gen --width`) takes
+        if not toy.is_image_size(size):
             sys.exit(f"pretrain_base.py: --size {size} is not a multiple of 64")
         return size
     size = toy.image_size(Path(args.out) / toy.FILES["vae"])
