@@ -656,6 +656,27 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
         assert e.value.code == 2
 
 
+def test_build_world_stages_side_by_side_keep_world_json_whole(tmp_path):
+    """Two build_world processes on one folder (`--stages unet` beside `--stages data,tvae`): a stage whose
+    inputs are not done is refused before it runs, and each process's record keeps what the other wrote."""
+    import argparse
+    import json
+
+    mod = _recipe_module("build_world")
+    out = tmp_path / "w"
+    with pytest.raises(SystemExit, match="stage tvae needs vae, data first"):
+        mod.main(["--out", str(out), "--stages", "tvae", "--threads", "1"])
+    args = argparse.Namespace(out=str(out), size=64, scale=1.0)
+    first, second = mod.World(args), mod.World(args)  # both read world.json before either wrote to it
+    first.record("vae", steps=3)
+    assert second.missing("unet") == []  # the other process's vae counts
+    second.record("unet", steps=5)
+    (out / "data" / "rgba").mkdir(parents=True)
+    assert first.missing("rgba") == ["tvae", "data"]  # data: world.json does not say so yet
+    log = json.loads((out / "world.json").read_text())
+    assert log["stages"]["vae"]["steps"] == 3 and log["stages"]["unet"]["steps"] == 5
+
+
 def test_toy_image_size_metadata_that_is_not_a_size_is_one_line(tmp_path):
     import torch
     from safetensors.torch import save_file
