@@ -677,6 +677,36 @@ def test_build_world_stages_side_by_side_keep_world_json_whole(tmp_path):
     assert log["stages"]["vae"]["steps"] == 3 and log["stages"]["unet"]["steps"] == 5
 
 
+def test_build_world_ctrl_c_saves_the_stage_and_does_not_call_it_done(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to build_world and the stage it runs): the stage writes what it learnt
+    and exits 130, build_world waits for that instead of killing it, says how to go on, and world.json does
+    not record the stage as done."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "w"
+    proc = subprocess.Popen([sys.executable, str(root / "recipes" / "toy" / "build_world.py"), "--out", str(out),
+                             "--stages", "vae", "--threads", "1", "--scale", "0.5"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # until the VAE is training
+        lines.append(line)
+        if line.startswith("vae step"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground group
+    err = "".join(lines) + proc.stderr.read()
+    assert proc.wait(timeout=120) != 0, err
+    assert "Traceback" not in err and "waiting for the stage to save" in err, err
+    assert "stopped (exit 130); run again to resume" in err, err
+    assert (out / "vae.safetensors").is_file()  # saved at the step it stopped on
+    log = json.loads((out / "world.json").read_text()) if (out / "world.json").is_file() else {}
+    assert "vae" not in log.get("stages", {})
+
+
 def test_toy_image_size_metadata_that_is_not_a_size_is_one_line(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -109,9 +109,15 @@ class World:
         cmd = [str(c) for c in cmd]
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        r = subprocess.run(cmd, cwd=ROOT, env=env)
-        if r.returncode != 0:
-            sys.exit(f"build_world.py: the command above failed (exit {r.returncode}); run again to resume")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # the terminal's Ctrl-C reached the stage too: it saves its state and stops
+                print("build_world: waiting for the stage to save and stop (Ctrl-C again aborts it)", file=sys.stderr, flush=True)
+        if code != 0:
+            sys.exit(f"build_world.py: the command above stopped (exit {code}); run again to resume")
 
     def layerctl(self, *args) -> None:
         self.run(sys.executable, "-m", "layerctl", *args)
@@ -231,4 +237,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # in the data stage (this process's own): its folders are made again next time
+        sys.exit("build_world.py: interrupted; run again to resume")

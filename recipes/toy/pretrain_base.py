@@ -74,11 +74,12 @@ from layerctl.backends import toy  # noqa: E402
 from layerctl.training.scenes import SceneSource  # noqa: E402
 
 STOP = False
+INTERRUPTED = False  # by SIGINT / SIGTERM: the run saves, stops and exits 130 (not 0: its stage is not done)
 
 
 def _sigint(*_):
-    global STOP
-    STOP = True
+    global STOP, INTERRUPTED
+    STOP = INTERRUPTED = True
 
 
 def save_fp16(module, path: Path, metadata: dict | None = None, state: dict | None = None) -> None:
@@ -568,6 +569,10 @@ def main(argv=None):
     signal.signal(signal.SIGINT, _sigint)
     signal.signal(signal.SIGTERM, _sigint)
     {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "unet-loss": unet_loss}[args.stage](args)
+    if INTERRUPTED:
+        print("interrupted: what it learnt so far is saved (unet: the same command with --resume goes on from there)",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
