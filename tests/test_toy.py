@@ -627,7 +627,7 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
 
     mod = _recipe_module("build_world")
     out = tmp_path / "w128"
-    stages = "vae,unet,data,tvae,rgba"
+    stages = "vae,unet,data,tvae,tdec,rgba"
     assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--threads", "1", "--stages", stages]) == 0
     log = json.loads((out / "world.json").read_text())
     assert log["size"] == 128 and all(log["stages"][s]["done"] for s in stages.split(","))
@@ -635,6 +635,9 @@ def test_build_world_makes_a_128_toy_model_that_draws_and_resumes(tmp_path, caps
     assert len(list((out / "data" / "rgba").glob("*.png"))) == 32
     for name in ("unet", "transparent_encoder", "transparent_decoder", "rgba"):
         assert (out / f"{name}.safetensors").stat().st_size > 1000, name
+    decoder = (out / "transparent_decoder.safetensors").read_bytes()  # tdec's, trained on from tvae's
+    assert decoder == (out / "runs" / "tdec" / "transparent_decoder.safetensors").read_bytes()
+    assert decoder != (out / "runs" / "tvae" / "transparent_decoder.safetensors").read_bytes()
     stamp = (out / "rgba.safetensors").stat().st_mtime_ns
     assert "build_world: stage rgba (128x128, cpu)" in capsys.readouterr().err
     assert mod.main(["--out", str(out), "--size", "128", "--scale", "0.0001", "--stages", stages]) == 0  # all done: no-op

@@ -14,8 +14,10 @@ Stages, in order (each skipped once done, each resumed where it stopped when run
     3. data    the toy world's scenes as RGBA files ("solid" in every other plain solid caption) and
                layer triplets, at --size
     4. tvae    layerctl train-vae: the transparency encoder + decoder, from zero
-    5. rgba    layerctl train-lora (transparent) + export-lora: the transparent LoRA
-    6. joint, fg2bg, bg2fg   layerctl train-lora (layers): the three layer models
+    5. tdec    layerctl train-vae: its decoder alone on perturbed latents with the alpha edge weighted up
+               (train-vae-10.yaml: what the shipped decoder's last stages did against specks and soft edges)
+    6. rgba    layerctl train-lora (transparent) + export-lora: the transparent LoRA
+    7. joint, fg2bg, bg2fg   layerctl train-lora (layers): the three layer models
 
 On a lent GPU (calls of at most 10 minutes) run it with `--device cuda --save-minutes 2` as often as it
 takes: each call goes on where the last one stopped (the UNet from its saved state, train-vae and
@@ -51,17 +53,17 @@ sys.path.insert(0, str(ROOT))
 
 from layerctl.backends import toy  # noqa: E402
 
-STAGES = ("vae", "unet", "data", "tvae", "rgba", "joint", "fg2bg", "bg2fg")
+STAGES = ("vae", "unet", "data", "tvae", "tdec", "rgba", "joint", "fg2bg", "bg2fg")
 # steps at --scale 1: about what the shipped 64x64 files had in all (the VAE far more: its 450 steps lose
 # small objects, bench/toy_base_shapes.py --vae-only), with the batch sizes they were trained at
-STEPS = {"vae": 2400, "unet": 20000, "tvae": 3000, "rgba": 16000, "joint": 8000, "fg2bg": 8000, "bg2fg": 8000}
+STEPS = {"vae": 2400, "unet": 20000, "tvae": 3000, "tdec": 1800, "rgba": 16000, "joint": 8000, "fg2bg": 8000, "bg2fg": 8000}
 COUNTS = {"rgba": 25000, "layers": 12000, "unet_cache": 100000}
 LAYER_RECIPES = {"joint": "train-lora-layers-noflip.yaml", "fg2bg": "train-lora-fg2bg-noflip.yaml",
                  "bg2fg": "train-lora-bg2fg-noflip.yaml"}
 LAYER_FILES = {"joint": "layers_joint.safetensors", "fg2bg": "layers_fg2bg.safetensors", "bg2fg": "layers_bg2fg.safetensors"}
 # what each stage reads: a stage whose inputs are not done yet is refused (two processes may build one folder
 # side by side, e.g. `--stages unet` beside `--stages data,tvae`: each on one core, world.json kept whole)
-NEEDS = {"vae": (), "unet": ("vae",), "data": (), "tvae": ("vae", "data"),
+NEEDS = {"vae": (), "unet": ("vae",), "data": (), "tvae": ("vae", "data"), "tdec": ("vae", "data", "tvae"),
          **{k: ("unet", "tvae", "data") for k in ("rgba", "joint", "fg2bg", "bg2fg")}}
 
 
@@ -164,14 +166,34 @@ def stage_data(w: World) -> dict:
     return {"rgba": w.count("rgba"), "layers": w.count("layers")}
 
 
+def install(src: Path, dst: Path) -> None:
+    """Copy a stage's file into the model folder whole (another process may be loading the folder)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copy(src, tmp)
+    os.replace(tmp, dst)
+
+
+def vae_trainer_args(w: World, stage: str) -> list[str]:
+    """train-vae on this world's RGBA scenes, validated once at the end on a held-out eighth (64 at most)."""
+    return [*w.trainer_args(stage), "--set", f"data.source={w.out / 'data' / 'rgba'}", "--set", f"val_every={w.steps(stage)}",
+            "--set", "val_at_start=false", "--set", f"data.val_count={min(64, w.count('rgba') // 8)}"]
+
+
 def stage_tvae(w: World) -> dict:
-    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-5.yaml", *w.trainer_args("tvae"),
-               "--set", "model.init_encoder=null", "--set", "model.init_decoder=null",
-               "--set", f"data.source={w.out / 'data' / 'rgba'}", "--set", f"val_every={w.steps('tvae')}",
-               "--set", "val_at_start=false", "--set", f"data.val_count={min(64, w.count('rgba') // 8)}")
+    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-5.yaml", *vae_trainer_args(w, "tvae"),
+               "--set", "model.init_encoder=null", "--set", "model.init_decoder=null")
     for name in ("transparent_encoder.safetensors", "transparent_decoder.safetensors"):
-        shutil.copy(w.out / "runs" / "tvae" / name, w.out / name)
+        install(w.out / "runs" / "tvae" / name, w.out / name)
     return {"steps": w.steps("tvae")}
+
+
+def stage_tdec(w: World) -> dict:
+    tvae = w.out / "runs" / "tvae"  # the tvae stage's own files: a redone tdec starts from the same decoder
+    w.layerctl("train-vae", ROOT / "recipes" / "toy" / "train-vae-10.yaml", *vae_trainer_args(w, "tdec"),
+               "--set", f"model.init_encoder={tvae / 'transparent_encoder.safetensors'}",
+               "--set", f"model.init_decoder={tvae / 'transparent_decoder.safetensors'}")
+    install(w.out / "runs" / "tdec" / "transparent_decoder.safetensors", w.out / "transparent_decoder.safetensors")
+    return {"steps": w.steps("tdec")}
 
 
 def transparency_sets(w: World) -> list[str]:
@@ -192,7 +214,7 @@ def stage_layers(w: World, kind: str) -> dict:
     w.layerctl("train-lora", ROOT / "recipes" / "toy" / LAYER_RECIPES[kind], *w.trainer_args(kind),
                *transparency_sets(w), "--set", "layers.init_from=null", "--set", f"data.source={w.out / 'data' / 'layers'}",
                "--set", f"validation.every={w.steps(kind)}")
-    shutil.copy(w.out / "runs" / kind / LAYER_FILES[kind], w.out / f"{kind}.safetensors")
+    install(w.out / "runs" / kind / LAYER_FILES[kind], w.out / f"{kind}.safetensors")
     return {"steps": w.steps(kind)}
 
 
@@ -219,7 +241,7 @@ def main(argv=None) -> int:
         ap.error("--scale must be positive")
     w = World(args)
     w.out.mkdir(parents=True, exist_ok=True)
-    run = {"vae": stage_vae, "unet": stage_unet, "data": stage_data, "tvae": stage_tvae, "rgba": stage_rgba,
+    run = {"vae": stage_vae, "unet": stage_unet, "data": stage_data, "tvae": stage_tvae, "tdec": stage_tdec, "rgba": stage_rgba,
            **{k: (lambda w, k=k: stage_layers(w, k)) for k in LAYER_RECIPES}}
     for stage in STAGES:
         if stage not in stages or (w.done(stage) and not args.redo):
