@@ -25,9 +25,8 @@ train-lora from their last checkpoint, a tenth of their steps apart). What a fol
 elsewhere is everything but data/ and latent_cache-*.pt (both made again when missing; at 128x128 the
 cache of 100 000 rows is 0.8 GB).
 
-On a CPU of two cores, two processes build one folder faster than one process of two threads (the UNet
-beside the data and transparency VAE, then the LoRAs two by two); world.json stays whole and a stage whose
-inputs are not done is refused:
+On a CPU of two cores, run one process of one thread per core (the UNet beside the data and transparency
+VAE, then the LoRAs two by two); world.json stays whole and a stage whose inputs are not done is refused:
 
     python recipes/toy/build_world.py --out runs/toy/w64 --threads 1 --stages unet &
     python recipes/toy/build_world.py --out runs/toy/w64 --threads 1 --stages data,tvae
@@ -117,7 +116,7 @@ class World:
                 code = proc.wait()
                 break
             except KeyboardInterrupt:  # the terminal's Ctrl-C reached the stage too: it saves its state and stops
-                print("build_world: waiting for the stage to save and stop (Ctrl-C again aborts it)", file=sys.stderr, flush=True)
+                print("build_world: waiting for the stage to save and stop", file=sys.stderr, flush=True)
         if code != 0:
             sys.exit(f"build_world.py: the command above stopped (exit {code}); run again to resume")
 
