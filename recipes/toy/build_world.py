@@ -29,7 +29,7 @@ On a CPU of two cores, run one process of one thread per core (the UNet beside t
 VAE, then the LoRAs two by two); world.json stays whole and a stage whose inputs are not done is refused:
 
     python recipes/toy/build_world.py --out runs/toy/w64 --threads 1 --stages unet &
-    python recipes/toy/build_world.py --out runs/toy/w64 --threads 1 --stages data,tvae
+    python recipes/toy/build_world.py --out runs/toy/w64 --threads 1 --stages data,tvae,tdec
 
 The folder then loads as `--model toy:FOLDER` (`gen`, `bench/toy_quality.py --model toy:FOLDER`). Every
 command is printed before it runs; world.json in --out records what each stage did. --scale multiplies
