@@ -694,7 +694,9 @@ def test_build_world_ctrl_c_saves_the_stage_and_does_not_call_it_done(tmp_path):
     out = tmp_path / "w"
     proc = subprocess.Popen([sys.executable, str(root / "recipes" / "toy" / "build_world.py"), "--out", str(out),
                              "--stages", "vae", "--threads", "1", "--scale", "0.5"],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as from a terminal: a test run started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # until the VAE is training
         lines.append(line)
