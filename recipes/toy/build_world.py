@@ -80,6 +80,10 @@ class World:
     def _read(self) -> dict:
         return json.loads(self.log_path.read_text()) if self.log_path.is_file() else {}
 
+    def _refresh(self) -> None:
+        """Take in the stages another process building this folder has recorded since this one read it."""
+        self.log["stages"] = {**self.log.get("stages", {}), **self._read().get("stages", {})}
+
     def steps(self, stage: str) -> int:
         return max(2, round(STEPS[stage] * self.args.scale))
 
@@ -94,12 +98,12 @@ class World:
     def missing(self, stage: str) -> list[str]:
         """The stages `stage` reads from that are not done, as world.json says now (another process may have
         finished one since this one started)."""
-        self.log["stages"] = {**self.log.get("stages", {}), **self._read().get("stages", {})}
+        self._refresh()
         return [need for need in NEEDS[stage] if not self.done(need)]
 
     def record(self, stage: str, **info) -> None:
         """Mark `stage` done in world.json, merged with what other processes building this folder wrote there."""
-        self.log["stages"] = {**self.log.get("stages", {}), **self._read().get("stages", {})}
+        self._refresh()
         self.log["stages"][stage] = {"done": True, **info}
         self.log.update(size=self.args.size, scale=self.args.scale)
         tmp = self.log_path.with_name(self.log_path.name + ".tmp")
