@@ -712,6 +712,55 @@ def test_build_world_ctrl_c_saves_the_stage_and_does_not_call_it_done(tmp_path):
     assert "vae" not in log.get("stages", {})
 
 
+def test_ship_world_copies_a_finished_world_whole(tmp_path):
+    """recipes/toy/ship_world.py: a world whose every stage is done ships its nine files (the LoRAs'
+    base_model metadata becomes 'toy', the rest kept) and a training.json with the world's stages; --replace
+    ships another file for one part. A stage not done, a file that is not fp16, a bad --replace: exit 2 with
+    nothing written."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mod = _recipe_module("ship_world")
+    world, dst = tmp_path / "w", tmp_path / "dst"
+    world.mkdir()
+    info = json.dumps({"base_model": f"toy:{world}", "mode": "layers", "step": 8})
+    for i, name in enumerate(mod.PARTS.values()):
+        meta = {"layerctl": info} if name in ("joint.safetensors", "rgba.safetensors") else {"seed": str(i)}
+        save_file({"w": torch.full((2,), float(i), dtype=torch.float16)}, world / name, metadata=meta)
+    save_file({"w": torch.full((2,), 42.0, dtype=torch.float16)}, tmp_path / "later.safetensors")
+    stages = {s: {"done": True} for s in mod.STAGES}
+    (world / "world.json").write_text(json.dumps({"stages": {**stages, "bg2fg": {"done": False}}, "size": 64}))
+    (world / "training.json").write_text(json.dumps({"vae": {"steps": 2400}}))
+    bad = ([str(world), "--dst", str(dst)],  # bg2fg not done
+           [str(world), "--dst", str(dst), "--replace", "paint=x"])
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2 and not dst.exists()
+    (world / "world.json").write_text(json.dumps({"stages": stages, "size": 64}))
+    save_file({"w": torch.zeros(2)}, tmp_path / "fp32.safetensors")
+    with pytest.raises(SystemExit) as e:
+        mod.main([str(world), "--dst", str(dst), "--replace", f"bg2fg={tmp_path / 'fp32.safetensors'}"])
+    assert e.value.code == 2 and not dst.exists()
+
+    assert mod.main([str(world), "--dst", str(dst), "--replace", f"fg2bg={tmp_path / 'later.safetensors'}"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == sorted([*mod.PARTS.values(), "training.json"])
+    for i, (part, name) in enumerate(mod.PARTS.items()):
+        with safe_open(dst / name, "pt") as f:
+            value, meta = float(f.get_tensor("w")[0]), f.metadata() or {}
+        assert value == (42.0 if part == "fg2bg" else i), part
+        if name in ("joint.safetensors", "rgba.safetensors"):
+            assert json.loads(meta["layerctl"]) == {"base_model": "toy", "mode": "layers", "step": 8}
+        elif part != "fg2bg":
+            assert meta == {"seed": str(i)}
+    record = json.loads((dst / "training.json").read_text())
+    assert record["vae"] == {"steps": 2400} and record["stages"] == stages and record["size"] == 64
+    assert record["replaced"] == {"fg2bg": str(tmp_path / "later.safetensors")}
+
+
 def test_toy_image_size_metadata_that_is_not_a_size_is_one_line(tmp_path):
     import torch
     from safetensors.torch import save_file

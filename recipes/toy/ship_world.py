@@ -1,0 +1,97 @@
+"""Make a toy world built by build_world.py the bundled toy model: copy its nine weight files into
+layerctl/toy_weights (or --dst) and record how they were trained in training.json.
+
+    python recipes/toy/build_world.py --out runs/toy/w64 --threads 1
+    python recipes/toy/ship_world.py runs/toy/w64
+    python recipes/toy/ship_world.py runs/toy/w64 --replace fg2bg=runs/toy/train-lora-fg2bg-w64-3/layers_fg2bg.safetensors
+
+A set ships whole or not at all: every LoRA is tied to the base UNet and VAE it was trained over, so the
+folder's world.json must say every stage is done. Each file must be fp16 (the package stays small); the
+LoRAs' `base_model` metadata, the folder they were trained in, becomes `toy`. --replace ships a later stage's
+file for one part (a layer model trained on from the folder's own, say) and names it in training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from layerctl.backends import toy  # noqa: E402
+
+PARTS = {**toy.FILES, **toy.LAYER_FILES}  # part -> file name, as the toy backend loads them
+
+STAGES = ("vae", "unet", "data", "tvae", "tdec", "rgba", "joint", "fg2bg", "bg2fg")
+
+
+def fail(msg: str):
+    print(f"ship_world.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_fp16(path: Path) -> dict:
+    """The file's metadata, after making sure every tensor in it is fp16."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+        meta = dict(f.metadata() or {})
+    if kinds != {"F16"}:
+        fail(f"{path}: tensors of {sorted(kinds)}, the package ships fp16 only")
+    return meta
+
+
+def ship_file(src: Path, dst: Path) -> None:
+    meta = check_fp16(src)
+    if "layerctl" not in meta:
+        shutil.copyfile(src, dst)
+        return
+    from safetensors.torch import load_file, save_file
+
+    info = json.loads(meta["layerctl"])
+    info["base_model"] = "toy"
+    save_file(load_file(src), dst, metadata={**meta, "layerctl": json.dumps(info, sort_keys=True)})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("world", type=Path, help="a folder build_world.py finished")
+    ap.add_argument("--dst", type=Path, default=ROOT / "layerctl" / "toy_weights")
+    ap.add_argument("--replace", action="append", default=[], metavar="PART=FILE",
+                    help=f"ship FILE as PART ({', '.join(PARTS)}) instead of the folder's")
+    args = ap.parse_args(argv)
+    try:
+        world = json.loads((args.world / "world.json").read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"{args.world}: no readable world.json ({exc}); is it a folder build_world.py made?")
+    undone = [s for s in STAGES if not world.get("stages", {}).get(s, {}).get("done")]
+    if undone:
+        fail(f"{args.world}: stages not done: {', '.join(undone)} (a toy set ships whole)")
+    sources = {part: args.world / name for part, name in PARTS.items()}
+    for item in args.replace:
+        part, sep, file = item.partition("=")
+        if not sep or part not in PARTS:
+            fail(f"--replace {item!r}: expected PART=FILE with PART one of {', '.join(PARTS)}")
+        sources[part] = Path(file)
+    for part, src in sources.items():
+        if not src.is_file():
+            fail(f"{src}: missing ({part})")
+        check_fp16(src)  # all checked before anything is written
+    args.dst.mkdir(parents=True, exist_ok=True)
+    for part, src in sources.items():
+        ship_file(src, args.dst / PARTS[part])
+    record = json.loads((args.world / "training.json").read_text()) if (args.world / "training.json").is_file() else {}
+    record.update(world=str(args.world), size=world.get("size"), stages=world["stages"],
+                  replaced={part: str(sources[part]) for part in (i.partition("=")[0] for i in args.replace)})
+    (args.dst / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"ship_world.py: {args.world} -> {args.dst} ({len(PARTS)} files and training.json)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
