@@ -59,11 +59,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep", default=None, help="folder to keep the sources and results in (to look at them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     strengths = [float(s) for s in args.strengths.split(",")]
     rows: dict[float, list] = {s: [] for s in strengths}
-    with tempfile.TemporaryDirectory() as tmp, Session(quiet=True) as session:
+    with tempfile.TemporaryDirectory() as scratch, Session(quiet=True) as session:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         for prompt in PROMPTS:
             for seed in range(1, args.seeds + 1):
                 src = Path(tmp) / f"{prompt.replace(' ', '_')}_{seed}.png"
@@ -73,15 +76,19 @@ def main(argv=None) -> int:
                     out = src.with_name(f"{src.stem}_x2_{s}.png")
                     session.upscale(UpscaleRequest(image=str(src), prompt=prompt, model="toy", out=str(out), seed=seed,
                                                    strength=s, device="cpu"))
-                    rows[s].append(measure(a0, _alpha(out, a0.shape[0])))
+                    rows[s].append({"prompt": prompt, "seed": seed, **measure(a0, _alpha(out, a0.shape[0]))})
     report = {"bench": "toy_upscale", "machine": machine_info(), "images": len(PROMPTS) * args.seeds, "strengths": {}}
     for s, r in rows.items():
         summary = {"iou": float(np.mean([x["iou"] for x in r])), "iou_min": float(np.min([x["iou"] for x in r])),
                    "new_holes": float(np.mean([x["new_hole"] for x in r])), "specks": float(np.mean([x["speck"] for x in r])),
                    "alpha_mae": float(np.mean([x["alpha_mae"] for x in r]))}
+        summary["per_prompt"] = {p: float(np.mean([x["iou"] for x in r if x["prompt"] == p])) for p in PROMPTS}
+        summary["worst"] = sorted(r, key=lambda x: x["iou"])[:3]
         report["strengths"][str(s)] = summary
         print(f"strength {s}: mask IoU with the source {summary['iou']:.3f} (min {summary['iou_min']:.2f}), new holes "
               f"{summary['new_holes']:.0%}, specks {summary['specks']:.0%}, mean |alpha difference| {summary['alpha_mae']:.3f}")
+        print("  IoU per prompt: " + ", ".join(f"{p} {v:.3f}" for p, v in summary["per_prompt"].items()))
+        print("  new holes: " + (", ".join(f"{x['prompt']} seed {x['seed']}" for x in r if x["new_hole"]) or "none"))
     if args.json:
         write_json(args.json, report, indent=1)
     return 0
