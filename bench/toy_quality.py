@@ -282,7 +282,8 @@ def layers_vae_ceiling(scenes, model: str) -> dict:
 
 
 def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None = None, model: str = "toy") -> dict:
-    """Shipped transparency encoder/decoder vs the zero-initialised pair, on n held-out scenes."""
+    """The model's transparency encoder/decoder (a toy:FOLDER's own) vs the zero-initialised pair, on n
+    held-out scenes."""
     import torch
 
     from layerctl.backends.toy import weight_path
@@ -295,9 +296,10 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None
     padded = np.stack([pad_rgb(x) for x in rgba])
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()  # noqa: E731
     batches = [{"rgba": to_t(rgba[i : i + 16]), "padded": to_t(padded[i : i + 16])} for i in range(0, n, 16)]
+    folder = Path(model.split(":", 1)[1]) if model.startswith("toy:") else None  # a candidate set's own pair
     model = load_frozen_vae(model, torch.device("cpu"))
-    enc = tv.load_encoder(weight_path("encoder")).float().eval()
-    dec = load_decoder_any(decoder or weight_path("decoder")).float().eval()
+    enc = tv.load_encoder(weight_path("encoder", folder)).float().eval()
+    dec = load_decoder_any(decoder or weight_path("decoder", folder)).float().eval()
     shipped = evaluate(model, enc, dec, batches, tta=False)
     zero_dec = tv.new_decoder(seed=0, block_out_channels=tuple(dec.block_out_channels)).float().eval()
     baseline = evaluate(model, tv.new_encoder(seed=0).float().eval(), zero_dec, batches, tta=False)
