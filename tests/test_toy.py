@@ -715,8 +715,8 @@ def test_build_world_ctrl_c_saves_the_stage_and_does_not_call_it_done(tmp_path):
 def test_ship_world_copies_a_finished_world_whole(tmp_path):
     """recipes/toy/ship_world.py: a world whose every stage is done ships its nine files (the LoRAs'
     base_model metadata becomes 'toy', the rest kept) and a training.json with the world's stages; --replace
-    ships another file for one part. A stage not done, a file that is not fp16, a bad --replace: exit 2 with
-    nothing written."""
+    ships another file for one part. A stage not done, a file that is not fp16 or not safetensors, a bad
+    --replace: exit 2 with nothing written."""
     import json
 
     import torch
@@ -742,9 +742,11 @@ def test_ship_world_copies_a_finished_world_whole(tmp_path):
         assert e.value.code == 2 and not dst.exists()
     (world / "world.json").write_text(json.dumps({"stages": stages, "size": 64}))
     save_file({"w": torch.zeros(2)}, tmp_path / "fp32.safetensors")
-    with pytest.raises(SystemExit) as e:
-        mod.main([str(world), "--dst", str(dst), "--replace", f"bg2fg={tmp_path / 'fp32.safetensors'}"])
-    assert e.value.code == 2 and not dst.exists()
+    (tmp_path / "torn.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    for bad_file in ("fp32.safetensors", "torn.safetensors"):
+        with pytest.raises(SystemExit) as e:
+            mod.main([str(world), "--dst", str(dst), "--replace", f"bg2fg={tmp_path / bad_file}"])
+        assert e.value.code == 2 and not dst.exists()
 
     assert mod.main([str(world), "--dst", str(dst), "--replace", f"fg2bg={tmp_path / 'later.safetensors'}"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == sorted([*mod.PARTS.values(), "training.json"])

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,11 +38,14 @@ def fail(msg: str):
 
 def check_fp16(path: Path) -> dict:
     """The file's metadata, after making sure every tensor in it is fp16."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(path, "pt") as f:
-        kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
-        meta = dict(f.metadata() or {})
+    try:
+        with safe_open(path, "pt") as f:
+            kinds = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+    except (OSError, SafetensorError) as exc:
+        fail(f"{path}: not a readable safetensors file ({exc})")
     if kinds != {"F16"}:
         fail(f"{path}: tensors of {sorted(kinds)}, the package ships fp16 only")
     return meta
@@ -82,13 +87,16 @@ def main(argv=None) -> int:
         if not src.is_file():
             fail(f"{src}: missing ({part})")
         check_fp16(src)  # all checked before anything is written
-    args.dst.mkdir(parents=True, exist_ok=True)
-    for part, src in sources.items():
-        ship_file(src, args.dst / PARTS[part])
     record = json.loads((args.world / "training.json").read_text()) if (args.world / "training.json").is_file() else {}
     record.update(world=str(args.world), size=world.get("size"), stages=world["stages"],
                   replaced={part: str(sources[part]) for part in (i.partition("=")[0] for i in args.replace)})
-    (args.dst / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    args.dst.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.dst, prefix=".ship-") as staging:  # written whole, then moved in
+        for part, src in sources.items():
+            ship_file(src, Path(staging) / PARTS[part])
+        (Path(staging) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        for name in [*PARTS.values(), "training.json"]:
+            os.replace(Path(staging) / name, args.dst / name)
     print(f"ship_world.py: {args.world} -> {args.dst} ({len(PARTS)} files and training.json)", file=sys.stderr)
     return 0
 
