@@ -286,7 +286,6 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None
     held-out scenes."""
     import torch
 
-    from layerctl.backends.toy import weight_path
     from layerctl.core.imagemath import pad_rgb
     from layerctl.models import transparent_vae as tv
     from layerctl.training.vae import evaluate, load_decoder_any, load_frozen_vae
@@ -296,10 +295,9 @@ def transparent_vae_figures(n: int = 64, seed: int = 424242, decoder: str | None
     padded = np.stack([pad_rgb(x) for x in rgba])
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()  # noqa: E731
     batches = [{"rgba": to_t(rgba[i : i + 16]), "padded": to_t(padded[i : i + 16])} for i in range(0, n, 16)]
-    folder = Path(model.split(":", 1)[1]) if model.startswith("toy:") else None  # a candidate set's own pair
     model = load_frozen_vae(model, torch.device("cpu"))
-    enc = tv.load_encoder(weight_path("encoder", folder)).float().eval()
-    dec = load_decoder_any(decoder or weight_path("decoder", folder)).float().eval()
+    enc = tv.load_encoder(model.official["encoder"]).float().eval()  # the set's own pair (a toy:FOLDER's)
+    dec = load_decoder_any(decoder or model.official["decoder"]).float().eval()
     shipped = evaluate(model, enc, dec, batches, tta=False)
     zero_dec = tv.new_decoder(seed=0, block_out_channels=tuple(dec.block_out_channels)).float().eval()
     baseline = evaluate(model, tv.new_encoder(seed=0).float().eval(), zero_dec, batches, tta=False)

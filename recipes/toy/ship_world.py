@@ -23,12 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from build_world import STAGES  # noqa: E402  # the stages a finished world has done
 
 from layerctl.backends import toy  # noqa: E402
 
 PARTS = {**toy.FILES, **toy.LAYER_FILES}  # part -> file name, as the toy backend loads them
-
-STAGES = ("vae", "unet", "data", "tvae", "tdec", "rgba", "joint", "fg2bg", "bg2fg")
 
 
 def fail(msg: str):
@@ -51,8 +52,8 @@ def check_fp16(path: Path) -> dict:
     return meta
 
 
-def ship_file(src: Path, dst: Path) -> None:
-    meta = check_fp16(src)
+def ship_file(src: Path, dst: Path, meta: dict) -> None:
+    """Copy src (its metadata `meta`, read by check_fp16) to dst, a LoRA's base_model set to 'toy'."""
     if "layerctl" not in meta:
         shutil.copyfile(src, dst)
         return
@@ -83,17 +84,18 @@ def main(argv=None) -> int:
         if not sep or part not in PARTS:
             fail(f"--replace {item!r}: expected PART=FILE with PART one of {', '.join(PARTS)}")
         sources[part] = Path(file)
-    for part, src in sources.items():
+    metas = {}
+    for part, src in sources.items():  # all checked before anything is written
         if not src.is_file():
             fail(f"{src}: missing ({part})")
-        check_fp16(src)  # all checked before anything is written
+        metas[part] = check_fp16(src)
     record = json.loads((args.world / "training.json").read_text()) if (args.world / "training.json").is_file() else {}
     record.update(world=str(args.world), size=world.get("size"), stages=world["stages"],
                   replaced={part: str(sources[part]) for part in (i.partition("=")[0] for i in args.replace)})
     args.dst.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dst, prefix=".ship-") as staging:  # written whole, then moved in
         for part, src in sources.items():
-            ship_file(src, Path(staging) / PARTS[part])
+            ship_file(src, Path(staging) / PARTS[part], metas[part])
         (Path(staging) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         for name in [*PARTS.values(), "training.json"]:
             os.replace(Path(staging) / name, args.dst / name)
